@@ -1,0 +1,100 @@
+"""DeepSpeed set-up from a recipe: precision, optimizer (AdamW, no decay on biases/norms), lr schedule, config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import Config
+from .schedules import warmup_cosine
+from .task import Task
+
+
+@dataclass
+class Precision:
+    name: str  # fp32 | fp16 | bf16
+    dtype: torch.dtype
+
+
+class PrecisionError(ValueError):
+    """A precision the device cannot run."""
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """auto: bf16 on GPUs that have it, fp16 (dynamic loss scaling) on older GPUs, fp32 on the CPU."""
+    cuda = device.type == "cuda"
+    bf16_ok = torch.cuda.is_bf16_supported() if cuda else True
+    if requested == "auto":
+        requested = ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
+    if requested == "bf16" and not bf16_ok:
+        name = torch.cuda.get_device_name(device)
+        raise PrecisionError(f"train.precision=bf16 but {name} has no bf16 support; use fp16 (or auto)")
+    if requested == "fp16" and not cuda:
+        raise PrecisionError("train.precision=fp16 needs a GPU; on the CPU use fp32 or bf16 (or auto)")
+    return Precision(requested, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[requested])
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: Any = None) -> list[dict]:
+    """Trainable parameters split into decayed (matrices) and not decayed (biases, norms, 1-d, recipe's list)."""
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or (no_decay is not None and no_decay(name, p))
+        (keep if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def deepspeed_config(cfg: Config, precision: Precision, world_size: int) -> dict:
+    """The recipe's deepspeed block completed from train/data settings (which win, with a clear error on conflict)."""
+    ds = dict(cfg.deepspeed)
+    t = cfg.train
+    derived = {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": t.grad_accum,
+               "train_batch_size": cfg.data.batch_size * t.grad_accum * world_size,
+               "gradient_clipping": t.clip_grad}
+    for key, value in derived.items():
+        if key in ds and ds[key] != value and key != "train_batch_size":
+            raise ValueError(f"{cfg.source}: deepspeed.{key}={ds[key]} conflicts with the recipe's value {value}; "
+                             "set it in train:/data: instead")
+        ds[key] = value
+    fp16 = dict(ds.get("fp16", {}))
+    bf16 = dict(ds.get("bf16", {}))
+    fp16["enabled"] = precision.name == "fp16"
+    bf16["enabled"] = precision.name == "bf16"
+    if fp16["enabled"]:
+        fp16.setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
+        fp16.setdefault("initial_scale_power", 16)
+        fp16.setdefault("loss_scale_window", 1000)
+        fp16.setdefault("hysteresis", 2)
+        fp16.setdefault("min_loss_scale", 1)
+    ds["fp16"], ds["bf16"] = fp16, bf16
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds.setdefault("steps_per_print", 10 ** 9)  # the engine prints its own progress
+    ds.setdefault("wall_clock_breakdown", False)
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ValueError(f"{cfg.source}: deepspeed.optimizer/scheduler are set by train: (AdamW, warmup + cosine); "
+                         "remove them from the deepspeed block")
+    return ds
+
+
+def build_deepspeed(cfg: Config, task: Task, precision: Precision, total_steps: int, world_size: int) -> Any:
+    """deepspeed.initialize with AdamW and the warmup+cosine schedule as a pure function of the optimizer step."""
+    import deepspeed
+
+    t = cfg.train
+    groups = param_groups(task.model, t.weight_decay, task.no_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+    def lr_factor(step: int) -> float:
+        lr = warmup_cosine(step, peak=t.lr, warmup_from=t.warmup_lr, warmup_steps=t.warmup_steps,
+                           end=t.min_lr, total=total_steps)
+        return lr / t.lr if t.lr > 0 else 0.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, precision, world_size))
+    return engine

@@ -1,0 +1,76 @@
+"""Run logging: TensorBoard scalars/text/images on rank 0 and a compact console progress line."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+class RunLogger:
+    """Writes every logged scalar to TensorBoard under `run_dir/tb` (rank 0 only) and prints progress lines."""
+
+    def __init__(self, run_dir: Path, rank: int, total_steps: int, log_every: int):
+        self.rank, self.total_steps, self.log_every = rank, total_steps, max(1, log_every)
+        self.writer = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+        self.started = time.time()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, float(value), step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def image(self, step: int, tag: str, image: torch.Tensor) -> None:
+        """image: [3,H,W] float in [0,1]."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+
+    def progress(self, step: int, epoch: int, values: dict[str, float], force: bool = False) -> None:
+        if self.rank != 0 or not (force or step % self.log_every == 0 or step == self.total_steps):
+            return
+        losses = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in values.items()
+                          if k.startswith("loss/") and k != "loss/total")
+        rate = values.get("perf/samples_per_s", 0.0)
+        elapsed = time.time() - self.started
+        eta = elapsed / max(step, 1) * max(self.total_steps - step, 0)
+        print(f"step {step}/{self.total_steps} ep {epoch} | loss {values.get('loss/total', float('nan')):.4f}"
+              f" ({losses}) | lr {values.get('train/lr', 0):.3g} | {rate:.1f} samples/s"
+              f" | data {100 * values.get('perf/data_wait_frac', 0):.0f}% | eta {_hms(eta)}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, file=sys.stderr, flush=True)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def peak_memory(device: torch.device) -> Optional[dict[str, float]]:
+    """Peak GPU memory (GiB) allocated and reserved since the last reset; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    gib = 1024 ** 3
+    return {"mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+            "mem/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}

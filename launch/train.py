@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Train a recipe: `deepspeed launch/train.py --recipe FILE [key=value ...]` (or plain `python`)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from framework.cli import run_cli  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--recipe", required=True, help="recipe YAML file")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=20")
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    def train() -> int:
+        from framework.config import load_config, import_recipe
+        from framework.engine import Engine
+
+        cfg = load_config(args.recipe, args.overrides)  # validated before anything is built
+        task = import_recipe(cfg.recipe, cfg.source).build(cfg)
+        result = Engine(cfg, task).fit()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"done: {result.reason} at step {result.step} (epoch {result.epoch}); "
+                  f"checkpoint {result.last_checkpoint}", flush=True)
+        return 0
+
+    return run_cli(train)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
