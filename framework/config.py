@@ -32,6 +32,7 @@ class RunConfig:
     time_budget: Optional[str] = None  # e.g. "11h30m": save and stop before this wall time is spent
     max_nonfinite: int = 5  # consecutive non-finite losses tolerated before stopping with a checkpoint
     init_from: Optional[str] = None  # weights to start from (recipe decides the format); not a resume
+    stop_at_step: Optional[int] = None  # save and stop after this optimizer step, as if preempted (chunked runs)
 
 
 @dataclass
@@ -318,7 +319,7 @@ def parse_every(text: str, key: str = "every", source: str = "<config>") -> tupl
     """'100' -> (100, 'step'); '1epoch' -> (1, 'epoch'); '0' -> (0, 'step') meaning never."""
     s = str(text).strip().lower().replace(" ", "")
     unit = "epoch" if s.endswith(("epoch", "epochs")) else "step"
-    num = s.rstrip("hcops").rstrip("e") if unit == "epoch" else s.removesuffix("steps").removesuffix("step")
+    num = s.removesuffix("s").removesuffix("epoch") if unit == "epoch" else s.removesuffix("s").removesuffix("step")
     try:
         n = int(num)
     except ValueError:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
@@ -100,6 +102,53 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
+class _PrivateRng:
+    """Global RNG streams (torch, random, numpy) private to data loading, swapped in around each batch.
+
+    Random augmentations in decode draw from the global RNGs; giving the data its own seeded streams
+    makes batches a pure function of (seed, epoch, position) and leaves the model's RNG untouched.
+    """
+
+    def __init__(self, seed: int):
+        outer = self._get()
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        self.inner = self._get()
+        self._set(outer)
+
+    @staticmethod
+    def _get() -> tuple:
+        return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+    @staticmethod
+    def _set(state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+        np.random.set_state(state[2])
+
+    def wrap(self, items: Iterator[Any]) -> Iterator[Any]:
+        """Yield from `items`, computing each item under the private streams."""
+        while True:
+            outer = self._get()
+            self._set(self.inner)
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.inner = self._get()
+                self._set(outer)
+            yield item
+
+
+def _worker_role(skip: int) -> tuple[int, int]:
+    """(logical worker, workers) for this process; see ShardStream on why roles rotate by `skip`."""
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return (worker + skip) % workers, workers
+
+
 def _share(total: int, index: int, parts: int) -> int:
     """How many of items 0..total-1 fall to `index` when dealt round-robin to `parts`."""
     return len(range(index, total, parts))
@@ -111,8 +160,10 @@ class ShardStream(IterableDataset):
     Shard order is shuffled per epoch with `seed`; shards are dealt to ranks then to DataLoader workers
     (a worker cycles its shards when they run out, so ranks stay equal); samples pass through a seeded
     shuffle buffer, `decode` (a raising or None-returning sample is skipped and counted) and `collate`.
-    The DataLoader interleaves workers round-robin, so batch b of an epoch comes from worker b % W:
-    resuming at batch k skips exactly the batches already consumed.
+    Batch b of an epoch belongs to logical worker b % W. The DataLoader reads its workers round-robin
+    starting at worker 0, so on a resume at batch k worker w plays logical worker (w + k) % W: the
+    remaining batches then arrive in exactly the uninterrupted order. Decode randomness comes from
+    streams seeded by (seed, epoch, rank, logical worker), so resumed batches are identical too.
     """
 
     def __init__(self, urls: list[str], decode: Callable[[dict], Optional[dict]], collate: Callable[[list], dict],
@@ -146,16 +197,19 @@ class ShardStream(IterableDataset):
                             "lower data.num_workers or write more shards")
         return mine
 
-    def _cycle(self, shards: list[str], worker: int) -> Iterator[dict]:
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "shards"))
-        while True:
-            for url in shards:
-                yield {"url": url}
-            rng.shuffle(shards)
+    def _passes(self, shards: list[str], worker: int, count: Callable[[Exception], bool]) -> Iterator[dict]:
+        """Raw samples: whole passes over this worker's shards, each shuffled then flushed, repeated as needed."""
+        for n in itertools.count():
+            order = list(shards)
+            if n:  # later passes (only when this worker's share is short) visit shards in a new order
+                random.Random(_seed(self.seed, self.epoch, self.rank, worker, n)).shuffle(order)
+            shuffle = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                  seed=_seed(self.seed, self.epoch, self.rank, worker, n, "samples"))
+            stages = [wds.SimpleShardList(order), wds.tarfile_to_samples(handler=count)]
+            yield from wds.DataPipeline(*stages, *([shuffle] if self.shuffle_buffer > 1 else []))
 
     def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, workers = _worker_role(self.skip)
         quota = _share(self.batches, worker, workers)
         skip = _share(self.skip, worker, workers)
         skipped = [0]
@@ -176,16 +230,13 @@ class ShardStream(IterableDataset):
                     yield out
 
         pipeline = wds.DataPipeline(
-            lambda: self._cycle(self._worker_shards(worker, workers), worker),
-            wds.tarfile_to_samples(handler=count),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                        seed=_seed(self.seed, self.epoch, self.rank, worker, "samples"))
-            if self.shuffle_buffer > 1 else (lambda src: src),
+            lambda: self._passes(self._worker_shards(worker, workers), worker, count),
             decoded,
             wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
         )
         reported = 0
-        for i, batch in enumerate(pipeline):
+        rng = _PrivateRng(_seed(self.seed, self.epoch, self.rank, worker, "decode"))
+        for i, batch in enumerate(rng.wrap(iter(pipeline))):
             if i >= quota:
                 break
             if i < skip:
@@ -216,13 +267,15 @@ class MapStream(IterableDataset):
         self.skip = skip_batches
 
     def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, workers = _worker_role(self.skip)  # roles rotate on resume, as in ShardStream
         indices = list(self.sampler)
-        for b in range(worker, self.batches, workers):  # same round-robin order as the DataLoader's
-            if b < self.skip:
-                continue
-            batch = self.collate([self.dataset[i] for i in indices[b * self.batch_size:(b + 1) * self.batch_size]])
+        first = self.skip + (worker - self.skip) % workers  # this worker's first batch at or after skip
+
+        for b in range(first, self.batches, workers):
+            rows = indices[b * self.batch_size:(b + 1) * self.batch_size]
+            # Each batch draws its augmentation from its own seeded streams: independent of what was skipped.
+            rng = _PrivateRng(_seed(self.sampler.seed, self.sampler.epoch, self.sampler.rank, b))
+            batch = self.collate(list(rng.wrap(self.dataset[i] for i in rows)))
             batch[SKIPPED] = 0
             yield batch
 

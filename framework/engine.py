@@ -100,6 +100,7 @@ class Engine:
                         continue  # skip this micro-batch: no backward, no step
                     self.ds.backward(loss)
                     boundary = self.ds.is_gradient_accumulation_boundary()  # ask before step()
+                    window["lr"] = self.ds.get_lr()[0]  # the rate this step uses
                     self.ds.step()
                     window["compute"] += time.time() - t0
                     window["samples"] += batch_size_of(batch) * self.dist.world_size
@@ -138,7 +139,7 @@ class Engine:
             logs |= plugin.after_optimizer_step(self.pos.step)
         logs |= {f"metrics/{k}": float(v) for k, v in output.get("metrics", {}).items()}
         elapsed = window["data"] + window["compute"]
-        logs |= {"train/lr": self.ds.get_lr()[0], "train/epoch": self.pos.epoch,
+        logs |= {"train/lr": window["lr"], "train/epoch": self.pos.epoch,
                  "perf/samples_per_s": window["samples"] / max(elapsed, 1e-9),
                  "perf/data_wait_frac": window["data"] / max(elapsed, 1e-9),
                  "data/skipped_samples": self.skipped_samples}
@@ -169,6 +170,8 @@ class Engine:
             self.log.progress(step, pos.epoch, self._pending_logs)
         if self._due(self.cfg.run.eval_every, end_of_epoch) and self.task.evaluate:
             self._evaluate()
+        if self.cfg.run.stop_at_step is not None and step >= self.cfg.run.stop_at_step and not end_of_epoch:
+            self.stop_signal = self.stop_signal or f"run.stop_at_step={self.cfg.run.stop_at_step}"
         stop = any_true(self.stop_signal is not None)
         budget = self.budget is not None and self._budget_spent()
         if self._due(self.cfg.run.save_every, end_of_epoch) or stop or budget or step >= self.total_steps:

@@ -22,6 +22,7 @@ class ToyModelConfig:
     in_dim: int = 8
     hidden: int = 16
     dropout: float = 0.0  # >0 makes the forward random, to prove RNG state is restored on resume
+    dataset_size: int = 0  # >0: an in-memory map-style dataset of this size instead of shards
 
 
 def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -65,10 +66,49 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "keys": [s["key"] for s in samples]}
 
 
+class StepCounter:
+    """A plugin that records the optimizer steps it saw (state survives resume): proves the plugin contract."""
+
+    name = "step_counter"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype = dtype
+
+    def after_optimizer_step(self, step: int) -> dict[str, float]:
+        self.calls.append(step)
+        return {"toy/plugin_calls": float(len(self.calls))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": list(self.calls)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = list(state["calls"])
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """n deterministic regression samples, map-style."""
+
+    def __init__(self, n: int, in_dim: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, in_dim, generator=g)
+        self.y = torch.sin(self.x @ torch.randn(in_dim, generator=g))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"x": self.x[i], "y": float(self.y[i]), "key": f"s{i:06d}"}
+
+
 def build(cfg: Config) -> Task:
     enabled = [n for n, o in cfg.objectives.items() if o.enabled] or ["mse"]
     torch.manual_seed(cfg.train.seed)  # same init on every rank and every run
-    return Task(model=ToyRegressor(cfg.model, enabled), decode=decode, collate=collate)
+    dataset = ToyDataset(cfg.model.dataset_size, cfg.model.in_dim) if cfg.model.dataset_size else None
+    return Task(model=ToyRegressor(cfg.model, enabled), decode=decode, collate=collate,
+                plugins=[StepCounter()], train_dataset=dataset)
 
 
 def make_shards(out_dir: Path, n_samples: int = 64, n_shards: int = 4, in_dim: int = 8, seed: int = 0) -> list[Path]:

@@ -1,0 +1,31 @@
+"""medvlm: a DeepSpeed training framework for medical vision-language models, with a MedBLIP recipe."""
+from setuptools import find_packages, setup
+
+setup(
+    name="medvlm",
+    version="0.1.0",
+    description="DeepSpeed training framework for medical vision-language models (MedBLIP: DAPT, PSD, VQA-RAD)",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["framework", "framework.*", "recipes", "recipes.*"]),
+    package_data={"recipes": ["**/*.yaml", "**/*.json", "**/assets/*"]},
+    include_package_data=True,
+    # Lower bounds only: torch is not pinned, so a user can install the build that has kernels for their GPU
+    # (a P100 needs a CUDA 12.6-or-older build; see README "Troubleshooting").
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "deepspeed>=0.14",
+        "transformers>=4.40",
+        "timm>=0.9.16",
+        "webdataset>=0.2.86",
+        "tensorboard>=2.14",
+        "pyyaml>=6.0",
+        "Pillow>=10.0",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "pyarrow>=14",  # reads ROCOv2's parquet files in row batches
+    ],
+    extras_require={"test": ["pytest>=7.4"]},
+)

@@ -1,0 +1,123 @@
+"""The engine with real DeepSpeed on the CPU: ranks, ZeRO, accumulation, plugins, exact resume, logging, errors."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from framework.checkpoint import find_resume_tag
+from framework.schedules import warmup_cosine
+from recipes.toy import make_shards
+from tests.conftest import ROOT, run_entry
+
+TOY = str(ROOT / "recipes" / "toy" / "toy.yaml")
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpt = run_dir / "checkpoints"
+    tag = find_resume_tag(ckpt)
+    return torch.load(ckpt / tag / "mp_rank_00_model_states.pt", weights_only=False)
+
+
+def train(run_dir: Path, *overrides: str, ranks: int = 0):
+    proc = run_entry("train.py", "--recipe", TOY, f"run.dir={run_dir}", *overrides, ranks=ranks)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_two_ranks_match_one_rank_with_double_batch(tmp_path, zero):
+    common = ["model.dataset_size=64", "train.max_steps=4", "train.grad_accum=2", f"deepspeed.zero_optimization.stage={zero}",
+              "run.save_every=0", "train.epochs=null"]
+    train(tmp_path / "one", *common, "data.batch_size=8")
+    train(tmp_path / "two", *common, "data.batch_size=4", ranks=2)
+    one, two = final_state(tmp_path / "one")["module"], final_state(tmp_path / "two")["module"]
+    initial = torch.nn.Linear(8, 16)  # sanity: training moved the weights
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(one["net.0.weight"], initial.weight)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    make_shards(tmp_path / "shards", 48, 4)
+    return str(tmp_path / "shards")
+
+
+def test_resume_is_exact_and_plugins_run_once_per_step(tmp_path, shards):
+    common = [f"data.train={shards}", "train.epochs=2", "train.grad_accum=2", "model.dropout=0.2",
+              "data.num_workers=2", "run.save_every=5"]
+    train(tmp_path / "full", *common)
+    train(tmp_path / "cut", *common, "run.stop_at_step=4")
+    assert find_resume_tag(tmp_path / "cut" / "checkpoints") == "step_00000004"
+    train(tmp_path / "cut", *common, "run.stop_at_step=8")  # crosses the epoch boundary (6 steps/epoch)
+    train(tmp_path / "cut", *common)
+    full, cut = final_state(tmp_path / "full"), final_state(tmp_path / "cut")
+    for k in full["module"]:
+        assert torch.equal(full["module"][k], cut["module"][k]), k
+    opt_full, opt_cut = full["optimizer"]["state"], cut["optimizer"]["state"]
+    for i in opt_full:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_full[i][name], opt_cut[i][name])
+    assert full["plugins"]["step_counter"]["calls"] == list(range(1, 13))  # once per optimizer step
+    assert cut["plugins"]["step_counter"]["calls"] == list(range(1, 13))
+    assert full["position"] == cut["position"] == {"step": 12, "epoch": 1, "batch_in_epoch": 12}
+
+
+def read_scalars(run_dir: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_and_lr_schedule(tmp_path, shards):
+    train(tmp_path / "run", f"data.train={shards}", "train.max_steps=6", "objectives.l1.weight=0.5",
+          "train.warmup_steps=2", "train.warmup_lr=0.001", "train.lr=0.01", "train.min_lr=0.0001")
+    scalars = read_scalars(tmp_path / "run")
+    for tag in ("loss/total", "loss/mse", "loss/l1", "weight/mse", "weight/l1", "train/lr", "perf/samples_per_s",
+                "perf/data_wait_frac", "data/skipped_samples", "toy/plugin_calls"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert [s for s, _ in scalars["loss/total"]] == list(range(1, 7))  # every optimizer step
+    assert all(v == 0.5 for _, v in scalars["weight/l1"])
+    # the lr logged after step s was used for step s: schedule value at s-1
+    for step, lr in scalars["train/lr"]:
+        expected = warmup_cosine(step - 1, peak=0.01, warmup_from=0.001, warmup_steps=2, end=0.0001, total=6)
+        assert lr == pytest.approx(expected, rel=1e-5)
+    loss = dict(scalars["loss/total"])
+    parts = {k: dict(scalars[f"loss/{k}"]) for k in ("mse", "l1")}
+    assert loss[3] == pytest.approx(parts["mse"][3] + 0.5 * parts["l1"][3], rel=1e-5)
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_warmup_cosine_by_hand():
+    kw = dict(peak=1.0, warmup_from=0.1, warmup_steps=4, end=0.0, total=8)
+    assert warmup_cosine(0, **kw) == pytest.approx(0.1)
+    assert warmup_cosine(2, **kw) == pytest.approx(0.55)
+    assert warmup_cosine(4, **kw) == pytest.approx(1.0)
+    assert warmup_cosine(6, **kw) == pytest.approx(0.5)
+    assert warmup_cosine(8, **kw) == pytest.approx(0.0)
+    assert warmup_cosine(100, **kw) == pytest.approx(0.0)
+
+
+def test_bad_input_is_one_line(tmp_path, shards):
+    (tmp_path / "bad.yaml").write_text("train: [1\n")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "x-0000.tar").write_bytes(b"definitely not a tar" * 50)
+    cases = [
+        (["--recipe", str(tmp_path / "nope.yaml")], "recipe file not found"),
+        (["--recipe", str(tmp_path / "bad.yaml")], "invalid YAML"),
+        (["--recipe", TOY, "train.nope=1"], "unknown key train.nope"),
+        (["--recipe", TOY, "train.lr=fast"], "train.lr: expected a number"),
+        (["--recipe", TOY, "objectives.itc.weight=1"], "unknown objective"),
+        (["--recipe", TOY, f"data.train={tmp_path}/none-*.tar"], "no shards matched"),
+        (["--recipe", TOY, f"data.train={junk}"], "corrupt shard"),
+        (["--recipe", TOY, f"data.train={shards}", "train.precision=fp16"], "fp16 needs a GPU"),
+    ]
+    for args, message in cases:
+        proc = run_entry("train.py", *args, f"run.dir={tmp_path / 'r'}")
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and message in err[-1], (args, err[-3:])
