@@ -197,7 +197,7 @@ class Engine:
     def _budget_spent(self) -> bool:
         elapsed = time.time() - self.started
         per_step = elapsed / max(1, self.pos.step - self._start_step)
-        return elapsed + 2 * per_step + 2 * self.last_save_s + 30 > self.budget
+        return elapsed + 2 * per_step + 2 * self.last_save_s > self.budget
 
     def _nonfinite(self, loss: torch.Tensor, output: dict) -> bool:
         if all(torch.isfinite(v.detach()).all() for v in output["losses"].values()) and torch.isfinite(loss):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +24,9 @@ class ToyModelConfig:
     hidden: int = 16
     dropout: float = 0.0  # >0 makes the forward random, to prove RNG state is restored on resume
     dataset_size: int = 0  # >0: an in-memory map-style dataset of this size instead of shards
+    # Fault injection for the reliability tests:
+    step_sleep: float = 0.0  # seconds each forward sleeps (a slow model)
+    nan_after: int = -1  # forwards after this many return a NaN "mse" loss (-1: never)
 
 
 def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -45,13 +49,20 @@ class ToyRegressor(nn.Module):
         self.net = nn.Sequential(nn.Linear(cfg.in_dim, cfg.hidden), nn.Tanh(), nn.Dropout(cfg.dropout),
                                  nn.Linear(cfg.hidden, 1))
         self.objectives = objectives
+        self.cfg = cfg
+        self.forwards = 0
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.cfg.step_sleep:
+            time.sleep(self.cfg.step_sleep)
+        self.forwards += 1
         dtype = self.net[0].weight.dtype
         pred = self.net(batch["x"].to(dtype)).squeeze(-1).float()
         y = batch["y"].float()
-        return {"losses": {name: OBJECTIVES[name](pred, y) for name in self.objectives},
-                "metrics": {"pred_mean": pred.detach().mean()}}
+        losses = {name: OBJECTIVES[name](pred, y) for name in self.objectives}
+        if 0 <= self.cfg.nan_after < self.forwards and "mse" in losses:
+            losses["mse"] = losses["mse"] * float("nan")
+        return {"losses": losses, "metrics": {"pred_mean": pred.detach().mean()}}
 
 
 def decode(sample: dict[str, Any]) -> Optional[dict[str, Any]]:
