@@ -17,9 +17,13 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, Registry
 def run_cli(main: Callable[[], int]) -> int:
     """Run `main`; print user errors as `error: ...` (one line) and return 2; FRAMEWORK_DEBUG=1 re-raises."""
     from .engine import TrainingStopped
+    from .preflight import PreflightError
 
     try:
         return main()
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

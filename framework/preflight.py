@@ -1,0 +1,108 @@
+"""Start-up checks: a PyTorch build that can run this GPU, and a memory estimate printed before training."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+GIB = 1024 ** 3
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS workspaces, measured ~0.4-0.6 GiB on recent drivers
+
+
+class PreflightError(RuntimeError):
+    """The run cannot work on this machine as configured; the message says what to change."""
+
+
+def check_gpu_arch(device_index: int = 0,
+                   capability: Optional[Callable[[int], tuple[int, int]]] = None,
+                   arch_list: Optional[Callable[[], list[str]]] = None,
+                   name: Optional[Callable[[int], str]] = None) -> None:
+    """Refuse a GPU whose compute capability has no kernels in this PyTorch build (e.g. P100 + CUDA 12.8 build)."""
+    capability = capability or torch.cuda.get_device_capability
+    arch_list = arch_list or torch.cuda.get_arch_list
+    name = name or torch.cuda.get_device_name
+    major, minor = capability(device_index)
+    have = arch_list()
+    sm = major * 10 + minor
+    sass = {int(a[3:]) for a in have if a.startswith("sm_") and a[3:].isdigit()}
+    ptx = {int(a[8:]) for a in have if a.startswith("compute_") and a[8:].isdigit()}
+    # A binary kernel runs on the same major version at >= minor; PTX is JIT-compiled for any newer GPU.
+    ok = any(s // 10 == major and s <= sm for s in sass) or any(p <= sm for p in ptx)
+    if not ok:
+        hint = (" A P100/sm_60 needs a CUDA 12.6 (or older) build, e.g. "
+                "pip install 'torch<2.8' --index-url https://download.pytorch.org/whl/cu126" if sm < 70 else "")
+        raise PreflightError(f"{name(device_index)} is sm_{sm}, but this PyTorch {torch.__version__} "
+                             f"(CUDA {torch.version.cuda}) ships kernels for {', '.join(have) or 'no GPU'}.{hint}")
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-GPU bytes by category (model states, extra fp32 copies, activations, CUDA context)."""
+    parts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def table(self) -> str:
+        rows = [f"  {k:<34} {v / GIB:7.2f} GiB" for k, v in self.parts.items()]
+        rows.append(f"  {'total (estimate)':<34} {self.total / GIB:7.2f} GiB")
+        return "\n".join(["memory per GPU:"] + rows + [f"  note: {n}" for n in self.notes])
+
+
+def count_params(module: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts; shared tensors are counted once."""
+    seen, trainable, frozen = set(), 0, 0
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return trainable, frozen
+
+
+def estimate_memory(model: nn.Module, precision: str, zero_stage: int, world_size: int = 1,
+                    fp32_params: int = 0, teacher_params: int = 0, activation_bytes: Optional[int] = None,
+                    offload_optimizer: bool = False, cuda_context: bool = True) -> MemoryEstimate:
+    """Estimate peak GPU memory for DeepSpeed training of `model` (mixed precision: half weights + fp32 master).
+
+    fp32_params: parameters kept in fp32 inside the module (momentum encoders); teacher_params: an fp32 EMA copy.
+    """
+    trainable, frozen = count_params(model)
+    half = precision in ("fp16", "bf16")
+    w = 2 if half else 4
+    shard = lambda n, stage: n / world_size if zero_stage >= stage else n  # noqa: E731
+    est = MemoryEstimate()
+    est.parts["weights"] = int(shard((trainable + frozen - fp32_params) * w + fp32_params * 4, 3))
+    est.parts["gradients"] = int(shard(trainable * w, 2))
+    optim = trainable * (8 + (4 if half else 0))  # Adam moments (+ fp32 master weights in mixed precision)
+    est.parts["optimizer (Adam + fp32 master)" if half else "optimizer (Adam)"] = \
+        0 if offload_optimizer else int(shard(optim, 1))
+    if teacher_params:
+        est.parts["EMA teacher (fp32)"] = teacher_params * 4
+    if activation_bytes is not None:
+        est.parts["activations"] = int(activation_bytes)
+    else:
+        est.notes.append("activations not estimated (the recipe gives no estimate)")
+    if cuda_context:
+        est.parts["CUDA context + workspace"] = CUDA_CONTEXT_BYTES
+    if world_size == 1 and zero_stage > 0 and not offload_optimizer:
+        est.notes.append("ZeRO stages 1-3 save nothing on one GPU; only offload does")
+    return est
+
+
+def check_fits(est: MemoryEstimate, device: torch.device, margin: float = 0.95) -> None:
+    """Raise if the estimate exceeds the GPU's memory (with a margin for fragmentation)."""
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    if est.total > margin * total:
+        raise PreflightError(f"estimated {est.total / GIB:.1f} GiB per GPU exceeds {margin:.0%} of this GPU's "
+                             f"{total / GIB:.1f} GiB: lower data.batch_size (raise train.grad_accum to keep the "
+                             "global batch), enable activation checkpointing, or offload the optimizer")
