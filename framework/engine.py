@@ -1,7 +1,7 @@
 """The training engine: DeepSpeed set-up and one readable `fit()` loop."""
 from __future__ import annotations
 
-import math
+import functools
 import signal
 import time
 from dataclasses import dataclass, field
@@ -138,7 +138,7 @@ class Engine:
 
     def _after_optimizer_step(self, output: dict, window: dict) -> None:
         """Plugins run; the step's scalars are collected for TensorBoard and the console line."""
-        logs = {k: v / window["micro"] for k, v in window["logs"].items()}
+        logs = {k: float(v) / window["micro"] for k, v in window["logs"].items()}
         for plugin in self.task.plugins:
             logs |= plugin.after_optimizer_step(self.pos.step)
         logs |= {f"metrics/{k}": float(v) for k, v in output.get("metrics", {}).items()}
@@ -191,7 +191,7 @@ class Engine:
         return "running" if step < self.total_steps else "finished"
 
     def _due(self, every: str, end_of_epoch: bool) -> bool:
-        n, unit = parse_every(every)
+        n, unit = _parse_every_cached(every)
         if n <= 0:
             return False
         if unit == "epoch":
@@ -204,7 +204,7 @@ class Engine:
         return elapsed + 2 * per_step + 2 * self.last_save_s > self.budget
 
     def _nonfinite(self, loss: torch.Tensor, output: dict) -> bool:
-        if all(torch.isfinite(v.detach()).all() for v in output["losses"].values()) and torch.isfinite(loss):
+        if torch.isfinite(loss):  # a non-finite objective makes the total non-finite (even at weight 0)
             self.nonfinite_run = 0
             return False
         bad = [k for k, v in output["losses"].items() if not torch.isfinite(v.detach()).all()] or ["total"]
@@ -327,6 +327,11 @@ class Engine:
                 signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside some test runners)
                 pass
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_every_cached(every: str) -> tuple[int, str]:
+    return parse_every(every)
 
 
 def _new_window() -> dict:

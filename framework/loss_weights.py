@@ -19,7 +19,8 @@ class StaticLossWeights:
         cfg = self.objectives.get(name)
         return 1.0 if cfg is None else scheduled_value(cfg.weight, step, self.total_steps)
 
-    def __call__(self, output: ModelOutput, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, output: ModelOutput, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """(total loss, logs); logged losses stay detached tensors so a GPU need not sync per micro-batch."""
         losses: dict[str, torch.Tensor] = output["losses"]
         if not losses:
             raise ValueError("the model returned no losses (are all objectives disabled?)")
@@ -29,7 +30,7 @@ class StaticLossWeights:
             w = self.weight(name, step)
             term = w * loss.float()
             total = term if total is None else total + term
-            logs[f"loss/{name}"] = float(loss.detach())
+            logs[f"loss/{name}"] = loss.detach().float()
             logs[f"weight/{name}"] = w
-        logs["loss/total"] = float(total.detach())
+        logs["loss/total"] = total.detach()
         return total, logs
