@@ -90,7 +90,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     objectives: dict[str, ObjectiveConfig] = field(default_factory=dict)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    deepspeed: Union[dict, str] = field(default_factory=dict)  # DeepSpeed config block, or a JSON file
+    deepspeed: Union[dict, str] = field(default_factory=dict)  # DeepSpeed config block, or a YAML/JSON file
     # Recipe-declared sections (e.g. model:, vqa:) are validated by the recipe's dataclasses.
     sections: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the recipe file this came from
@@ -290,11 +290,16 @@ def config_from_dict(data: dict, source: str = "<config>") -> Config:
         if not ds_path.is_absolute() and source and not ds_path.is_file():
             ds_path = Path(source).parent / ds_path
         try:
-            cfg.deepspeed = json.loads(ds_path.read_text())
+            text = ds_path.read_text()
+            loaded = json.loads(text) if ds_path.suffix == ".json" else yaml.safe_load(text)
         except FileNotFoundError:
             raise ConfigError(f"{source}: deepspeed: file not found: {cfg.deepspeed}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{source}: deepspeed: {ds_path} is not valid JSON ({e})") from None
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{source}: deepspeed: {ds_path} is not valid {ds_path.suffix[1:].upper()} "
+                              f"({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: deepspeed: {ds_path} must hold a mapping")
+        cfg.deepspeed = loaded
     _check(cfg, source)
     return cfg
 

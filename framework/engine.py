@@ -279,6 +279,12 @@ class Engine:
         self.ds.module.train(was_training)
         self.log.scalars(self.pos.step, {f"eval/{k}": v for k, v in metrics.items()
                                          if isinstance(v, (int, float))})
+        for k, v in metrics.items():  # sample predictions: text (Markdown) or an image tensor [3,H,W]
+            if isinstance(v, str):
+                self.log.text(self.pos.step, f"eval/{k}", v)
+            elif isinstance(v, torch.Tensor) and v.dim() == 3:
+                self.log.image(self.pos.step, f"eval/{k}", v)
+        self.log.flush()
         if metrics:
             self.log.message("eval step {}: {}".format(self.pos.step, ", ".join(
                 f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))))

@@ -43,7 +43,8 @@ class Task:
     plugins: list[Any] = field(default_factory=list)
     # Optional map-style training set (e.g. VQA-RAD questions) used instead of WebDataset shards.
     train_dataset: Optional[torch.utils.data.Dataset] = None
-    # Optional evaluation: evaluate(model, step) -> {metric: value}; model is the unwrapped module.
+    # Optional evaluation: evaluate(model, step) -> {name: number (scalar) | str (text) | Tensor[3,H,W] (image)};
+    # model is the unwrapped module, called in eval mode under no_grad on every rank.
     evaluate: Optional[Callable[[nn.Module, int], dict[str, float]]] = None
     # Optional parameter filter: names for which weight decay is off (default: biases and norms).
     no_decay: Optional[Callable[[str, torch.nn.Parameter], bool]] = None

@@ -94,7 +94,16 @@ def test_registry_lists_known_names():
         reg["lm"]
 
 
-SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
+SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "deepspeed")
+DS_FILES = sorted((ROOT / "recipes" / "deepspeed").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", DS_FILES, ids=[p.name for p in DS_FILES])
+def test_shipped_deepspeed_configs_are_one_key_away(tmp_path, path):
+    recipe = write(tmp_path / "r.yaml", BASE + f"deepspeed: {path}\n")
+    cfg = load_config(recipe)
+    assert cfg.deepspeed["zero_optimization"]["stage"] in (0, 1, 2)
+    assert path.read_text().startswith("#")  # the comment block saying why
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
