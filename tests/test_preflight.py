@@ -43,3 +43,43 @@ def test_memory_estimate_by_hand():
     mixed = estimate_memory(model, "bf16", zero_stage=0, fp32_params=10_000, cuda_context=False)
     assert mixed.parts["weights"] == 2 * trainable + 4 * 10_000  # fp32 momentum copies stay 4 bytes
     assert "activations not estimated" in mixed.table()
+
+
+def test_precision_resolution(monkeypatch):
+    import torch
+
+    from framework.build import PrecisionError, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).name == "fp32"
+    assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
+    with pytest.raises(PrecisionError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", cpu)
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla P100-PCIE-16GB")
+    assert resolve_precision("auto", gpu).name == "fp16"  # P100: fp16 with loss scaling
+    with pytest.raises(PrecisionError, match="Tesla P100-PCIE-16GB has no bf16 support"):
+        resolve_precision("bf16", gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", gpu).name == "bf16"
+
+
+def test_deepspeed_config_derivation():
+    from framework.build import Precision, deepspeed_config
+    from framework.config import ConfigError, config_from_dict
+
+    import torch
+
+    data = {"recipe": "recipes.toy", "train": {"max_steps": 3, "grad_accum": 4, "clip_grad": 0.5},
+            "data": {"batch_size": 16}, "deepspeed": {"zero_optimization": {"stage": 2}}}
+    cfg = config_from_dict(data)
+    ds = deepspeed_config(cfg, Precision("fp16", torch.float16), world_size=2)
+    assert ds["train_batch_size"] == 16 * 4 * 2 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.5 and ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0
+    assert not ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+    bad = config_from_dict({**data, "deepspeed": {"gradient_accumulation_steps": 2}})
+    with pytest.raises(ValueError, match="conflicts"):
+        deepspeed_config(bad, Precision("fp32", torch.float32), 1)
+    with pytest.raises(ConfigError, match="deepspeed: file not found"):
+        config_from_dict({**data, "deepspeed": "nope.yaml"}, "x.yaml")
