@@ -106,3 +106,24 @@ def check_fits(est: MemoryEstimate, device: torch.device, margin: float = 0.95) 
         raise PreflightError(f"estimated {est.total / GIB:.1f} GiB per GPU exceeds {margin:.0%} of this GPU's "
                              f"{total / GIB:.1f} GiB: lower data.batch_size (raise train.grad_accum to keep the "
                              "global batch), enable activation checkpointing, or offload the optimizer")
+
+
+def transformer_activation_bytes(batch: int, seq: int, hidden: int, heads: int, layers: int, *, half: bool,
+                                 checkpointed: bool = False, cross_seq: int = 0, mlp_ratio: float = 4.0) -> int:
+    """Activations a transformer stack keeps for backward (Korthikanti et al. 2022, without dropout masks).
+
+    Per layer and token: the attention block keeps ~11h values (input, q, k, v, output projection input,
+    norms) and the MLP ~(3 + 2*mlp_ratio)h; attention keeps 2*heads*seq scores+probs per token. Cross-attention
+    to `cross_seq` keys adds its own q/k/v/out (~8h), scores over cross_seq and the key/value projections.
+    With activation checkpointing only each layer's input survives, plus one layer recomputed in backward.
+    """
+    width = 2 if half else 4
+    per_token = (11 + 3 + 2 * mlp_ratio) * hidden + 2 * heads * seq
+    if cross_seq:
+        per_token += 8 * hidden + 2 * heads * cross_seq
+    layer = batch * seq * per_token * width
+    if cross_seq:
+        layer += 2 * batch * cross_seq * hidden * width  # key/value projections of the encoder states
+    if checkpointed:
+        return int(layers * batch * seq * hidden * width + layer)
+    return int(layers * layer)

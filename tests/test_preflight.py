@@ -83,3 +83,17 @@ def test_deepspeed_config_derivation():
         deepspeed_config(bad, Precision("fp32", torch.float32), 1)
     with pytest.raises(ConfigError, match="deepspeed: file not found"):
         config_from_dict({**data, "deepspeed": "nope.yaml"}, "x.yaml")
+
+
+def test_transformer_activation_estimate_by_hand():
+    from framework.preflight import transformer_activation_bytes
+
+    # one layer, batch 2, seq 4, hidden 8, 2 heads, fp32: per token (11+3+8)*8 + 2*2*4 = 192 values
+    assert transformer_activation_bytes(2, 4, 8, 2, 1, half=False) == 2 * 4 * 192 * 4
+    assert transformer_activation_bytes(2, 4, 8, 2, 3, half=True) == 3 * 2 * 4 * 192 * 2
+    # checkpointed: 3 layer inputs + one recomputed layer
+    assert transformer_activation_bytes(2, 4, 8, 2, 3, half=True, checkpointed=True) == 3 * 2 * 4 * 8 * 2 \
+        + 2 * 4 * 192 * 2
+    # cross-attention to 5 keys: + (8*8 + 2*2*5) per token and the k/v projections 2*2*5*8
+    assert transformer_activation_bytes(2, 4, 8, 2, 1, half=False, cross_seq=5) == \
+        (2 * 4 * (192 + 64 + 20) + 2 * 2 * 5 * 8) * 4
