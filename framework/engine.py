@@ -15,7 +15,7 @@ from .config import Config, config_to_dict, parse_duration, parse_every, save_re
 from .data import SKIPPED, MapStream, ShardStream, batch_size_of, expand_shards, make_loader, verify_checksums
 from .distributed import DistInfo, any_true, init_distributed
 from .loss_weights import StaticLossWeights
-from .preflight import MemoryEstimate, check_fits, check_gpu_arch, estimate_memory
+from .preflight import MemoryEstimate, check_fits, check_gpu_arch, estimate_for_config
 from .build import build_deepspeed, resolve_precision
 from .task import Task
 from .tracking import RunLogger, peak_memory
@@ -292,21 +292,10 @@ class Engine:
 
     def _preflight_memory(self) -> MemoryEstimate:
         """Print the per-GPU memory estimate before anything is allocated; refuse a run that cannot fit."""
-        model = self.task.model
-        student = getattr(model, "student", model)
-        fp32 = sum(p.numel() for m in getattr(student, "fp32_modules", lambda: [])() for p in m.parameters())
-        ds_cfg = self.cfg.deepspeed if isinstance(self.cfg.deepspeed, dict) else {}
-        zero = ds_cfg.get("zero_optimization", {})
-        act = getattr(student, "activation_bytes", None)
-        est = estimate_memory(student, self.precision.name, int(zero.get("stage", 0)), self.dist.world_size,
-                              fp32_params=fp32, teacher_params=sum(p.numel() for p in student.parameters())
-                              if self.cfg.distill.enabled else 0,
-                              activation_bytes=act(self.cfg.data.batch_size, self.precision.name) if act else None,
-                              offload_optimizer="offload_optimizer" in zero,
-                              cuda_context=self.dist.device.type == "cuda")
+        est = estimate_for_config(self.cfg, self.task.model, self.precision.name, self.dist.world_size,
+                                  cuda=self.dist.device.type == "cuda")
         if self.dist.rank == 0:
-            print(f"precision {self.precision.name}, ZeRO stage {zero.get('stage', 0)}, "
-                  f"{self.dist.world_size} rank(s)\n{est.table()}", flush=True)
+            print(f"precision {self.precision.name}, {self.dist.world_size} rank(s)\n{est.table()}", flush=True)
         check_fits(est, self.dist.device)
         return est
 

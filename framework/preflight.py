@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -94,6 +94,27 @@ def estimate_memory(model: nn.Module, precision: str, zero_stage: int, world_siz
         est.parts["CUDA context + workspace"] = CUDA_CONTEXT_BYTES
     if world_size == 1 and zero_stage > 0 and not offload_optimizer:
         est.notes.append("ZeRO stages 1-3 save nothing on one GPU; only offload does")
+    return est
+
+
+def estimate_for_config(cfg: Any, model: nn.Module, precision: str, world_size: int, cuda: bool = True
+                        ) -> MemoryEstimate:
+    """The estimate for a recipe's model as configured: ZeRO stage, offload, fp32 copies, EMA teacher, activations.
+
+    `model` may be a self-distillation wrapper (its `student` is measured). A model can report its activations
+    with `activation_bytes(batch_size, precision) -> int` and its fp32 submodules with `fp32_modules()`.
+    """
+    student = getattr(model, "student", model)
+    fp32 = sum(p.numel() for m in getattr(student, "fp32_modules", lambda: [])() for p in m.parameters())
+    ds_cfg = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
+    zero = ds_cfg.get("zero_optimization", {})
+    act = getattr(student, "activation_bytes", None)
+    est = estimate_memory(student, precision, int(zero.get("stage", 0)), world_size, fp32_params=fp32,
+                          teacher_params=sum(p.numel() for p in student.parameters()) if cfg.distill.enabled else 0,
+                          activation_bytes=act(cfg.data.batch_size, precision) if act else None,
+                          offload_optimizer="offload_optimizer" in zero, cuda_context=cuda)
+    est.notes.insert(0, f"{precision}, ZeRO stage {zero.get('stage', 0)}, micro-batch {cfg.data.batch_size}, "
+                        f"{world_size} rank(s)")
     return est
 
 

@@ -102,6 +102,23 @@ def engine_loop(engine: Any, batch: dict, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def estimate_only(cfg: Any, task: Any, precision: str) -> int:
+    """Print the per-GPU memory estimate for the recipe as configured (what a P100 run would print first)."""
+    from framework.preflight import GIB, count_params, estimate_for_config
+
+    model = task.model
+    if cfg.distill.enabled:
+        from framework.distill import with_self_distillation
+
+        model = with_self_distillation(task, cfg, 1).model
+    est = estimate_for_config(cfg, model, precision, world_size=1, cuda=True)
+    trainable, frozen = count_params(getattr(model, "student", model))
+    print(f"{cfg.source}: {trainable / 1e6:.1f}M trainable, {frozen / 1e6:.1f}M frozen parameters")
+    print(est.table())
+    print(f"fits a 16 GB P100: {'yes' if est.total < 0.95 * 16e9 else 'NO'} ({est.total / GIB:.2f} GiB)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True)
@@ -110,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="alternating engine/minimal measurements")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (auto on known GPUs)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--estimate-only", metavar="PRECISION", default=None,
+                        help="only build the model and print the memory estimate for fp16|bf16|fp32 (no GPU needed)")
     parser.add_argument("--local_rank", type=int, default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -124,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.recipe, [f"run.dir={tmp}", "run.resume=none", "run.save_every=0",
                                         "run.eval_every=0", "run.log_every=1000000", *args.overrides])
         task = import_recipe(cfg.recipe, cfg.source).build(cfg)
+        if args.estimate_only:
+            return estimate_only(cfg, task, args.estimate_only)
         engine = Engine(cfg, task)
         dev = engine.dist.device
         loader = iter(engine._epoch_batches())
