@@ -206,7 +206,12 @@ class ShardStream(IterableDataset):
             shuffle = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                   seed=_seed(self.seed, self.epoch, self.rank, worker, n, "samples"))
             stages = [wds.SimpleShardList(order), wds.tarfile_to_samples(handler=count)]
-            yield from wds.DataPipeline(*stages, *([shuffle] if self.shuffle_buffer > 1 else []))
+            seen = 0
+            for sample in wds.DataPipeline(*stages, *([shuffle] if self.shuffle_buffer > 1 else [])):
+                seen += 1
+                yield sample
+            if seen == 0:  # cycling again would spin forever
+                raise DataError(f"no readable samples in shard(s) {', '.join(shards)}")
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker_role(self.skip)

@@ -145,3 +145,13 @@ def test_map_stream_resume_and_rank_split(workers):
     # rank 0 and rank 1 batch k together are exactly the one-rank batch k of twice the size
     for k in range(len(full)):
         assert sorted(halves[0][k]["keys"] + halves[1][k]["keys"]) == sorted(full[k]["keys"])
+
+
+def test_empty_shards_are_an_error_not_a_hang(tmp_path):
+    empty = tmp_path / "empty-0000.tar"
+    with wds.TarWriter(str(empty)):
+        pass
+    s = ShardStream([str(empty)], decode, collate, 2, shuffle_buffer=0, samples_per_epoch=4)
+    s.set_epoch(0)
+    with pytest.raises(DataError, match="no readable samples"):
+        list(s)
