@@ -1,0 +1,776 @@
+"""Image-caption corpora (ROCOv2 parquet / ROCOv2 and ROCO folders / any image folder + CSV or JSONL)
+-> deterministic, resumable WebDataset tar shards with a manifest.
+
+Every sample is `<key>.jpg|png` (image bytes), `<key>.txt` (raw caption, UTF-8) and `<key>.json`
+({"image_id", "cui", "modality", "source"}). Shard i holds planned samples [i*N, (i+1)*N) of the filtered
+listing, so the same inputs and options always give the same shards, byte for byte: tar headers carry no
+times or owners, images are either copied as they are or re-encoded once with fixed settings.
+Shards are written to `<name>.tmp`, fsynced and renamed; a per-shard report goes to `.prepare/` after the
+rename, and manifest.json is written last. A re-run skips shards whose report matches; an interrupted
+run leaves only `.tmp` files behind, which the next run deletes and rewrites.
+"""
+from __future__ import annotations
+
+import bisect
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from PIL import Image
+
+FORMAT_VERSION = 1
+STATE_DIR = ".prepare"  # per-shard reports; kept beside the shards so a re-run knows what is complete
+CRASH_ENV = "MEDBLIP_PREPARE_CRASH_AFTER"  # test hook: a writer process dies after writing this many samples
+LISTED_KEYS_CAP = 1000  # at most this many keys listed per filter reason in the manifest (all are counted)
+
+# ROCOv2's manually curated modality concepts (UMLS CUIs). Every ROCOv2 image carries exactly one of them;
+# the same six are the modality concepts of the ImageCLEFmedical 2023 concept-detection evaluation.
+MODALITY_CUIS: dict[str, tuple[str, ...]] = {
+    "CT": ("C0040405",),  # X-Ray Computed Tomography
+    "MRI": ("C0024485",),  # Magnetic Resonance Imaging
+    "X-ray": ("C1306645",),  # Plain x-ray (projection radiography)
+    "ultrasound": ("C0041618",),  # Ultrasonography
+    "angiography": ("C0002978",),  # Angiogram
+    "PET": ("C0032743",),  # Positron-Emission Tomography
+}
+MODALITY_ALIASES = {
+    "ct": "CT", "mri": "MRI", "mr": "MRI", "x-ray": "X-ray", "xray": "X-ray", "xr": "X-ray", "cr": "X-ray",
+    "radiograph": "X-ray", "radiography": "X-ray", "ultrasound": "ultrasound", "us": "ultrasound",
+    "ultrasonography": "ultrasound", "angiography": "angiography", "angio": "angiography",
+    "angiogram": "angiography", "pet": "PET",
+}
+_CUI_TO_MODALITY = {cui: name for name, cuis in MODALITY_CUIS.items() for cui in cuis}
+_KEEP_MODES = ("L", "RGB", "RGBA", "LA", "P", "1", "CMYK", "YCbCr")  # 8-bit images every reader decodes alike
+_CUI_RE = re.compile(r"^C\d{7}$")
+_SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "validation", "val", "dev"),
+                  "test": ("test",)}
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_IMAGE_COLUMNS = ("image", "file_name", "filename", "file", "image_path", "path", "img", "image_file")
+_CAPTION_COLUMNS = ("caption", "text", "captions", "report")
+
+
+class PrepareError(ValueError):
+    """Bad input for preparation (missing path, nothing matched, unknown option value); one line."""
+
+
+# ----------------------------------------------------------------------------- options and records
+
+
+@dataclass
+class PrepareOptions:
+    input: str  # parquet file/dir, ROCOv2 or ROCO release folder, or a CSV/JSONL table
+    out: str  # output directory for shards, manifest.json and .prepare/
+    format: str = "auto"  # auto | parquet | rocov2 | roco | table
+    split: str = "train"  # train | valid | test (aliases validation/val/dev) | all (parquet and tables)
+    modality: list[str] = field(default_factory=list)  # names (CT, MRI, X-ray...) or raw CUIs; [] keeps all
+    max_side: int = 512  # longer image side above which an image is re-encoded once as JPEG (0: never)
+    jpeg_quality: int = 90
+    samples_per_shard: int = 1000
+    workers: int = 1
+    limit: Optional[int] = None  # keep only the first N samples after filtering (quick trials)
+    images: Optional[str] = None  # image folder for a table (default: <table dir>/images, else <table dir>)
+    image_column: Optional[str] = None  # table columns (default: detected, e.g. image / file_name)
+    caption_column: Optional[str] = None
+    overwrite: bool = False  # replace shards prepared from other inputs/options in `out`
+
+
+@dataclass(frozen=True)
+class Record:
+    """One planned sample: where its image is (a path, or (parquet file index, row)) and its text."""
+
+    key: str
+    image_id: str
+    caption: str
+    cui: tuple[str, ...]
+    source: str  # human-readable origin (relative path, file#row)
+    loc: Any  # str path | (file_index, row)
+
+
+@dataclass
+class Listing:
+    records: list[Record]
+    kind: str  # rocov2-parquet | rocov2 | roco | table
+    parquet_files: list[str] = field(default_factory=list)
+    source_files: list[str] = field(default_factory=list)  # files whose sizes enter the fingerprint
+    has_cui: bool = True
+    filtered: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys
+
+    def drop(self, reason: str, key: str) -> None:
+        self.filtered.setdefault(reason, []).append(key)
+
+
+def sanitize_key(text: str) -> str:
+    """A WebDataset-safe key: no dots (the reader splits key/extension at the first dot) or slashes."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", text.strip()) or "_"
+
+
+def split_aliases(split: str) -> tuple[str, ...]:
+    s = split.strip().lower()
+    for canon, names in _SPLIT_ALIASES.items():
+        if s in names:
+            return names
+    if s == "all":
+        return ()
+    raise PrepareError(f"--split {split!r}: use train, valid (validation/val/dev), test or all")
+
+
+def resolve_modalities(names: Iterable[str]) -> dict[str, str]:
+    """Modality names / raw CUIs -> {CUI: modality name}; unknown names fail listing the known ones."""
+    selected: dict[str, str] = {}
+    for raw in names:
+        for item in str(raw).split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item.lower() in ("all", "radiology"):
+                selected.update(_CUI_TO_MODALITY)
+            elif _CUI_RE.match(item.upper()):
+                selected[item.upper()] = _CUI_TO_MODALITY.get(item.upper(), item.upper())
+            elif item.lower() in MODALITY_ALIASES:
+                name = MODALITY_ALIASES[item.lower()]
+                selected.update({c: name for c in MODALITY_CUIS[name]})
+            else:
+                known = ", ".join(MODALITY_CUIS)
+                raise PrepareError(f"--modality {item!r}: unknown modality (known: {known}, all, or a UMLS CUI "
+                                   "like C0040405)")
+    return selected
+
+
+def modality_of(cuis: Iterable[str]) -> Optional[str]:
+    """The first modality concept among an image's CUIs (ROCOv2 has one per image), or None."""
+    for c in cuis:
+        if c in _CUI_TO_MODALITY:
+            return _CUI_TO_MODALITY[c]
+    return None
+
+
+def _split_cuis(text: Any) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    if isinstance(text, (list, tuple)):
+        return tuple(str(c).strip().upper() for c in text if str(c).strip())
+    return tuple(c.upper() for c in re.split(r"[;,\s]+", str(text)) if c.strip())
+
+
+# ----------------------------------------------------------------------------- listing each layout
+
+
+def _parquet_listing(root: Path, split: str) -> Listing:
+    import pyarrow.parquet as pq
+
+    if root.is_file():
+        files = [root]
+    else:
+        files = sorted(root.rglob("*.parquet"))
+        if not files:
+            raise PrepareError(f"no .parquet files under {root}")
+        names = split_aliases(split)
+        if names:
+            def split_of(p: Path) -> str:
+                rel = p.relative_to(root)
+                parts = [re.split(r"[-_.]", part)[0].lower() for part in rel.parts]
+                return next((x for x in parts if any(x in v for v in _SPLIT_ALIASES.values())), "")
+            found = sorted({split_of(p) for p in files} - {""})
+            files = [p for p in files if split_of(p) in names]
+            if not files:
+                raise PrepareError(f"no parquet files for split {split!r} under {root} (splits found: "
+                                   f"{', '.join(found) or 'none'}; files are matched by name, "
+                                   "e.g. train-00000.parquet)")
+    listing = Listing([], "rocov2-parquet", parquet_files=[str(p) for p in files], source_files=[str(p) for p in files])
+    base = root if root.is_dir() else root.parent
+    for fi, path in enumerate(files):
+        pf = pq.ParquetFile(path)
+        cols = set(pf.schema_arrow.names)
+        if "image" not in cols or "caption" not in cols:
+            raise PrepareError(f"{path}: expected columns image and caption (found: {', '.join(sorted(cols))})")
+        wanted = [c for c in ("image_id", "caption", "cui") if c in cols]
+        listing.has_cui = listing.has_cui and "cui" in cols
+        row = 0
+        rel = path.relative_to(base).as_posix()
+        for batch in pf.iter_batches(batch_size=4096, columns=wanted):  # captions only: images stay on disk
+            data = batch.to_pydict()
+            for i in range(batch.num_rows):
+                image_id = data["image_id"][i] if "image_id" in data else f"{path.stem}_{row}"
+                cuis = _split_cuis(data["cui"][i]) if "cui" in data else ()
+                listing.records.append(Record(sanitize_key(str(image_id)), str(image_id), data["caption"][i] or "",
+                                              cuis, f"{rel}#{row}", (fi, row)))
+                row += 1
+    return listing
+
+
+def _read_csv_columns(path: Path, want: dict[str, tuple[str, ...]]) -> Iterator[dict[str, str]]:
+    """Rows of a CSV with the wanted columns found case-insensitively ({our name: candidates})."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = {h.lower().strip(): h for h in (reader.fieldnames or [])}
+        cols = {}
+        for name, candidates in want.items():
+            hit = next((header[c] for c in candidates if c in header), None)
+            if hit is None:
+                raise PrepareError(f"{path}: no {'/'.join(candidates)} column (found: {', '.join(header.values())})")
+            cols[name] = hit
+        for row in reader:
+            yield {name: (row.get(col) or "") for name, col in cols.items()}
+
+
+def _index_images(folder: Path) -> dict[str, Path]:
+    """Image file stem -> path for every image under `folder` (one directory scan, not one stat per ID)."""
+    index: dict[str, Path] = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in _IMAGE_EXTS:
+                index.setdefault(stem, Path(dirpath) / name)
+    return index
+
+
+def _rocov2_listing(root: Path, split: str) -> Listing:
+    names = split_aliases(split)
+    if not names:
+        raise PrepareError("--split all is not supported for the ROCOv2 folder layout; prepare train/valid/test")
+    cap_file = next((p for n in names for p in sorted(root.rglob(f"{n}_captions.csv"))), None)
+    if cap_file is None:
+        raise PrepareError(f"no {names[0]}_captions.csv under {root} (ROCOv2 layout: <split>_captions.csv, "
+                           "<split>_concepts.csv, <split>/ images)")
+    base = cap_file.parent
+    split_name = cap_file.name[: -len("_captions.csv")]
+    candidates = [base / split_name, base / f"{split_name}_images" / split_name, base / f"{split_name}_images",
+                  base / "images" / split_name, base / "images"]
+    img_dir = next((d for d in candidates if d.is_dir()), None)
+    if img_dir is None:
+        looked = ", ".join(str(c) for c in candidates[:3])
+        raise PrepareError(f"no image folder for {cap_file.name} (looked for {looked})")
+    cuis: dict[str, dict[str, None]] = {}  # ordered union of the concept files' CUIs
+    concept_files = [base / f"{split_name}_concepts.csv", base / f"{split_name}_concepts_manual.csv"]
+    for cf in concept_files:
+        if cf.is_file():
+            for row in _read_csv_columns(cf, {"id": ("id",), "cuis": ("cuis", "cui", "concepts")}):
+                cuis.setdefault(row["id"].strip(), {}).update(dict.fromkeys(_split_cuis(row["cuis"])))
+    listing = Listing([], "rocov2", source_files=[str(cap_file)] + [str(c) for c in concept_files if c.is_file()])
+    listing.has_cui = any(c.is_file() for c in concept_files)
+    index = _index_images(img_dir)
+    for row in _read_csv_columns(cap_file, {"id": ("id", "image_id"), "caption": ("caption", "captions")}):
+        image_id = row["id"].strip()
+        path = index.get(image_id) or index.get(Path(image_id).stem)
+        key = sanitize_key(image_id)
+        if path is None:
+            listing.drop("missing_image", key)
+            continue
+        listing.records.append(Record(key, image_id, row["caption"], tuple(cuis.get(image_id, ())),
+                                      path.relative_to(root).as_posix(), str(path)))
+    return listing
+
+
+def _roco_listing(root: Path, split: str) -> Listing:
+    names = split_aliases(split)
+    if not names:
+        raise PrepareError("--split all is not supported for the ROCO folder layout; prepare train/validation/test")
+    hits = [p for p in sorted(root.rglob("captions.txt"))
+            if any(n in [x.lower() for x in p.relative_to(root).parts] for n in names)
+            and "non-radiology" not in [x.lower() for x in p.parts]]
+    if not hits:
+        raise PrepareError(f"no {names[0]}/.../captions.txt under {root} (ROCO layout: "
+                           "<split>/radiology/captions.txt and <split>/radiology/images/)")
+    cap_file = hits[0]
+    img_dir = cap_file.parent / "images" if (cap_file.parent / "images").is_dir() else cap_file.parent
+    cuis: dict[str, tuple[str, ...]] = {}
+    cui_file = cap_file.parent / "cuis.txt"
+    if cui_file.is_file():
+        for line in cui_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.split("\t")
+            if parts and parts[0].strip():
+                cuis[parts[0].strip()] = tuple(c for p in parts[1:] for c in _split_cuis(p))
+    listing = Listing([], "roco", source_files=[str(cap_file)] + ([str(cui_file)] if cui_file.is_file() else []))
+    listing.has_cui = cui_file.is_file()
+    index = _index_images(img_dir)
+    for line in cap_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        image_id, _, caption = line.partition("\t")
+        image_id = image_id.strip()
+        key = sanitize_key(image_id)
+        path = index.get(image_id)
+        if path is None:
+            listing.drop("missing_image", key)
+            continue
+        listing.records.append(Record(key, image_id, caption, cuis.get(image_id, ()),
+                                      path.relative_to(root).as_posix(), str(path)))
+    return listing
+
+
+def _table_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PrepareError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        cols = sorted({k for r in rows for k in r})
+        return rows, cols
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        return list(reader), list(reader.fieldnames or [])
+
+
+def _table_listing(table: Path, split: str, images: Optional[str], image_col: Optional[str],
+                   caption_col: Optional[str]) -> Listing:
+    rows, cols = _table_rows(table)
+    lower = {c.lower(): c for c in cols}
+
+    def pick(given: Optional[str], candidates: tuple[str, ...], what: str) -> str:
+        if given:
+            if given not in cols:
+                raise PrepareError(f"{table}: no column {given!r} (found: {', '.join(cols)})")
+            return given
+        hit = next((lower[c] for c in candidates if c in lower), None)
+        if hit is None:
+            raise PrepareError(f"{table}: no {what} column (looked for {', '.join(candidates)}; found: "
+                               f"{', '.join(cols)}); name it with --{what}-column")
+        return hit
+
+    icol = pick(image_col, _IMAGE_COLUMNS, "image")
+    ccol = pick(caption_col, _CAPTION_COLUMNS, "caption")
+    cui_col = lower.get("cui") or lower.get("cuis")
+    split_col = lower.get("split")
+    names = split_aliases(split)
+    if images:
+        img_dir = Path(images)
+    else:
+        img_dir = table.parent / "images" if (table.parent / "images").is_dir() else table.parent
+    if not img_dir.is_dir():
+        raise PrepareError(f"image folder not found: {img_dir}")
+    if names and split_col is None:
+        raise PrepareError(f"{table} has no split column: use --split all")
+    listing = Listing([], "table", source_files=[str(table)], has_cui=cui_col is not None)
+    for row in rows:
+        if names and str(row.get(split_col, "")).strip().lower() not in names:
+            listing.filtered.setdefault("other_split", []).append("")
+            continue
+        rel = str(row.get(icol) or "").strip()
+        key = sanitize_key(os.path.splitext(rel)[0]) if rel else "_"
+        path = Path(rel) if os.path.isabs(rel) else img_dir / rel
+        if not rel or not path.is_file():
+            listing.drop("missing_image", key)
+            continue
+        caption = row.get(ccol)
+        listing.records.append(Record(key, os.path.splitext(os.path.basename(rel))[0],
+                                      "" if caption is None else str(caption),
+                                      _split_cuis(row.get(cui_col)) if cui_col else (),
+                                      rel, str(path)))
+    return listing
+
+
+def detect_format(path: Path, fmt: str) -> str:
+    """The input layout: explicit, or guessed from what the path holds."""
+    if fmt != "auto":
+        if fmt not in ("parquet", "rocov2", "roco", "table"):
+            raise PrepareError(f"--format {fmt!r}: use auto, parquet, rocov2, roco or table")
+        return fmt
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            return "parquet"
+        if suffix in (".csv", ".jsonl", ".ndjson", ".tsv"):
+            return "table"
+        raise PrepareError(f"{path}: cannot tell the format from the file type; pass --format")
+    if next(path.rglob("*.parquet"), None) is not None:
+        return "parquet"
+    if next(path.rglob("*_captions.csv"), None) is not None:
+        return "rocov2"
+    if next(path.rglob("captions.txt"), None) is not None:
+        return "roco"
+    raise PrepareError(f"{path}: no parquet files, <split>_captions.csv (ROCOv2) or captions.txt (ROCO) found; "
+                       "for an image folder + table pass the CSV/JSONL file as the input")
+
+
+def list_records(opts: PrepareOptions) -> Listing:
+    """All candidate samples of the input, in a deterministic order (no image is opened)."""
+    path = Path(opts.input).expanduser()
+    if not path.exists():
+        raise PrepareError(f"input not found: {path}")
+    fmt = detect_format(path, opts.format)
+    if fmt == "parquet":
+        return _parquet_listing(path, opts.split)
+    if fmt == "rocov2":
+        return _rocov2_listing(path, opts.split)
+    if fmt == "roco":
+        return _roco_listing(path, opts.split)
+    if not path.is_file():
+        raise PrepareError(f"--format table needs the CSV/JSONL file as the input, got the folder {path}")
+    return _table_listing(path, opts.split, opts.images, opts.image_column, opts.caption_column)
+
+
+def filter_records(listing: Listing, opts: PrepareOptions) -> list[Record]:
+    """Drop empty captions, duplicate keys and (with --modality) other modalities; record why."""
+    selected = resolve_modalities(opts.modality)
+    if selected and not listing.has_cui:
+        raise PrepareError("--modality needs UMLS concepts, but this input has none (no cui column / concepts file)")
+    kept, seen = [], set()
+    for r in listing.records:
+        if not r.caption.strip():
+            listing.drop("empty_caption", r.key)
+        elif r.key in seen:
+            listing.drop("duplicate_key", r.key)
+        elif selected and not any(c in selected for c in r.cui):
+            listing.drop("modality", r.key)
+        else:
+            seen.add(r.key)
+            kept.append(r)
+    if opts.limit is not None:
+        for r in kept[opts.limit:]:
+            listing.drop("limit", r.key)
+        kept = kept[:opts.limit]
+    return kept
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit / float greyscale (common in medical PNGs) -> 8-bit L, scaled by the image's own maximum."""
+    import numpy as np
+
+    arr = np.asarray(im, dtype=np.float32)
+    top = float(arr.max()) if arr.size else 0.0
+    arr = arr * (255.0 / top) if top > 255.0 else arr
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L")
+
+
+def encode_image(data: bytes, max_side: int, quality: int) -> tuple[bytes, str, bool]:
+    """Image bytes -> (bytes to store, "jpg"|"png", re-encoded?). Raises for an undecodable image.
+
+    8-bit JPEG and PNG no larger than max_side are stored unchanged (after a full decode proves them readable);
+    everything else (larger, 16-bit, other formats) is decoded once, shrunk to max_side (bicubic) and saved as
+    JPEG with fixed settings.
+    """
+    im = Image.open(io.BytesIO(data))
+    fmt, (w, h) = im.format, im.size
+    if fmt in ("JPEG", "PNG") and im.mode in _KEEP_MODES and (not max_side or max(w, h) <= max_side):
+        if fmt == "JPEG":  # a 1/8-scale decode still reads every scan, so truncation is still detected
+            im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+        im.load()
+        return data, "jpg" if fmt == "JPEG" else "png", False
+    if fmt == "JPEG" and max_side:
+        im.draft("RGB" if im.mode not in ("L",) else "L", (max_side, max_side))  # exact scale, never below max_side
+    im.load()
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        im = _to_8bit(im)
+    elif im.mode not in ("RGB", "L"):
+        im = im.convert("RGB")
+    if max_side and max(im.size) > max_side:
+        scale = max_side / max(im.size)
+        im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), "jpg", True
+
+
+class _ImageSource:
+    """Image bytes for a record: a file read, or one parquet row group at a time (never a whole file)."""
+
+    def __init__(self, parquet_files: list[str]):
+        self.parquet_files = parquet_files
+        self.files: dict[int, tuple[Any, list[int]]] = {}
+        self.group: Optional[tuple[int, int]] = None
+        self.column: Any = None
+
+    def read(self, rec: Record) -> bytes:
+        if isinstance(rec.loc, str):
+            with open(rec.loc, "rb") as f:
+                return f.read()
+        fi, row = rec.loc
+        if fi not in self.files:
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(self.parquet_files[fi])
+            starts, n = [], 0
+            for g in range(pf.num_row_groups):
+                starts.append(n)
+                n += pf.metadata.row_group(g).num_rows
+            self.files[fi] = (pf, starts)
+        pf, starts = self.files[fi]
+        g = bisect.bisect_right(starts, row) - 1
+        if self.group != (fi, g):
+            self.column = pf.read_row_group(g, columns=["image"]).column("image").combine_chunks()
+            self.group = (fi, g)
+        value = self.column[row - starts[g]].as_py()
+        data = value.get("bytes") if isinstance(value, dict) else value
+        if not data:
+            raise ValueError("no image bytes in the parquet row")
+        return data
+
+
+# ----------------------------------------------------------------------------- shard writing
+
+
+@dataclass
+class ShardTask:
+    index: int
+    name: str
+    records: list[Record]
+    out: str
+    parquet_files: list[str]
+    max_side: int
+    jpeg_quality: int
+    fingerprint: str
+    kind: str
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)  # fixed metadata: identical inputs give identical bytes
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(payload), 0, 0o444, 0, 0, "", ""
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+_written_in_process = 0  # samples written by this process (for the crash test hook)
+
+
+def write_shard(task: ShardTask) -> dict:
+    """Write one shard atomically and its report to .prepare/<name>.json; returns the report."""
+    global _written_in_process
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    out = Path(task.out)
+    final, tmp = out / task.name, out / (task.name + ".tmp")
+    source = _ImageSource(task.parquet_files)
+    report: dict[str, Any] = {"name": task.name, "fingerprint": task.fingerprint, "samples": 0, "reencoded": 0,
+                              "unreadable": [], "modalities": {}}
+    modalities: Counter = Counter()
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for rec in task.records:
+                try:
+                    payload, ext, reencoded = encode_image(source.read(rec), task.max_side, task.jpeg_quality)
+                except Exception as e:  # a bad image is reported and skipped, never fatal
+                    report["unreadable"].append({"key": rec.key, "source": rec.source,
+                                                 "error": f"{type(e).__name__}: {e}"[:200]})
+                    continue
+                modality = modality_of(rec.cui)
+                meta = {"image_id": rec.image_id, "cui": list(rec.cui), "modality": modality,
+                        "source": f"{task.kind}:{rec.source}"}
+                _add(tar, f"{rec.key}.{ext}", payload)
+                _add(tar, f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())
+                _add(tar, f"{rec.key}.txt", rec.caption.strip().encode("utf-8"))
+                report["samples"] += 1
+                report["reencoded"] += int(reencoded)
+                modalities[modality or "none"] += 1
+                _written_in_process += 1
+                if crash_after and _written_in_process >= crash_after:
+                    f.flush()
+                    os._exit(17)  # simulate a kill: half a shard left in .tmp, no clean-up
+        f.flush()
+        os.fsync(f.fileno())
+    report["modalities"] = dict(sorted(modalities.items()))
+    if report["samples"] == 0:  # every image unreadable: write no shard (an empty tar would starve a reader)
+        tmp.unlink()
+        report["bytes"], report["sha256"] = 0, None
+        _write_json_atomic(out / STATE_DIR / (task.name + ".json"), report)
+        return report
+    h = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    report["bytes"], report["sha256"] = tmp.stat().st_size, h.hexdigest()
+    os.replace(tmp, final)
+    _fsync_dir(out)
+    _write_json_atomic(out / STATE_DIR / (task.name + ".json"), report)
+    return report
+
+
+# ----------------------------------------------------------------------------- the whole conversion
+
+
+def fingerprint(opts: PrepareOptions, listing: Listing, plan: list[list[Record]]) -> str:
+    """Hash of everything that determines the shards' bytes (not of --workers)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": FORMAT_VERSION, "kind": listing.kind, "max_side": opts.max_side,
+                         "q": opts.jpeg_quality, "n": opts.samples_per_shard}, sort_keys=True).encode())
+    for p in listing.source_files:
+        h.update(f"{Path(p).name}:{os.path.getsize(p)}\n".encode())
+    for i, shard in enumerate(plan):
+        for r in shard:
+            h.update(json.dumps([i, r.key, r.image_id, r.caption, r.cui, r.source]).encode())
+    return h.hexdigest()
+
+
+def _complete(out: Path, name: str, fp: str) -> Optional[dict]:
+    """The shard's report when the shard was finished by a run with the same fingerprint."""
+    rep_path, tar_path = out / STATE_DIR / (name + ".json"), out / name
+    try:
+        report = json.loads(rep_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if report.get("fingerprint") != fp:
+        return None
+    if report.get("samples") == 0:  # finished with nothing readable: no file by design
+        return report
+    if not tar_path.is_file() or tar_path.stat().st_size != report.get("bytes"):
+        return None
+    return report
+
+
+def _clean(out: Path, fp: str, planned: set[str], overwrite: bool) -> None:
+    """Delete leftovers of interrupted runs; refuse to mix with shards from other inputs unless overwrite."""
+    for tmp in list(out.glob("*.tmp")) + list((out / STATE_DIR).glob("*.tmp")):
+        tmp.unlink()
+    foreign = []
+    for tar in out.glob("*.tar"):
+        rep = out / STATE_DIR / (tar.name + ".json")
+        try:
+            same = json.loads(rep.read_text()).get("fingerprint") == fp
+        except (OSError, json.JSONDecodeError):
+            same = tar.name in planned  # finished but unreported (killed between rename and report): redone
+        if not same or tar.name not in planned:
+            foreign.append(tar)
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()).get("fingerprint") != fp:
+                foreign.append(manifest)
+        except json.JSONDecodeError:
+            foreign.append(manifest)
+    if foreign and not overwrite:
+        raise PrepareError(f"{out} holds shards from other inputs or options ({foreign[0].name}...); "
+                           "use another --out or pass --overwrite")
+    for p in foreign:
+        p.unlink()
+        rep = out / STATE_DIR / (p.name + ".json")
+        if rep.exists():
+            rep.unlink()
+
+
+def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Convert `opts.input` into shards under `opts.out`; returns the manifest (also written to manifest.json)."""
+    if opts.samples_per_shard < 1:
+        raise PrepareError(f"--samples-per-shard must be >= 1, got {opts.samples_per_shard}")
+    if opts.max_side < 0 or not 1 <= opts.jpeg_quality <= 100:
+        raise PrepareError("--max-side must be >= 0 and --jpeg-quality in 1..100")
+    resolve_modalities(opts.modality)  # unknown names fail before any listing work
+    t0 = time.time()
+    listing = list_records(opts)
+    if not listing.records:
+        raise PrepareError(f"no images matched in {opts.input} (split {opts.split!r}; "
+                           f"{len(listing.filtered.get('missing_image', []))} captions without an image file)")
+    kept = filter_records(listing, opts)
+    counts = {k: len(v) for k, v in sorted(listing.filtered.items())}
+    if not kept:
+        raise PrepareError(f"no samples left after filtering {len(listing.records)} listed ({counts})")
+    n = opts.samples_per_shard
+    plan = [kept[i:i + n] for i in range(0, len(kept), n)]
+    prefix = "all" if not split_aliases(opts.split) else split_aliases(opts.split)[0]
+    names = [f"{prefix}-{i:05d}.tar" for i in range(len(plan))]
+    fp = fingerprint(opts, listing, plan)
+    out = Path(opts.out).expanduser()
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    _clean(out, fp, set(names), opts.overwrite)
+    reports: dict[int, dict] = {}
+    for i, name in enumerate(names):
+        rep = _complete(out, name, fp)
+        if rep is not None:
+            reports[i] = rep
+    log(f"prepare: {len(listing.records)} listed, {len(kept)} kept ({counts or 'nothing filtered'}); "
+        f"{len(plan)} shards of <= {n}; {len(reports)} already complete")
+    manifest_path = out / "manifest.json"
+    if len(reports) == len(plan) and manifest_path.is_file():
+        log(f"prepare: {out} is up to date")
+        return json.loads(manifest_path.read_text())
+    tasks = [ShardTask(i, names[i], plan[i], str(out), listing.parquet_files, opts.max_side, opts.jpeg_quality,
+                       fp, listing.kind) for i in range(len(plan)) if i not in reports]
+    done_samples = 0
+    t1 = time.time()
+
+    def progress(rep: dict) -> None:
+        nonlocal done_samples
+        done_samples += rep["samples"]
+        rate = done_samples / max(time.time() - t1, 1e-9)
+        log(f"prepare: [{len(reports)}/{len(plan)}] {rep['name']}: {rep['samples']} samples, "
+            f"{len(rep['unreadable'])} unreadable ({rate:.0f} img/s)")
+
+    if opts.workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            reports[task.index] = write_shard(task)
+            progress(reports[task.index])
+    else:
+        try:
+            with ProcessPoolExecutor(max_workers=min(opts.workers, len(tasks)), mp_context=get_context("spawn")) as ex:
+                for task, rep in zip(tasks, ex.map(write_shard, tasks)):
+                    reports[task.index] = rep
+                    progress(rep)
+        except BrokenProcessPool:
+            raise PrepareError("a writer process died (killed or out of memory); re-run the same command to "
+                               "finish: completed shards are kept") from None
+    manifest = _manifest(opts, listing, kept, names, reports, fp)
+    _write_json_atomic(manifest_path, manifest)
+    t = manifest["totals"]
+    log(f"prepare: wrote {t['samples']} samples in {t['shards']} shards ({t['bytes'] / 2**20:.1f} MiB), "
+        f"{t['unreadable']} unreadable, {time.time() - t0:.1f} s -> {manifest_path}")
+    return manifest
+
+
+def _manifest(opts: PrepareOptions, listing: Listing, kept: list[Record], names: list[str],
+              reports: dict[int, dict], fp: str) -> dict:
+    shards = [{"name": names[i], "samples": reports[i]["samples"], "bytes": reports[i]["bytes"],
+               "sha256": reports[i]["sha256"]} for i in range(len(names)) if reports[i]["samples"]]
+    unreadable = [u for i in range(len(names)) for u in reports[i]["unreadable"]]
+    modalities: Counter = Counter()
+    for rep in reports.values():
+        modalities.update(rep["modalities"])
+    filtered = {reason: {"count": len(keys), "keys": [k for k in keys if k][:LISTED_KEYS_CAP]}
+                for reason, keys in sorted(listing.filtered.items())}
+    filtered["unreadable_image"] = {"count": len(unreadable), "keys": [u["key"] for u in unreadable][:LISTED_KEYS_CAP]}
+    selected = resolve_modalities(opts.modality)
+    options = {k: v for k, v in asdict(opts).items() if k not in ("out", "workers", "overwrite")}
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fp,
+        "source": {"kind": listing.kind, "split": opts.split},
+        "options": options,
+        "modality_filter": {cui: name for cui, name in sorted(selected.items())},
+        "sample_format": {"__key__": "image id", "jpg|png": "image bytes", "txt": "raw caption (UTF-8)",
+                          "json": "{image_id, cui, modality, source}"},
+        "shards": shards,
+        "totals": {"listed": len(listing.records) + len(listing.filtered.get("missing_image", []))
+                   + len(listing.filtered.get("other_split", [])),
+                   "planned": len(kept), "samples": sum(s["samples"] for s in shards),
+                   "bytes": sum(s["bytes"] for s in shards), "shards": len(shards),
+                   "reencoded": sum(r["reencoded"] for r in reports.values()), "unreadable": len(unreadable)},
+        "modalities": dict(sorted(modalities.items())),
+        "filtered": filtered,
+        "unreadable": unreadable[:LISTED_KEYS_CAP],
+    }
