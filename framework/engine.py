@@ -130,7 +130,10 @@ class Engine:
         reason = "finished" if reason == "running" else reason
         if reason == "finished" and self._saved_step != self.pos.step:
             self._save()
-        metrics = self._evaluate() if reason == "finished" and self.task.evaluate else {}
+        evaluated = getattr(self, "_evaluated_step", -1) == self.pos.step
+        metrics = {}
+        if reason == "finished" and self.task.evaluate:
+            metrics = self._last_eval if evaluated else self._evaluate()
         self.log.close()
         return FitResult(self.pos.step, self.pos.epoch, reason, self._saved_tag, metrics)
 
@@ -277,6 +280,7 @@ class Engine:
         with torch.no_grad():
             metrics = self.task.evaluate(self.ds.module, self.pos.step) or {}
         self.ds.module.train(was_training)
+        self._evaluated_step, self._last_eval = self.pos.step, metrics
         self.log.scalars(self.pos.step, {f"eval/{k}": v for k, v in metrics.items()
                                          if isinstance(v, (int, float))})
         for k, v in metrics.items():  # sample predictions: text (Markdown) or an image tensor [3,H,W]
