@@ -73,7 +73,7 @@ class DistillConfig:
     enabled: bool = False  # progressive self-distillation with an EMA teacher
     tau_start: float = 0.95  # EMA decay at step 0 ...
     tau_end: float = 0.995  # ... and at the end of the schedule
-    tau_schedule: str = "linear"  # constant (tau_end) | linear | cosine
+    tau_schedule: str = "linear"  # constant (tau_end) | linear | progressive (= linear) | cosine
     tau_steps: Optional[int] = None  # schedule length in optimizer steps (default: the whole run)
     mode: Union[str, dict] = "loss_mse"  # loss_mse | output_kl, or {objective: mode}
     temperature: float = 1.0  # softening for output_kl

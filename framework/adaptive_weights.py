@@ -1,0 +1,116 @@
+"""The study's adaptive loss weighting for self-distillation: softmax over smoothed student/teacher loss ratios.
+
+Per objective t, with student loss L_t^S, teacher loss L_t^T and distillation term D_t (framework.distill):
+
+    r_t = L_t^S / (L_t^T + eps)               ratio of this micro-batch
+    w_t = softmax_t(a * r_hat_t + (1 - a) * r_t)
+    total = sum_t c_t * L_t^S + sum_t w_t * D_t   (c_t: the static objectives.<t>.weight, 1 by default)
+
+When r_hat moves: once per optimizer step (after_optimizer_step), r_hat_t <- a * r_hat_t + (1 - a) * mean_t, the
+mean being over the step's micro-batches (and ranks, one all-reduce). Each micro-batch's weights use the smoothed
+ratio as it would stand with its own ratio folded in, so with train.grad_accum = 1 this is exactly the study's
+per-iteration form (r_hat_k = a*r_hat_{k-1} + (1-a)*r_k, then w_k = softmax(r_hat_k)); under accumulation every
+micro-batch of a step sees the same r_hat. r_hat starts at 1 for every objective: the teacher starts as a copy of
+the student, so the first ratios are 1 (up to dropout, which the teacher runs without).
+
+Caveat of the study's D_t = MSE(L^S, L^T): its gradient 2 (L^S - L^T) dL^S/dtheta pushes the student's loss *up*
+whenever the student beats the teacher (L^S < L^T); distill.mode output_kl distils output distributions instead.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from .task import ModelOutput
+
+
+class AdaptiveLossWeighter:
+    """Combiner (output, step) -> (total, logs) and plugin owning r_hat; see the module docstring for the rule."""
+
+    name = "adaptive_loss_weights"
+
+    def __init__(self, static_weight: Callable[[str, int], float], *, momentum: float = 0.9, eps: float = 1e-8,
+                 detach_weights: bool = True):
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"distill.ratio_momentum must be in [0, 1], got {momentum}")
+        if eps < 0:
+            raise ValueError(f"distill.eps must be >= 0, got {eps}")
+        self.static_weight = static_weight
+        self.momentum, self.eps, self.detach_weights = momentum, eps, detach_weights
+        self.r_hat: dict[str, float] = {}  # smoothed ratios; 1.0 until an objective's first update
+        self.updates = 0  # optimizer steps that updated r_hat
+        self._sum: dict[str, torch.Tensor] = {}  # this step's ratios, summed over finite micro-batches
+        self._count: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ combiner
+
+    def weights(self, ratios: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """w = softmax(a*r_hat + (1-a)*ratios) over objectives `names`; ratios [T] -> weights [T]."""
+        r_hat = torch.tensor([self.r_hat.get(n, 1.0) for n in names], dtype=torch.float32, device=ratios.device)
+        return torch.softmax(self.momentum * r_hat + (1.0 - self.momentum) * ratios, dim=0)
+
+    def __call__(self, output: ModelOutput, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(total loss, logs) for one micro-batch; logged values stay detached tensors (no host sync here)."""
+        losses: dict[str, torch.Tensor] = output["losses"]
+        if "teacher_losses" not in output or "distill" not in output:
+            raise ValueError("the adaptive loss weighter needs the self-distillation wrapper's output "
+                             "(teacher_losses, distill); build the task with framework.distill.with_self_distillation")
+        if not losses:
+            raise ValueError("the model returned no losses (are all objectives disabled?)")
+        names = list(losses)
+        student = torch.stack([losses[n].float() for n in names])  # [T]
+        teacher = torch.stack([output["teacher_losses"][n].detach().float() for n in names])
+        distill = torch.stack([output["distill"][n].float() for n in names])
+        ratios = student / (teacher + self.eps)
+        w = self.weights(ratios.detach() if self.detach_weights else ratios, names)
+        static = torch.tensor([self.static_weight(n, step) for n in names], device=student.device)
+        total = (static * student).sum() + (w * distill).sum()
+
+        ok = torch.isfinite(total.detach()) & torch.isfinite(ratios.detach())  # the engine skips non-finite steps
+        for i, n in enumerate(names):
+            r = torch.where(ok[i], ratios[i].detach(), torch.zeros_like(ratios[i]))
+            self._sum[n] = self._sum[n] + r if n in self._sum else r
+            self._count[n] = self._count[n] + ok[i].float() if n in self._count else ok[i].float()
+
+        logs: dict[str, Any] = {"loss/total": total.detach()}
+        for i, n in enumerate(names):
+            logs |= {f"loss/{n}": student[i].detach(), f"teacher_loss/{n}": teacher[i],
+                     f"distill_loss/{n}": distill[i].detach(), f"distill_weight/{n}": w[i].detach(),
+                     f"distill_ratio/{n}": ratios[i].detach(), f"weight/{n}": float(static[i])}
+        return total, logs
+
+    # ------------------------------------------------------------------ plugin contract
+
+    def setup(self, module: Any, dtype: torch.dtype, device: torch.device) -> None:
+        pass
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> dict[str, float]:
+        """r_hat <- a*r_hat + (1-a)*(mean ratio of the step over micro-batches and ranks); returns r_hat."""
+        names = sorted(self._sum)
+        if names:
+            sums = torch.stack([self._sum[n] for n in names] + [self._count[n] for n in names])
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(sums)  # every rank ends with the same r_hat (its state is saved once)
+            values = sums.tolist()
+            a = self.momentum
+            for n, s, c in zip(names, values[:len(names)], values[len(names):]):
+                if c > 0:
+                    self.r_hat[n] = a * self.r_hat.get(n, 1.0) + (1.0 - a) * s / c
+            self.updates += 1
+        self._sum.clear()
+        self._count.clear()
+        return {f"distill_ratio_avg/{n}": v for n, v in self.r_hat.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"r_hat": dict(self.r_hat), "updates": self.updates,
+                "pending_sum": {n: float(v) for n, v in self._sum.items()},
+                "pending_count": {n: float(v) for n, v in self._count.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.r_hat = {n: float(v) for n, v in state["r_hat"].items()}
+        self.updates = int(state["updates"])
+        self._sum = {n: torch.tensor(v) for n, v in state.get("pending_sum", {}).items()}
+        self._count = {n: torch.tensor(v) for n, v in state.get("pending_count", {}).items()}

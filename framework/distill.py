@@ -1,0 +1,165 @@
+"""Self-distillation: a wrapper that runs the student and its EMA teacher on each batch, and the distillation terms.
+
+A recipe needs nothing special for the default (mode loss_mse): its model's forward(batch) returns per-objective
+losses. For mode output_kl its forward takes `return_logits=True` and then returns `"logits": {objective: X}`,
+X being a logits tensor [..., C], a dict {"logits": [..., C], "mask" or "labels": [...]} (labels -100 = ignored
+rows), or a dict/list of those (averaged). A forward that takes `reuse=` gets the student's output["reuse"]
+(e.g. sampled negatives), so the teacher scores the very same pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adaptive_weights import AdaptiveLossWeighter
+from .config import Config
+from .ema import EMATeacher, check_zero_stage
+from .loss_weights import StaticLossWeights
+from .task import Batch, ModelOutput, Task
+
+MODES = ("loss_mse", "output_kl")
+IGNORE_INDEX = -100
+
+
+def resolve_modes(spec: Union[str, dict[str, str]]) -> Callable[[str], str]:
+    """distill.mode (one mode, or {objective: mode} with loss_mse for the others) -> objective -> mode."""
+    table = spec if isinstance(spec, dict) else {}
+    for name, mode in (table.items() if isinstance(spec, dict) else [("", spec)]):
+        if mode not in MODES:
+            where = f"distill.mode.{name}" if name else "distill.mode"
+            raise ValueError(f"{where}: unknown mode {mode!r}; known: {', '.join(MODES)}")
+    if isinstance(spec, str):
+        return lambda name: spec
+    return lambda name: table.get(name, "loss_mse")
+
+
+def kl_with_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) over the last dim, averaged over rows [...] where mask.
+
+    Logits [..., C] (same shape); mask bool [...] or None (all rows). fp32 scalar; no gradient to the teacher.
+    The T^2 factor (Hinton et al. 2015) keeps gradient sizes comparable across temperatures.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"output_kl: student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # [...]
+    if mask is None:
+        return kl.mean() * t * t
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp(min=1.0) * t * t  # no host sync, 0 when every row is masked
+
+
+def logits_kl(student: Any, teacher: Any, temperature: float = 1.0) -> torch.Tensor:
+    """kl_with_temperature over a recipe's logits structure (see the module docstring); lists/dicts are averaged."""
+    if isinstance(student, torch.Tensor):
+        return kl_with_temperature(student, teacher, temperature)
+    if isinstance(student, dict) and "logits" in student:
+        mask = student.get("mask")
+        if mask is None and student.get("labels") is not None:
+            mask = student["labels"] != IGNORE_INDEX
+        return kl_with_temperature(student["logits"], teacher["logits"], temperature, mask)
+    if isinstance(student, dict):
+        parts = [logits_kl(student[k], teacher[k], temperature) for k in sorted(student)]
+    elif isinstance(student, (list, tuple)):
+        parts = [logits_kl(s, t, temperature) for s, t in zip(student, teacher, strict=True)]
+    else:
+        raise TypeError(f"output_kl: cannot read logits from a {type(student).__name__}")
+    return torch.stack(parts).mean()
+
+
+class SelfDistillation(nn.Module):
+    """Wraps a student: forward(batch) -> its ModelOutput + "teacher_losses" and "distill" ({objective: D_t}).
+
+    D_t = (L_t^S - L_t^T)^2 (loss_mse, the study's) or logits_kl of the objective's outputs (output_kl).
+    Only the student is a submodule: the EMA teacher lives in the `ema` plugin, out of DeepSpeed's reach.
+    """
+
+    def __init__(self, student: nn.Module, ema: EMATeacher, mode: Union[str, dict[str, str]] = "loss_mse",
+                 temperature: float = 1.0):
+        super().__init__()
+        self.student = student
+        self.ema = ema  # not an nn.Module: invisible to parameters(), state_dict(), .to() and DeepSpeed's casts
+        self.mode = resolve_modes(mode)
+        self.temperature = temperature
+        params = inspect.signature(student.forward).parameters
+        self.accepts_logits = "return_logits" in params
+        self.accepts_reuse = "reuse" in params
+        uses_kl = mode == "output_kl" or (isinstance(mode, dict) and "output_kl" in mode.values())
+        if uses_kl and not self.accepts_logits:
+            raise ValueError(f"distill.mode output_kl: {type(student).__name__}.forward takes no return_logits=; "
+                             "use loss_mse or make the model return its logits")
+        self._uses_kl = uses_kl
+
+    def fp32_modules(self) -> list[nn.Module]:
+        """The student's fp32 submodules (momentum encoders...), which the engine casts back after DeepSpeed."""
+        return list(getattr(self.student, "fp32_modules", lambda: [])())
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        kwargs = {"return_logits": True} if self._uses_kl else {}
+        # The teacher sees the buffers the student's forward starts from (e.g. the same ITC feature queue, which
+        # the student's forward then advances), not last step's copy: same candidates under accumulation too.
+        self.ema.copy_buffers()
+        out = self.student(batch, **kwargs)
+        t_kwargs = dict(kwargs)
+        if self.accepts_reuse and out.get("reuse") is not None:
+            t_kwargs["reuse"] = out["reuse"]  # the teacher scores the same sampled pairs as the student
+        t_out = self.ema(batch, **t_kwargs)
+        teacher_losses = {k: v.detach().float() for k, v in t_out["losses"].items()}
+        distill: dict[str, torch.Tensor] = {}
+        for name, loss in out["losses"].items():
+            if name not in teacher_losses:
+                raise RuntimeError(f"self-distillation: the teacher returned no {name!r} loss")
+            if self.mode(name) == "output_kl":
+                s_logits, t_logits = out.get("logits", {}).get(name), t_out.get("logits", {}).get(name)
+                if s_logits is None or t_logits is None:
+                    raise ValueError(f"distill.mode output_kl for {name!r}: the model returned no logits[{name!r}] "
+                                     "with return_logits=True; use loss_mse for this objective")
+                distill[name] = logits_kl(s_logits, t_logits, self.temperature)
+            else:
+                distill[name] = F.mse_loss(loss.float(), teacher_losses[name])
+        result = {k: v for k, v in out.items() if k != "logits"}
+        metrics = dict(out.get("metrics", {}))
+        metrics |= {f"teacher/{k}": v for k, v in t_out.get("metrics", {}).items()
+                    if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
+        result |= {"teacher_losses": teacher_losses, "distill": distill, "metrics": metrics}
+        return result
+
+
+def with_self_distillation(task: Task, cfg: Config, total_steps: int) -> Task:
+    """The recipe's Task with the student wrapped, the EMA teacher + adaptive weighter as plugins and combiner.
+
+    Call before deepspeed.initialize (the teacher is a copy of the weights the student starts from).
+    """
+    d = cfg.distill
+    ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
+    check_zero_stage(int(ds.get("zero_optimization", {}).get("stage", 0)))
+    if task.combine_losses is not None:
+        raise ValueError("distill.enabled: the recipe sets its own combine_losses, which self-distillation's "
+                         "adaptive weighter would replace; disable one of them")
+    if d.temperature <= 0:
+        raise ValueError(f"distill.temperature must be > 0, got {d.temperature}")
+    if isinstance(d.mode, dict) and cfg.objectives:
+        unknown = sorted(set(d.mode) - set(cfg.objectives))
+        if unknown:
+            raise ValueError(f"distill.mode.{unknown[0]}: not an objective of this recipe "
+                             f"(objectives: {', '.join(sorted(cfg.objectives))})")
+    ema = EMATeacher(task.model, tau_start=d.tau_start, tau_end=d.tau_end, tau_schedule=d.tau_schedule,
+                     tau_steps=d.tau_steps or total_steps)
+    model = SelfDistillation(task.model, ema, mode=d.mode, temperature=d.temperature)
+    weighter = AdaptiveLossWeighter(StaticLossWeights(cfg.objectives, total_steps).weight,
+                                    momentum=d.ratio_momentum, eps=d.eps, detach_weights=d.detach_weights)
+    evaluate, no_decay = task.evaluate, task.no_decay
+    return dataclasses.replace(
+        task, model=model, plugins=[*task.plugins, ema, weighter], combine_losses=weighter,
+        # the recipe's hooks see its own model and its own parameter names (without the "student." prefix)
+        evaluate=(lambda module, step: evaluate(getattr(module, "student", module), step)) if evaluate else None,
+        no_decay=(lambda name, p: no_decay(name.removeprefix("student."), p)) if no_decay else None)

@@ -1,0 +1,195 @@
+"""The EMA teacher: the update formula, tau schedules, fp32 under DeepSpeed bf16, no gradients, exact state, ZeRO-3."""
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from framework.config import Config, DistillConfig
+from framework.distill import SelfDistillation, with_self_distillation
+from framework.ema import EMATeacher, ZeroStage3Error, check_zero_stage, tau_at
+from framework.task import Task
+from tests.conftest import free_port
+
+
+class Tiny(nn.Module):
+    """y = W x + b; losses {"fit": mse, "size": mean square}; a buffer counting training forwards."""
+
+    def __init__(self, d: int = 3):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.register_buffer("forwards", torch.zeros(()))
+
+    def forward(self, batch):
+        x = batch["x"].to(self.lin.weight.dtype)
+        y = self.lin(x).float()
+        if self.training:
+            self.forwards += 1
+        return {"losses": {"fit": ((y - batch["y"]) ** 2).mean(), "size": (y ** 2).mean()}, "metrics": {}}
+
+
+def batch(n: int = 4, d: int = 3, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(n, d, generator=g), "y": torch.randn(n, d, generator=g)}
+
+
+def test_update_matches_formula_on_known_tensors():
+    student = Tiny(2)
+    with torch.no_grad():
+        student.lin.weight.fill_(1.0)
+        student.lin.bias.fill_(-2.0)
+    ema = EMATeacher(student, tau_start=0.9, tau_end=0.9, tau_schedule="constant", tau_steps=10)
+    with torch.no_grad():
+        student.lin.weight.fill_(3.0)
+        student.lin.bias.fill_(2.0)
+        student.forwards.fill_(7)
+    assert ema.after_optimizer_step(1) == {"distill/tau": 0.9}
+    torch.testing.assert_close(ema.teacher.lin.weight, torch.full((2, 2), 0.9 * 1 + 0.1 * 3))  # 1.2
+    torch.testing.assert_close(ema.teacher.lin.bias, torch.full((2,), 0.9 * -2 + 0.1 * 2))  # -1.6
+    assert float(ema.teacher.forwards) == 7.0  # buffers are copied, not averaged
+    with torch.no_grad():
+        student.lin.weight.zero_()
+    ema.after_optimizer_step(2)
+    torch.testing.assert_close(ema.teacher.lin.weight, torch.full((2, 2), 0.9 * 1.2))  # 1.08
+    # the student is untouched by the update
+    assert torch.equal(student.lin.weight, torch.zeros(2, 2))
+
+
+def test_teacher_starts_as_an_fp32_copy():
+    student = Tiny().to(torch.bfloat16)
+    ema = EMATeacher(student, tau_steps=5)
+    for (n, t), (_, s) in zip(ema.teacher.named_parameters(), student.named_parameters()):
+        assert t.dtype == torch.float32 and not t.requires_grad, n
+        assert torch.equal(t, s.float()) and t.data_ptr() != s.data_ptr()
+    assert not ema.teacher.training  # deterministic targets: no dropout in the teacher
+
+
+def test_tau_schedules_by_hand():
+    kw = dict(start=0.95, end=0.995, steps=100)
+    assert tau_at(0, schedule="linear", **kw) == 0.95
+    assert tau_at(50, schedule="linear", **kw) == pytest.approx(0.9725)
+    assert tau_at(100, schedule="linear", **kw) == pytest.approx(0.995)
+    assert tau_at(250, schedule="linear", **kw) == pytest.approx(0.995)  # held after the ramp
+    assert tau_at(37, schedule="progressive", **kw) == tau_at(37, schedule="linear", **kw)
+    cos = 0.995 + 0.5 * (0.95 - 0.995) * (1 + math.cos(math.pi / 4))
+    assert tau_at(25, schedule="cosine", **kw) == pytest.approx(cos)
+    assert tau_at(50, schedule="cosine", **kw) == pytest.approx(0.9725)
+    assert tau_at(3, schedule="constant", **kw) == 0.995
+    with pytest.raises(ValueError, match="unknown schedule 'step'.*constant, linear, cosine, progressive"):
+        tau_at(1, schedule="step", **kw)
+    with pytest.raises(ValueError, match="distill.tau_end must be in"):
+        EMATeacher(Tiny(), tau_end=1.5)
+
+
+def test_teacher_gets_no_gradients_and_is_invisible_to_the_wrapped_module():
+    student = Tiny()
+    ema = EMATeacher(student, tau_steps=5)
+    model = SelfDistillation(student, ema)
+    assert {id(p) for p in model.parameters()} == {id(p) for p in student.parameters()}
+    assert all(k.startswith("student.") for k in model.state_dict())
+    out = model(batch())
+    loss = sum(out["losses"].values()) + sum(out["distill"].values())
+    loss.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in ema.teacher.parameters())
+    assert not any(v.requires_grad for v in out["teacher_losses"].values())
+    model.to(torch.bfloat16)  # what DeepSpeed's bf16 cast does: the teacher is out of its reach
+    assert all(p.dtype == torch.float32 for p in ema.teacher.parameters())
+
+
+def test_state_dict_round_trip_is_exact():
+    torch.manual_seed(0)
+    student = Tiny()
+    ema = EMATeacher(student, tau_start=0.5, tau_end=0.99, tau_schedule="cosine", tau_steps=6)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            student.lin.weight.add_(torch.randn(3, 3))
+        ema.after_optimizer_step(step)
+    buf = io.BytesIO()
+    torch.save(ema.state_dict(), buf)
+    buf.seek(0)
+    other = EMATeacher(Tiny(), tau_start=0.5, tau_end=0.99, tau_schedule="cosine", tau_steps=6)
+    other.student = student  # the resumed run's student (restored by DeepSpeed)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert (other.step, other.tau) == (3, ema.tau) and ema.tau == tau_at(3, start=0.5, end=0.99, steps=6,
+                                                                         schedule="cosine")
+    for (n, a), (_, b) in zip(ema.teacher.state_dict().items(), other.teacher.state_dict().items()):
+        assert torch.equal(a, b) and b.dtype == a.dtype, n
+    ema.after_optimizer_step(4)  # both continue identically
+    other.after_optimizer_step(4)
+    assert torch.equal(ema.teacher.lin.weight, other.teacher.lin.weight)
+
+
+def test_zero_stage_3_is_refused_in_one_line():
+    check_zero_stage(0)
+    check_zero_stage(2)
+    with pytest.raises(ZeroStage3Error, match=r"ZeRO stage 0, 1 or 2 .*not 3") as e:
+        check_zero_stage(3)
+    assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
+    cfg = Config(distill=DistillConfig(enabled=True), deepspeed={"zero_optimization": {"stage": 3}})
+    with pytest.raises(ZeroStage3Error):
+        with_self_distillation(Task(model=Tiny(), decode=dict, collate=list), cfg, 10)
+    ema = EMATeacher(Tiny(), tau_steps=5)
+    partitioned = Tiny()
+    partitioned.lin.weight.ds_id = 0  # what ZeRO-3 puts on its partitioned parameters
+    with pytest.raises(ZeroStage3Error):
+        ema.setup(partitioned, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    """An in-process world of one (gloo), as the deepspeed launcher would set up on the CPU."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(free_port())).items():
+            monkeypatch.setenv(k, v)
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    return deepspeed
+
+
+def test_bf16_deepspeed_teacher_stays_fp32_and_tau_follows_optimizer_steps(single_rank):
+    deepspeed = single_rank
+    torch.manual_seed(0)
+    accum, steps = 3, 4
+    cfg = Config(distill=DistillConfig(enabled=True, tau_start=0.6, tau_end=0.9, tau_schedule="linear"))
+    task = with_self_distillation(Task(model=Tiny(), decode=dict, collate=list), cfg, total_steps=steps)
+    initial = task.model.student.lin.weight.detach().clone()
+    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": accum,
+                 "train_batch_size": 4 * accum, "bf16": {"enabled": True}, "zero_optimization": {"stage": 0},
+                 "steps_per_print": 10 ** 9}
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=0.05)
+    engine, *_ = deepspeed.initialize(model=task.model, optimizer=optimizer, config=ds_config)
+    for plugin in task.plugins:
+        plugin.setup(engine.module, torch.bfloat16, torch.device("cpu"))
+    ema = task.plugins[0]
+    assert engine.module.student.lin.weight.dtype == torch.bfloat16  # DeepSpeed cast the student ...
+    assert ema.teacher.lin.weight.dtype == torch.float32  # ... not the teacher
+    assert torch.equal(ema.teacher.lin.weight, initial)  # same init as the student
+    seen = set()
+    ema.teacher.lin.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+    taus, step = [], 0
+    for micro in range(accum * steps):
+        loss, _ = task.combine_losses(engine(batch(seed=micro)), step)
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        if boundary:
+            step += 1
+            before = ema.teacher.lin.weight.detach().clone()
+            logs = {}
+            for plugin in task.plugins:
+                logs |= plugin.after_optimizer_step(step)
+            taus.append(logs["distill/tau"])
+            s = engine.module.student.lin.weight.detach().float()
+            tau = tau_at(step, start=0.6, end=0.9, steps=steps, schedule="linear")
+            torch.testing.assert_close(ema.teacher.lin.weight, tau * before + (1 - tau) * s, rtol=0, atol=1e-7)
+    assert taus == pytest.approx([0.675, 0.75, 0.825, 0.9])  # one update per optimizer step, not per micro-batch
+    assert ema.teacher.lin.weight.dtype == torch.float32
+    assert all(p.grad is None for p in ema.teacher.parameters())
+    assert not torch.equal(ema.teacher.lin.weight, initial)  # it moved, and is not a rounded bf16 copy
+    assert not torch.equal(ema.teacher.lin.weight, engine.module.student.lin.weight.float())
+    assert seen == {torch.bfloat16}  # the fp32 teacher computed in the training precision (autocast)
