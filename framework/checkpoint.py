@@ -1,12 +1,19 @@
-"""Crash-safe DeepSpeed checkpoints: complete-marker per tag, atomic `latest` pointer, pruning, RNG + data position."""
+"""Crash-safe DeepSpeed checkpoints: complete-marker per tag, atomic `latest` pointer, pruning, RNG + data position.
+
+Loading never unpickles arbitrary objects: every file of a resumed checkpoint goes through `safe_load`
+(torch.load(weights_only=True), with only DeepSpeed's own plain-data classes allowlisted).
+"""
 from __future__ import annotations
 
+import hashlib
+import importlib
 import os
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -58,6 +65,70 @@ def find_resume_tag(ckpt_dir: Path) -> Optional[str]:
             return tag
     tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt) or would need arbitrary unpickling."""
+
+
+# Classes DeepSpeed pickles into its own optimizer checkpoints: plain data holders (no code runs on load).
+# Allowlisted by name for torch.load(weights_only=True); anything else in a pickle is refused.
+_DEEPSPEED_DATA_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaleProfile",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # torch names the refused class: "... GLOBAL posix.system ..."
+
+
+def _allowed_globals() -> list[Any]:
+    found = []
+    for dotted in _DEEPSPEED_DATA_CLASSES:
+        module, name = dotted.rsplit(".", 1)
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: that class is simply not allowed
+            pass
+    return found
+
+
+def safe_load(path: Union[str, Path], map_location: Any = "cpu") -> Any:
+    """torch.load(path, weights_only=True) with DeepSpeed's data classes allowed; CheckpointReadError (one line)
+    for a file that needs other pickled objects (which could run code) or cannot be read at all."""
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as e:
+        found = _GLOBAL.search(str(e))
+        if found:
+            raise CheckpointReadError(
+                f"{path}: refused: it holds a pickled {found.group(1)}, not only tensors and plain data; "
+                "unpickling it could run code, so only checkpoints written by this framework (or tensors-only "
+                "files / safetensors) are loaded") from None
+        raise CheckpointReadError(f"{path}: not a readable tensors-only checkpoint ({_reason(e)})") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad magic number, empty file, malformed pickle opcodes
+        raise CheckpointReadError(f"{path}: unreadable or truncated checkpoint file ({_reason(e)})") from None
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of a torch.load error (not its advice to retry with weights_only=False)."""
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
+
+
+def seed_host_rngs(seed: int, rank: int) -> None:
+    """Seed Python's and NumPy's global RNGs per rank, so every stream a checkpoint saves starts from the config.
+
+    (torch's global generator is seeded by the recipe, which needs identical initial weights on every rank.)
+    """
+    digest = hashlib.sha256(f"{seed}/{rank}".encode()).digest()
+    random.seed(int.from_bytes(digest[:8], "little"))
+    np.random.seed(int.from_bytes(digest[8:12], "little"))
 
 
 def rng_state() -> dict[str, Any]:
@@ -113,11 +184,40 @@ def prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
 
 
 def load(ds_engine: Any, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:
-    """Load module, optimizer, scheduler and loss-scaler state; returns (client_state, this rank's state)."""
-    _, client_state = ds_engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+    """Load module, optimizer, scheduler and loss-scaler state; returns (client_state, this rank's state).
+
+    DeepSpeed's own loader unpickles with weights_only=False; its file reads are routed through `safe_load`.
+    """
+    try:
+        with _safe_deepspeed_reads(ds_engine):
+            _, client_state = ds_engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+    except CheckpointReadError as e:
+        raise CheckpointReadError(f"{e}; delete {ckpt_dir / tag} to resume from the previous checkpoint, or set "
+                                  "run.resume=none") from None
     if client_state is None:
-        raise RuntimeError(f"could not load checkpoint {ckpt_dir / tag}")
+        raise CheckpointReadError(f"could not load checkpoint {ckpt_dir / tag} (DeepSpeed found no model states)")
     rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
-    rank_state = torch.load(rank_file, weights_only=True) if rank_file.is_file() else {}
+    rank_state = safe_load(rank_file) if rank_file.is_file() else {}
     return client_state, rank_state
+
+
+class _safe_deepspeed_reads:
+    """Context: the DeepSpeed engine's checkpoint reads go through `safe_load` (its torch engine only)."""
+
+    def __init__(self, ds_engine: Any):
+        self.engine = getattr(ds_engine, "checkpoint_engine", None)
+
+    def __enter__(self) -> None:
+        if type(self.engine).__name__ != "TorchCheckpointEngine":
+            return  # another engine (Nebula, async...) reads its own way; it is the user's explicit choice
+        self.engine.load = _deepspeed_read
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.engine is not None and "load" in vars(self.engine):
+            del self.engine.load  # back to the class's method
+
+
+def _deepspeed_read(path: str, map_location: Any = None) -> Any:
+    """TorchCheckpointEngine.load's signature, reading with `safe_load`."""
+    return safe_load(path, map_location=map_location)

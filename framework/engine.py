@@ -47,6 +47,8 @@ class Engine:
 
     def __init__(self, cfg: Config, task: Task, dist: Optional[DistInfo] = None):
         self.cfg, self.dist = cfg, dist or init_distributed()
+        # Python/NumPy streams from the config (a resume then restores them): saved RNG states are reproducible
+        checkpoint.seed_host_rngs(cfg.train.seed, self.dist.rank)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.dist.device.type == "cuda":
@@ -87,7 +89,15 @@ class Engine:
 
     def fit(self) -> FitResult:
         """Train until the configured length, a stop signal, the time budget, or a failure; returns where it ended."""
-        self._install_signal_handlers()
+        previous = self._install_signal_handlers()
+        try:
+            return self._fit()
+        finally:  # in a notebook or test process, Ctrl-C must interrupt again once training is over
+            for sig, handler in previous.items():
+                if handler is not None:  # None: installed outside Python, cannot be put back
+                    signal.signal(sig, handler)
+
+    def _fit(self) -> FitResult:
         reason = "running"
         tick = time.time()
         window = _new_window()
@@ -317,15 +327,18 @@ class Engine:
                            shuffle_buffer=cfg.data.shuffle_buffer, rank=d.rank, world_size=d.world_size,
                            samples_per_epoch=cfg.data.samples_per_epoch)
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM/SIGINT request a save-and-stop at the next step boundary; returns the handlers they replaced."""
         def handler(signum: int, _frame: Any) -> None:
             self.stop_signal = signal.Signals(signum).name
 
+        previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(sig, handler)
+                previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside some test runners)
                 pass
+        return previous
 
 
 @functools.lru_cache(maxsize=None)

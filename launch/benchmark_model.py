@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""MedBLIP model cost at full size (ViT-B/16 + BERT-base): seconds per training step, peak memory, parameter counts.
+
+    python launch/benchmark_model.py [--batch 2] [--steps 3] [--image-size 224] [--precision fp32|bf16]
+                                     [--queue-size 256] [--grad-ckpt] [--objectives itc,itm,lm]
+
+A plain PyTorch step (forward with all objectives, backward, AdamW, momentum update), no DeepSpeed: the
+model's own cost. Runs on a GPU when one is visible (peak allocated memory), else on the CPU (peak RSS).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from framework.cli import run_cli  # noqa: E402
+
+
+def count_parameters(model) -> dict[str, int]:
+    """Unique tensors (tied weights once): trainable, momentum (frozen EMA copies), other frozen."""
+    momentum = {id(p) for m in model.fp32_modules() for p in m.parameters()}
+    seen, counts = set(), {"trainable": 0, "momentum": 0, "frozen": 0}
+    for p in model.parameters():  # parameters() yields each shared tensor once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        kind = "momentum" if id(p) in momentum else "trainable" if p.requires_grad else "frozen"
+        counts[kind] += p.numel()
+    counts["buffers"] = sum(b.numel() for b in model.buffers())
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--queue-size", type=int, default=256)
+    parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (ViT and text)")
+    parser.add_argument("--objectives", default="itc,itm,lm")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        import torch
+
+        from recipes.medblip.model_config import ModelConfig, VisionConfig
+        from recipes.medblip.pretrain_model import MedBlipPretrain
+
+        if args.batch < 2:
+            raise ValueError("--batch must be >= 2 (ITM draws a negative from the rest of the batch)")
+        if args.queue_size % args.batch:
+            raise ValueError(f"--queue-size {args.queue_size} must be a multiple of --batch {args.batch}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cfg = ModelConfig(preset="base", vit=VisionConfig(image_size=args.image_size), queue_size=args.queue_size,
+                          grad_checkpointing_vit=args.grad_ckpt, grad_checkpointing_text=args.grad_ckpt)
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        model = MedBlipPretrain(cfg, args.objectives.split(","))
+        built = time.perf_counter() - t0
+        counts = count_parameters(model)
+        if args.precision == "bf16":
+            model.to(torch.bfloat16)
+            for m in model.fp32_modules():
+                m.float()
+        model.to(device).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.05)
+        enc = model.tokenize(["a ct scan of the abdomen showing a large hypodense lesion in the right lobe of "
+                              "the liver with surrounding oedema and no free fluid"] * args.batch, device)
+        batch = {"image": torch.randn(args.batch, 3, args.image_size, args.image_size, device=device), **enc}
+
+        def step() -> dict:
+            out = model(batch)
+            loss = sum(out["losses"].values())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.momentum_update()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return {k: float(v.detach()) for k, v in out["losses"].items()}
+
+        t0 = time.perf_counter()
+        step()  # warm-up: allocator, optimizer state
+        warm = time.perf_counter() - t0
+        times, losses = [], {}
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            losses = step()
+            times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated (GPU)"
+        else:
+            peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (process peak)"
+        mean = sum(times) / len(times)
+        print(f"MedBLIP {cfg.preset}: ViT {cfg.vit.depth}x{cfg.vit.width} @ {args.image_size}px, BERT "
+              f"{cfg.text.layers}x{cfg.text.hidden}, vocab {len(model.tokenizer)}, queue {args.queue_size}")
+        ckpt = "on" if args.grad_ckpt else "off"
+        print(f"device {device.type} ({torch.get_num_threads()} threads), precision {args.precision}, batch "
+              f"{args.batch}, objectives {args.objectives}, activation checkpointing {ckpt}")
+        print(f"parameters: trainable {counts['trainable'] / 1e6:.1f}M, momentum (fp32 copies) "
+              f"{counts['momentum'] / 1e6:.1f}M, other frozen {counts['frozen'] / 1e6:.1f}M, "
+              f"buffers {counts['buffers'] / 1e6:.2f}M")
+        print(f"build {built:.1f}s, warm-up step {warm:.1f}s")
+        print(f"seconds per training step: {mean:.2f} (min {min(times):.2f}, max {max(times):.2f}, "
+              f"{args.steps} steps)  -> {args.batch / mean:.2f} img/s")
+        print(f"peak memory: {peak}")
+        print("losses: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+        return 0
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

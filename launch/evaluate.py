@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Evaluate a VQA run on its test split: `python launch/evaluate.py --recipe FILE [--checkpoint PATH] [key=value ...]`.
+
+Writes metrics.json and predictions.jsonl into the run directory (or --out) and prints accuracy and edit
+similarity (overall / closed / open, with counts) next to the majority-answer baselines. Without --checkpoint the
+newest complete checkpoint of run.dir is evaluated.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from framework.cli import run_cli  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="VQA recipe YAML (e.g. recipes/medblip/vqa.yaml)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="weights to evaluate: a run dir, a checkpoint tag dir, a .pth/.safetensors file or an "
+                             "exported transformers dir (default: newest checkpoint of run.dir)")
+    parser.add_argument("--out", default=None, help="directory for metrics.json / predictions.jsonl (default: run.dir)")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. vqa.inference=generate")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+
+    def evaluate() -> int:
+        import torch
+
+        from framework.checkpoint import find_resume_tag
+        from framework.config import import_recipe, load_config
+        from recipes.medblip.vqa_metrics import format_table
+
+        cfg = load_config(args.recipe, args.overrides)
+        recipe = import_recipe(cfg.recipe, cfg.source)
+        if not hasattr(recipe, "evaluate_model"):
+            raise ValueError(f"{args.recipe}: recipe {cfg.recipe!r} is not a VQA recipe (use recipes.medblip.vqa)")
+        run_dir = Path(cfg.run.dir)
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            if find_resume_tag(run_dir / "checkpoints") is None:
+                raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first or pass "
+                                        "--checkpoint PATH")
+            checkpoint = str(run_dir)
+        split = recipe.load_vqa(cfg)
+        model = recipe.build_model(cfg, load_weights=False)
+        report = recipe.load_vqa_weights(model, checkpoint)
+        print(report.summary(), flush=True)
+        if report.missing:
+            raise ValueError(f"{checkpoint}: {len(report.missing)} model tensors are not in the checkpoint (e.g. "
+                             f"{report.missing[0]}); it does not fit this recipe's model")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device)
+        started = time.time()
+        result = recipe.evaluate_model(model, cfg, split, num_workers=min(2, cfg.data.num_workers))
+        doc = recipe.results_document(cfg, split, result, checkpoint=checkpoint)
+        doc["seconds"] = round(time.time() - started, 1)
+        out = recipe.write_results(args.out or run_dir, doc, result["predictions"])
+        inf = doc["inference"]
+        how = (f"rank over {inf['candidates']} candidates (k {inf['k_test']}); the candidates hold "
+               f"{100 * inf['coverage']['overall']:.1f}% of the test answers (closed "
+               f"{100 * inf['coverage']['closed']:.1f}%, open {100 * inf['coverage']['open']:.1f}%)"
+               if inf["mode"] == "rank" else f"generate (beam {inf['num_beams']}, max {inf['max_length']} tokens)")
+        b = doc["baselines"]
+        rows = [("model", doc["scores"]),
+                ("majority per type", b["majority_per_type"]["scores"]),
+                ("majority overall", b["majority_overall"]["scores"])]
+        print(f"split: {split.name} ({doc['evaluated_questions']} test questions); inference: {how}")
+        print(format_table(rows))
+        print(f"majority answers: closed {b['majority_per_type']['answers']['closed']!r}, open "
+              f"{b['majority_per_type']['answers']['open']!r}, overall {b['majority_overall']['answers']['overall']!r}")
+        print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'} ({doc['seconds']} s)", flush=True)
+        return 0
+
+    return run_cli(evaluate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Assemble VQA runs into the study's Table 1 (Markdown + CSV), the paper's numbers beside ours:
+`python launch/make_table.py RUN_DIR[=LABEL] ... [--out DIR]`.
+
+Each RUN_DIR holds the metrics.json written by launch/evaluate.py (or by the final evaluation of training).
+LABEL is baseline | dapt | psd (DAPT+PSD) to put the paper's row beside it; without one it is guessed from the run
+directory name. The majority-answer baseline of the first run's split is added as a reference row.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+# The reference study's Table 1 (DESIGN.md section 4). Fields it does not report are None.
+PAPER: dict[str, dict[str, Optional[float]]] = {
+    "baseline": {"accuracy": 0.662, "accuracy_closed": 0.782, "accuracy_open": 0.492, "edit_similarity": 0.754},
+    "dapt": {"accuracy": 0.723, "accuracy_closed": None, "accuracy_open": None, "edit_similarity": 0.806},
+    "psd": {"accuracy": 0.742, "accuracy_closed": 0.845, "accuracy_open": 0.597, "edit_similarity": 0.828},
+}
+ROW_NAMES = {"baseline": "BLIP baseline", "dapt": "DAPT", "psd": "DAPT + PSD"}
+ALIASES = {"baseline": "baseline", "blip": "baseline", "dapt": "dapt", "psd": "psd", "dapt+psd": "psd"}
+COLUMNS = [("accuracy", "Acc"), ("accuracy_closed", "Closed"), ("accuracy_open", "Open"),
+           ("edit_similarity", "Edit sim")]
+CAVEAT = ("Paper numbers: the reference study (BLIP base, image 224, frozen ViT, one P100). Its split is not "
+          "stated; 66.2/74.2 fit the 450-question MEVF-style test set better than the official 451-question one. "
+          "It reports edit similarity overall only, and DAPT's closed/open accuracy not at all (shown as -).")
+
+
+class TableError(ValueError):
+    """A run directory without usable results."""
+
+
+def guess_label(run_dir: Path, doc: dict[str, Any]) -> Optional[str]:
+    """baseline | dapt | psd from the directory name, else from run.init_from; None when unclear."""
+    name = run_dir.name.lower()
+    for key in ("psd", "dapt", "baseline"):
+        if key in name:
+            return key
+    init = str(doc.get("init_from") or "").lower()
+    if "psd" in init:
+        return "psd"
+    if "dapt" in init:
+        return "dapt"
+    if init.endswith("model_base.pth"):
+        return "baseline"
+    return None
+
+
+def read_run(spec: str) -> tuple[str, Optional[str], dict[str, Any]]:
+    """'DIR' or 'DIR=LABEL' -> (display name, paper label or None, metrics.json contents)."""
+    where, _, label = spec.partition("=")
+    run_dir = Path(where)
+    path = run_dir / "metrics.json" if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no metrics.json (run launch/evaluate.py on it first)")
+    try:
+        doc = json.loads(path.read_text())
+        doc["metrics"], doc["scores"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise TableError(f"{path}: not a VQA metrics.json (expected the keys 'metrics' and 'scores')") from None
+    key = ALIASES.get(label.lower()) if label else guess_label(path.parent, doc)
+    if label and key is None:
+        raise TableError(f"{spec}: unknown label {label!r}; use baseline, dapt or psd")
+    name = ROW_NAMES.get(key, path.parent.name) if key else path.parent.name
+    return name, key, doc
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def build_rows(runs: list[tuple[str, Optional[str], dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: model, run dir, split, n, then (ours, paper) per metric."""
+    header = ["Model", "Split", "n"]
+    for _, title in COLUMNS:
+        header += [f"{title} (ours)", f"{title} (paper)"]
+    rows = []
+    for name, key, doc in runs:
+        row = [name, doc["split"]["split"], str(doc.get("evaluated_questions", doc["split"]["test"]))]
+        paper = PAPER.get(key or "", {})
+        for metric, _ in COLUMNS:
+            row += [_fmt(doc["metrics"].get(metric)), _fmt(paper.get(metric))]
+        rows.append(row)
+    first = runs[0][2]
+    base = first["baselines"]["majority_per_type"]
+    answers = base["answers"]
+    row = [f"Majority answer per type ({answers['closed']!r} / {answers['open']!r})", first["split"]["split"],
+           str(base["scores"]["overall"]["count"])]
+    for metric, _ in COLUMNS:
+        group = metric.split("_")[-1] if metric.startswith("accuracy_") else "overall"
+        field = "edit_similarity" if metric.startswith("edit") else "accuracy"
+        row += [_fmt(base["scores"][group][field]), "-"]
+    rows.append(row)
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]], notes: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories (or metrics.json files), optionally =LABEL")
+    parser.add_argument("--out", default=None, help="write table1.md and table1.csv into this directory")
+    args = parser.parse_args(argv)
+    try:
+        runs = [read_run(spec) for spec in args.runs]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    header, rows = build_rows(runs)
+    splits = sorted({doc["split"]["split"] for _, _, doc in runs})
+    notes = [f"Split: {', '.join(splits)} ({runs[0][2]['split']['description']})." if len(splits) == 1 else
+             f"Warning: the runs use different splits ({', '.join(splits)}); their numbers are not comparable.",
+             "Inference: " + "; ".join(f"{name}: {doc['inference']['mode']}" for name, _, doc in runs) + ".",
+             CAVEAT]
+    text = markdown(header, rows, notes)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table1.md").write_text(text)
+        buf = io.StringIO()
+        csv.writer(buf).writerows([header] + rows)
+        (out / "table1.csv").write_text(buf.getvalue())
+        print(f"wrote {out / 'table1.md'} and {out / 'table1.csv'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

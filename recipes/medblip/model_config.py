@@ -1,0 +1,101 @@
+"""The `model:` section of the MedBLIP recipes: tower sizes (a preset or explicit) and BLIP's pretraining settings."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from framework.config import ConfigError
+
+
+@dataclass
+class VisionConfig:
+    """timm ViT sizes; None takes the preset's value."""
+
+    image_size: Optional[int] = None  # BLIP pretrains at 224 (its VQA uses 480; the study used 224)
+    patch_size: Optional[int] = None
+    width: Optional[int] = None
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    drop_path: float = 0.0  # BLIP's pretraining ViT uses 0
+
+
+@dataclass
+class TextConfig:
+    """BERT sizes of the text encoder/decoder; None takes the preset's value."""
+
+    hidden: Optional[int] = None
+    layers: Optional[int] = None
+    heads: Optional[int] = None
+    intermediate: Optional[int] = None
+    max_position: Optional[int] = None
+    dropout: float = 0.1  # BLIP's bert_config.json: hidden_dropout_prob
+    attention_dropout: float = 0.1  # BLIP's bert_config.json: attention_probs_dropout_prob
+
+
+PRESETS: dict[str, tuple[dict, dict]] = {
+    # ViT-B/16 + BERT-base, as BLIP's model_base.pth
+    "base": (dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_ratio=4.0),
+             dict(hidden=768, layers=12, heads=12, intermediate=3072, max_position=512)),
+    # for tests and the offline demo
+    "tiny": (dict(image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_ratio=2.0),
+             dict(hidden=32, layers=2, heads=2, intermediate=64, max_position=64)),
+}
+
+
+@dataclass
+class ModelConfig:
+    """BLIP pretraining model: sizes from `preset` unless set under vit:/text:, plus objective settings."""
+
+    preset: str = "base"  # base | tiny
+    vit: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256  # ITC projection size
+    queue_size: int = 57600  # BLIP's default; the study used 256. Must be a multiple of the global batch
+    momentum: float = 0.995  # momentum-encoder decay
+    alpha: float = 0.4  # weight of the momentum-distilled ITC targets (the study: 0)
+    alpha_ramp_steps: int = 0  # BLIP ramps alpha from 0 over its first 2 epochs; 0 = constant alpha
+    temp: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    label_smoothing: float = 0.1  # LM loss; BLIP's med.py hard-codes 0.1
+    max_text_len: int = 30  # tokens per caption (BLIP pretraining: 30)
+    grad_checkpointing_vit: bool = False  # non-reentrant activation checkpointing per ViT block
+    grad_checkpointing_text: bool = False  # ... per text encoder/decoder layer
+    tokenizer: str = "bundled"  # bundled bert-base-uncased vocab | a local directory | a hub name (cached)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        vit, text = PRESETS[self.preset]
+        if isinstance(self.vit, dict):  # built directly from Python with plain dicts
+            self.vit = VisionConfig(**self.vit)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        for section, defaults in ((self.vit, vit), (self.text, text)):
+            for k, v in defaults.items():
+                if getattr(section, k) is None:
+                    setattr(section, k, v)
+        self._check()
+
+    def _check(self) -> None:
+        v, t = self.vit, self.text
+        if v.image_size % v.patch_size:
+            raise ConfigError(f"model.vit.image_size={v.image_size} is not a multiple of "
+                              f"model.vit.patch_size={v.patch_size}")
+        if v.width % v.heads:
+            raise ConfigError(f"model.vit.width={v.width} is not a multiple of model.vit.heads={v.heads}")
+        if t.hidden % t.heads:
+            raise ConfigError(f"model.text.hidden={t.hidden} is not a multiple of model.text.heads={t.heads}")
+        if self.max_text_len > t.max_position:
+            raise ConfigError(f"model.max_text_len={self.max_text_len} exceeds model.text.max_position="
+                              f"{t.max_position}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"model.alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ConfigError(f"model.momentum must be in [0, 1], got {self.momentum}")
+        if self.queue_size < 1:
+            raise ConfigError(f"model.queue_size must be >= 1, got {self.queue_size}")
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (sizes re-validated)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,46 @@
+"""The momentum-encoder update as a plugin: once per optimizer step, the right place under gradient accumulation."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .pretrain_model import MedBlipPretrain
+
+
+class MomentumUpdate:
+    """After each optimizer step: p_m <- m*p_m + (1-m)*p (fp32 copies); owns the step count and ITM-negative RNG.
+
+    BLIP updates at the start of every forward, i.e. with the weights of the previous optimizer step; this is the
+    same update when train.grad_accum = 1, and once per step (not per micro-batch) when accumulating.
+    """
+
+    name = "medblip_momentum"
+    per_rank_state = True  # each rank draws its own ITM negatives: its generator state is saved per rank
+
+    def __init__(self, model: MedBlipPretrain, seed: int = 0):
+        self.model = model  # the unwrapped model (DeepSpeed wraps this very object)
+        self.seed = seed
+        self.step = 0
+
+    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+            raise ValueError("the MedBLIP momentum encoders need full parameters on every rank: use DeepSpeed "
+                             "ZeRO stage 0, 1 or 2 (deepspeed.zero_optimization.stage), not 3")
+        for m in self.model.fp32_modules():  # also when used without the engine (which does this too)
+            m.float()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.model.seed_negatives(self.seed + 1_000_003 * rank)  # distinct negative streams per rank
+
+    def after_optimizer_step(self, step: int) -> dict[str, float]:
+        self.model.momentum_update()
+        self.step = self.model.step = step
+        return {"medblip/alpha": self.model.alpha, "medblip/temp": float(self.model.temp.detach()[0])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "itm_rng": self.model.rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = self.model.step = int(state["step"])
+        self.model.set_rng_state(state["itm_rng"])

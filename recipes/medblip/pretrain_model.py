@@ -1,0 +1,305 @@
+"""BLIP's pretraining model (salesforce/BLIP models/blip_pretrain.py) with ITC, ITM and LM, switchable per objective.
+
+Parameter and buffer names are BLIP's checkpoint keys: visual_encoder.*, text_encoder.*, text_decoder.bert.*,
+text_decoder.cls.*, vision_proj, text_proj, itm_head, temp, the momentum copies (*_m) and image_queue,
+text_queue, queue_ptr. Differences from BLIP, all equivalent for training:
+- the momentum update runs once per optimizer step in the `MomentumUpdate` plugin (BLIP: at the start of every
+  forward, i.e. after every optimizer step when there is no gradient accumulation);
+- ITM negatives are drawn from the same distribution as BLIP's (torch.multinomial per row of the masked
+  softmax) with the model's own CPU generator, saved with the plugin state, so a resumed run draws the same;
+- the queue is only written in training mode, so evaluating held-out losses leaves it untouched.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .model_config import ModelConfig
+from .objectives import (
+    OBJECTIVES,
+    TEMP_MAX,
+    TEMP_MIN,
+    itc_loss,
+    itc_targets,
+    itm_labels,
+    itm_loss,
+    lm_loss,
+    lm_targets,
+    sample_itm_negatives,
+)
+from .tokenizer import load_tokenizer
+from .towers import build_text_decoder, build_text_encoder, build_vit, tie_decoder_to_encoder
+
+_QUEUES = ("image_queue", "text_queue")
+
+
+@torch.no_grad()
+def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on each rank -> [world*b, ...] in rank order (identity without a process group); no gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class MedBlipPretrain(nn.Module):
+    """BLIP_Pretrain: forward(batch) -> {"losses": {itc, itm, lm (enabled ones)}, "metrics": {...}, ...}."""
+
+    def __init__(self, cfg: ModelConfig, objectives: Iterable[str] = ("itc", "itm", "lm"), *,
+                 tokenizer: Any = None, seed: int = 0):
+        super().__init__()
+        self.objectives = frozenset(objectives)
+        unknown = sorted(self.objectives - set(OBJECTIVES))
+        if unknown:
+            raise ValueError(f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES)}")
+        if not self.objectives:
+            raise ValueError("MedBlipPretrain needs at least one objective (itc, itm, lm)")
+        self.cfg = cfg
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        self.enc_token_id = int(self.tokenizer.enc_token_id)
+        self.bos_token_id = int(self.tokenizer.bos_token_id)
+        self.pad_token_id = int(self.tokenizer.pad_token_id)
+        vocab = len(self.tokenizer)
+        width, hidden = cfg.vit.width, cfg.text.hidden
+
+        # Registration order follows BLIP_Pretrain.__init__ (so named_parameters() names shared tensors as BLIP).
+        self.visual_encoder = build_vit(cfg)
+        self.text_encoder = build_text_encoder(cfg, vocab)
+        self.vision_proj = nn.Linear(width, cfg.embed_dim)
+        self.text_proj = nn.Linear(hidden, cfg.embed_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+
+        no_ckpt = cfg.replace(grad_checkpointing_vit=False, grad_checkpointing_text=False)  # no_grad anyway
+        self.visual_encoder_m = build_vit(no_ckpt)
+        self.vision_proj_m = nn.Linear(width, cfg.embed_dim)
+        self.text_encoder_m = build_text_encoder(no_ckpt, vocab)
+        self.text_proj_m = nn.Linear(hidden, cfg.embed_dim)
+        self.copy_params()
+
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # BLIP's temp is 0-dim ([]); [1] here because DeepSpeed's parameter broadcast cannot view a 0-dim
+        # tensor as bytes. checkpoint.py converts between the two shapes on load and save.
+        self.temp = nn.Parameter(cfg.temp * torch.ones(1))
+
+        self.text_decoder = build_text_decoder(cfg, vocab)
+        tie_decoder_to_encoder(self.text_encoder, self.text_decoder)
+
+        self.itm_generator = torch.Generator().manual_seed(seed)
+        self.step = 0  # optimizer steps done; set by MomentumUpdate (drives the alpha ramp)
+
+    # ------------------------------------------------------------------ momentum encoders and queue
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, momentum) module pairs as BLIP's model_pairs."""
+        return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
+                (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
+
+    def fp32_modules(self) -> list[nn.Module]:
+        """Modules the engine keeps in fp32 under fp16/bf16 (0.995-weighted updates would round away in half)."""
+        return [m for _, m in self.momentum_pairs()]
+
+    def _param_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pairs = []
+        for online, momentum in self.momentum_pairs():
+            a, b = list(online.named_parameters()), list(momentum.named_parameters())
+            if [n for n, _ in a] != [n for n, _ in b]:
+                raise RuntimeError("momentum encoder does not mirror its online encoder")
+            pairs += [(p, p_m) for (_, p), (_, p_m) in zip(a, b)]
+        return pairs
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Momentum copies := online weights, frozen (BLIP's copy_params)."""
+        for p, p_m in self._param_pairs():
+            p_m.copy_(p)
+            p_m.requires_grad_(False)
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: Optional[float] = None) -> None:
+        """p_m <- m * p_m + (1 - m) * p for every momentum parameter (in the momentum copy's dtype, fp32)."""
+        m = self.cfg.momentum if momentum is None else momentum
+        for p, p_m in self._param_pairs():
+            p_m.mul_(m).add_(p.detach().to(p_m.dtype), alpha=1.0 - m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
+        """Write the global batch of momentum features [world*B, E] at queue_ptr; the pointer wraps."""
+        image_feats, text_feats = concat_all_gather(image_feat), concat_all_gather(text_feat)
+        n = image_feats.shape[0]
+        size = self.image_queue.shape[1]
+        if size % n:
+            raise ValueError(f"model.queue_size={size} is not a multiple of the global batch {n} "
+                             "(data.batch_size x ranks); BLIP's queue needs whole batches")
+        ptr = int(self.queue_ptr)
+        self.image_queue[:, ptr:ptr + n] = image_feats.T.to(self.image_queue.dtype)
+        self.text_queue[:, ptr:ptr + n] = text_feats.T.to(self.text_queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % size
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "MedBlipPretrain":
+        # The feature queues stay fp32 whatever the model is cast to (model.half(), .to(bfloat16)); moves keep working.
+        before = {n: self._buffers[n] for n in _QUEUES}
+        super()._apply(fn, recurse)
+        for n, old in before.items():
+            new = self._buffers[n]
+            if old.dtype == torch.float32 and new.dtype != torch.float32:
+                self._buffers[n] = old.to(new.device)
+        return self
+
+    # ------------------------------------------------------------------ RNG and schedule state
+
+    def rng_state(self) -> torch.Tensor:
+        """State of the generator that draws ITM negatives (a CPU ByteTensor)."""
+        return self.itm_generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.itm_generator.set_state(state)
+
+    def seed_negatives(self, seed: int) -> None:
+        self.itm_generator.manual_seed(seed)
+
+    @property
+    def alpha(self) -> float:
+        """ITC distillation weight at the current optimizer step (BLIP's ramp when alpha_ramp_steps > 0)."""
+        ramp = self.cfg.alpha_ramp_steps
+        return self.cfg.alpha * (min(1.0, self.step / ramp) if ramp > 0 else 1.0)
+
+    # ------------------------------------------------------------------ features (also the Python API)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual_encoder.cls_token.dtype
+
+    def image_embeddings(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> ViT tokens [B, 1 + H*W/patch^2, width]."""
+        return self.visual_encoder.forward_features(image.to(self.dtype))
+
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> L2-normalised ITC image features [B, embed_dim] (fp32)."""
+        return F.normalize(self.vision_proj(self.image_embeddings(image)[:, 0]).float(), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, L] ([CLS] first) -> L2-normalised ITC text features [B, embed_dim] (fp32)."""
+        out = self.text_encoder(input_ids, attention_mask=attention_mask)
+        return F.normalize(self.text_proj(out.last_hidden_state[:, 0]).float(), dim=-1)
+
+    def tokenize(self, captions: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Captions (already pre_caption'ed) -> {"input_ids", "attention_mask"} [B, L<=max_text_len]."""
+        enc = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.cfg.max_text_len,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, N, D] + texts [B, L] -> itm_head logits [B, 2] (index 1 = match); first token -> [ENC]."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.enc_token_id
+        out = self.text_encoder(ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds)
+        return self.itm_head(out.last_hidden_state[:, 0]).float()
+
+    def itm_scores(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Probability that image i matches text i: [B]."""
+        return self.itm_logits(self.image_embeddings(image), input_ids, attention_mask).softmax(-1)[:, 1]
+
+    @torch.no_grad()
+    def _momentum_features(self, image: torch.Tensor, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # fp32 weights; under fp16/bf16 training the compute runs at that precision through autocast.
+        main, mom = self.dtype, self.visual_encoder_m.cls_token.dtype
+        ctx = torch.autocast(image.device.type, dtype=main) if main != mom and mom == torch.float32 else nullcontext()
+        with ctx:
+            emb = self.visual_encoder_m.forward_features(image.to(mom))
+            image_feat = F.normalize(self.vision_proj_m(emb[:, 0]).float(), dim=-1)
+            out = self.text_encoder_m(input_ids, attention_mask=attention_mask)
+            text_feat = F.normalize(self.text_proj_m(out.last_hidden_state[:, 0]).float(), dim=-1)
+        return image_feat, text_feat
+
+    # ------------------------------------------------------------------ the training step
+
+    def forward(self, batch: dict[str, Any], *, return_logits: bool = False,
+                reuse: Optional[dict[str, torch.Tensor]] = None) -> dict[str, Any]:
+        """batch {"image": [B,3,H,W], "input_ids": [B,L] ([CLS] first), "attention_mask": [B,L]} -> ModelOutput.
+
+        Returns {"losses": {name: fp32 scalar}, "metrics": {...}, "reuse": {"itm_neg_image": [B],
+        "itm_neg_text": [B]} (when ITM runs)}, plus with return_logits {"logits": {"itc": {"i2t", "t2i"}
+        [B, B+Q], "itm": [3B, 2], "lm": {"logits": [B, L-1, V], "labels": [B, L-1]} (aligned, -100 ignored)}}.
+        `reuse` (a previous output's "reuse") makes ITM use those negatives instead of drawing new ones.
+        """
+        image, ids, att = batch["image"], batch["input_ids"], batch["attention_mask"]
+        bs = ids.shape[0]
+        obj = self.objectives
+        losses: dict[str, torch.Tensor] = {}
+        logits: dict[str, Any] = {}
+        out: dict[str, Any] = {"losses": losses}
+
+        with torch.no_grad():
+            self.temp.clamp_(TEMP_MIN, TEMP_MAX)
+        temp = self.temp.float()
+        metrics: dict[str, Any] = {"temp": temp.detach()[0]}
+        image_embeds = self.image_embeddings(image)
+
+        if "itc" in obj or "itm" in obj:  # ITM draws its hard negatives from the ITC similarities
+            image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]).float(), dim=-1)
+            text_feat = self.text_features(ids, att)
+        if "itc" in obj:
+            alpha = self.alpha
+            with torch.no_grad():
+                image_feat_m, text_feat_m = self._momentum_features(image, ids, att)
+                image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().float()], dim=1)
+                text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().float()], dim=1)
+                sim_i2t_m = image_feat_m @ text_feat_all / temp
+                sim_t2i_m = text_feat_m @ image_feat_all / temp
+                targets_i2t, targets_t2i = itc_targets(sim_i2t_m, sim_t2i_m, alpha)
+            sim_i2t = image_feat @ text_feat_all / temp
+            sim_t2i = text_feat @ image_feat_all / temp
+            losses["itc"] = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+            metrics["alpha"] = alpha
+            if self.training:
+                self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+            inbatch_i2t, inbatch_t2i = sim_i2t[:, :bs], sim_t2i[:, :bs]
+            logits["itc"] = {"i2t": sim_i2t, "t2i": sim_t2i}
+        elif "itm" in obj:
+            inbatch_i2t = image_feat @ text_feat.t() / temp
+            inbatch_t2i = inbatch_i2t.t()
+
+        if "itm" in obj:
+            if reuse is not None and "itm_neg_image" in reuse:
+                neg_image, neg_text = reuse["itm_neg_image"].to(ids.device), reuse["itm_neg_text"].to(ids.device)
+            else:
+                neg_image, neg_text = sample_itm_negatives(inbatch_i2t.detach(), inbatch_t2i.detach(),
+                                                           self.itm_generator)
+            enc_ids = ids.clone()
+            enc_ids[:, 0] = self.enc_token_id
+            out_pos = self.text_encoder(enc_ids, attention_mask=att, encoder_hidden_states=image_embeds)
+            # rows B..2B: each text with a hard-negative image; rows 2B..3B: each image with a hard-negative text
+            out_neg = self.text_encoder(torch.cat([enc_ids, enc_ids[neg_text]]),
+                                        attention_mask=torch.cat([att, att[neg_text]]),
+                                        encoder_hidden_states=torch.cat([image_embeds[neg_image], image_embeds]))
+            vl = torch.cat([out_pos.last_hidden_state[:, 0], out_neg.last_hidden_state[:, 0]])
+            itm_out = self.itm_head(vl).float()
+            losses["itm"] = itm_loss(itm_out)
+            with torch.no_grad():
+                metrics["itm_acc"] = (itm_out.argmax(-1) == itm_labels(bs, itm_out.device)).float().mean()
+            out["reuse"] = {"itm_neg_image": neg_image, "itm_neg_text": neg_text}
+            logits["itm"] = itm_out
+
+        if "lm" in obj:
+            dec_ids = ids.clone()
+            dec_ids[:, 0] = self.bos_token_id
+            labels = lm_targets(dec_ids, self.pad_token_id)
+            dec = self.text_decoder(dec_ids, attention_mask=att, encoder_hidden_states=image_embeds, use_cache=False)
+            losses["lm"] = lm_loss(dec.logits, labels, self.cfg.label_smoothing)
+            if return_logits:
+                logits["lm"] = {"logits": dec.logits[:, :-1].float(), "labels": labels[:, 1:]}
+
+        out["metrics"] = metrics
+        if return_logits:
+            out["logits"] = logits
+        return out

@@ -1,0 +1,242 @@
+"""The MedBLIP VQA-RAD recipe: fine-tune BLIP_VQA (vision frozen by default) and evaluate on the test split.
+
+YAML: `recipe: recipes.medblip.vqa`, sections `model:` (ModelConfig: tower sizes, tokenizer, label smoothing),
+`image:` (ImageConfig) and `vqa:` (VqaConfig below); objective `vqa`; `run.init_from` = BLIP's model_base.pth, one
+of our DAPT/PSD runs, a VQA run or a transformers BlipForQuestionAnswering directory. Every evaluation writes
+`metrics.json` and `predictions.jsonl` under `run.dir/eval/step_N/` and, as the latest result, into `run.dir`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from framework.config import Config, ConfigError
+from framework.registry import Registry
+from framework.task import Task
+
+from .data import ImageConfig
+from .model_config import ModelConfig
+from .pretrain import model_config
+from .vqa_data import (
+    ANSWER_TYPES,
+    SPLITS,
+    VqaDataset,
+    VqaRecord,
+    VqaSplit,
+    answer_list,
+    load_split,
+    read_answer_list,
+)
+from .vqa_metrics import flatten, majority_baselines, score, score_one
+from .vqa_model import MedBlipVqa, answer_loss, load_vqa_weights
+
+INFERENCE_MODES = ("rank", "generate")
+
+
+@dataclass
+class VqaConfig:
+    """The `vqa:` section: data, split, inference and fine-tuning switches."""
+
+    root: str = "data/vqa_rad"  # folder of the release: 'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/'
+    split: str = "official"  # official (451 test: test_freeform + test_para) | mevf (trainset/testset.json)
+    inference: str = "rank"  # rank (over answer_list, BLIP's default) | generate (beam search)
+    answer_list: str = "train"  # rank candidates: "train" (distinct training answers) or a JSON list file
+    k_test: int = 128  # rank: candidates kept by first-token probability, then rescored in full (BLIP: 128)
+    rank_label_smoothing: float = 0.0  # rank score = answer log-likelihood; 0.1 = BLIP's smoothed-loss score
+    num_beams: int = 3  # generate: beams (BLIP: 3)
+    max_generate_len: int = 10  # generate: max tokens including [DEC] (BLIP: 10)
+    freeze_vision: bool = True  # the study fine-tunes with the ViT frozen
+    max_question_words: int = 35  # BLIP's pre_question word limit
+    max_question_len: int = 35  # question tokens (BLIP: 35)
+    max_answer_len: int = 32  # answer tokens for training and candidates (VQA-RAD's longest answer: 32)
+    eval_batch_size: int = 32
+    eval_limit: Optional[int] = None  # evaluate only the first N test questions (quick checks); None = all
+    save_predictions: bool = True  # write metrics.json + predictions.jsonl at every evaluation (rank 0)
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"vqa.split: unknown split {self.split!r}; known: {', '.join(SPLITS)}")
+        if self.inference not in INFERENCE_MODES:
+            raise ConfigError(f"vqa.inference: unknown mode {self.inference!r}; known: {', '.join(INFERENCE_MODES)}")
+        for name in ("k_test", "num_beams", "max_question_words", "max_question_len", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"vqa.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_answer_len < 3 or self.max_generate_len < 2:
+            raise ConfigError("vqa.max_answer_len must be >= 3 and vqa.max_generate_len >= 2 ([DEC]/[CLS], a "
+                              "token, [SEP])")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError(f"vqa.eval_limit must be >= 1 or null, got {self.eval_limit}")
+        if not 0.0 <= self.rank_label_smoothing < 1.0:
+            raise ConfigError(f"vqa.rank_label_smoothing must be in [0, 1), got {self.rank_label_smoothing}")
+
+
+SECTIONS = {"model": ModelConfig, "image": ImageConfig, "vqa": VqaConfig}
+OBJECTIVES = Registry("objective", {"vqa": answer_loss})
+__all__ = ["SECTIONS", "OBJECTIVES", "VqaConfig", "build", "build_model", "load_vqa", "evaluate_model",
+           "write_results", "candidate_answers"]
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(msg: str) -> None:
+    if _rank0():
+        print(msg, flush=True)
+
+
+def load_vqa(cfg: Config, announce: bool = True) -> VqaSplit:
+    """The configured split (printed, so every log names the split that was used)."""
+    v: VqaConfig = cfg.vqa
+    split = load_split(v.root, v.split, v.max_question_words)
+    if announce:
+        _say(split.describe())
+        for note in split.notes:
+            _say(f"  note: {note}")
+    return split
+
+
+def candidate_answers(cfg: Config, split: VqaSplit) -> list[str]:
+    """Rank candidates: the distinct training answers (most frequent first) or the answers of vqa.answer_list."""
+    spec = cfg.vqa.answer_list
+    return answer_list(split.train) if spec == "train" else read_answer_list(spec)
+
+
+def build_model(cfg: Config, *, load_weights: bool = True) -> MedBlipVqa:
+    """MedBlipVqa at the configured sizes, identical on every rank, then run.init_from loaded."""
+    if cfg.objectives and not any(o.enabled for o in cfg.objectives.values()):
+        raise ConfigError(f"{cfg.source}: objectives.vqa is disabled: there is nothing to train")
+    v: VqaConfig = cfg.vqa
+    torch.manual_seed(cfg.train.seed)
+    model = MedBlipVqa(model_config(cfg), freeze_vision=v.freeze_vision, max_question_len=v.max_question_len,
+                       max_answer_len=v.max_answer_len)
+    if load_weights:
+        if cfg.run.init_from:
+            _say(load_vqa_weights(model, cfg.run.init_from).summary())
+        else:
+            _say("vqa: run.init_from is not set: the model starts from random weights")
+    return model
+
+
+def passthrough(sample: dict) -> dict:
+    """Task.decode for a map-style dataset: items arrive decoded."""
+    return sample
+
+
+def build(cfg: Config) -> Task:
+    """Config -> Task: MedBlipVqa, the training questions as a map-style dataset, evaluation on the test split."""
+    split = load_vqa(cfg)
+    model = build_model(cfg)
+    return Task(model=model, decode=passthrough, collate=model.collate_fn(),
+                train_dataset=VqaDataset(split.train, split.image_dir, cfg.image, train=True),
+                evaluate=VqaEvaluator(cfg, split))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def rank_coverage(candidates: list[str], test: list[VqaRecord]) -> dict[str, Optional[float]]:
+    """Share of test answers that are among the candidates: the ceiling of rank accuracy, per answer type."""
+    known = set(candidates)
+    out: dict[str, Optional[float]] = {}
+    for group in ("overall",) + ANSWER_TYPES:
+        rows = [r for r in test if group == "overall" or r.answer_type == group]
+        out[group] = sum(r.answer in known for r in rows) / len(rows) if rows else None
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(model: MedBlipVqa, cfg: Config, split: VqaSplit, candidates: Optional[list[str]] = None,
+                   num_workers: int = 0) -> dict[str, Any]:
+    """Answer the test questions -> {"predictions": [row per question], "scores": {...}, "inference": {...}}."""
+    v: VqaConfig = cfg.vqa
+    test = split.test[: v.eval_limit] if v.eval_limit else split.test
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    if v.inference == "rank":
+        candidates = candidates if candidates is not None else candidate_answers(cfg, split)
+        tokens = model.encode_answers(candidates, device)
+    loader = DataLoader(VqaDataset(test, split.image_dir, cfg.image, train=False), batch_size=v.eval_batch_size,
+                        shuffle=False, num_workers=num_workers, collate_fn=model.collate_fn())
+    rows: list[dict[str, Any]] = []
+    for batch in loader:
+        image = batch["image"].to(device)
+        q_ids, q_mask = batch["question_ids"].to(device), batch["question_mask"].to(device)
+        if v.inference == "rank":
+            answers = model.predict(image, q_ids, q_mask, mode="rank", candidates=candidates,
+                                    candidate_tokens=tokens, k=v.k_test, label_smoothing=v.rank_label_smoothing)
+        else:
+            answers = model.predict(image, q_ids, q_mask, mode="generate", num_beams=v.num_beams,
+                                    max_length=v.max_generate_len)
+        for answer in answers:
+            r = test[len(rows)]
+            one = score_one(answer, r.answer)
+            rows.append({"qid": r.qid, "image": r.image, "question": r.question_raw, "answer_type": r.answer_type,
+                         "ground_truth": r.answer, "prediction": one["prediction"], "match": one["match"],
+                         "edit_similarity": round(one["edit_similarity"], 6)})
+    model.train(was_training)
+    scores = score([r["prediction"] for r in rows], [r["ground_truth"] for r in rows], [r["answer_type"] for r in rows])
+    inference: dict[str, Any] = {"mode": v.inference}
+    if v.inference == "rank":
+        inference |= {"k_test": v.k_test, "answer_list": v.answer_list, "candidates": len(candidates),
+                      "rank_label_smoothing": v.rank_label_smoothing, "coverage": rank_coverage(candidates, test)}
+    else:
+        inference |= {"num_beams": v.num_beams, "max_length": v.max_generate_len}
+    return {"predictions": rows, "scores": scores, "inference": inference}
+
+
+def results_document(cfg: Config, split: VqaSplit, result: dict[str, Any], *, step: Optional[int] = None,
+                     checkpoint: Optional[str] = None) -> dict[str, Any]:
+    """What metrics.json holds: the split used, the scores, flat metrics, majority baselines and provenance."""
+    test = split.test[: cfg.vqa.eval_limit] if cfg.vqa.eval_limit else split.test
+    return {"split": split.summary(), "evaluated_questions": len(result["predictions"]),
+            "scores": result["scores"], "metrics": flatten(result["scores"]), "inference": result["inference"],
+            "baselines": majority_baselines(split.train, test), "step": step, "checkpoint": checkpoint,
+            "init_from": cfg.run.init_from, "recipe": cfg.source, "image_size": cfg.image.size,
+            "freeze_vision": cfg.vqa.freeze_vision}
+
+
+def write_results(out_dir: Union[str, Path], document: dict[str, Any], predictions: list[dict]) -> Path:
+    """Write metrics.json and predictions.jsonl into out_dir (each atomically); returns out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("metrics.json", json.dumps(document, indent=2) + "\n"),
+                       ("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    return out
+
+
+def samples_markdown(predictions: list[dict], n: int = 8) -> str:
+    """A few predictions as a Markdown table (TensorBoard text)."""
+    lines = ["| question | type | truth | prediction |", "|---|---|---|---|"]
+    for p in predictions[:n]:
+        cells = [str(p[k]).replace("|", "/") for k in ("question", "answer_type", "ground_truth", "prediction")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class VqaEvaluator:
+    """Task.evaluate: scores the test split, returns flat metrics (+ sample predictions) and writes the files."""
+
+    def __init__(self, cfg: Config, split: VqaSplit):
+        self.cfg, self.split = cfg, split
+        self.candidates = candidate_answers(cfg, split) if cfg.vqa.inference == "rank" else None
+
+    def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
+        result = evaluate_model(model, self.cfg, self.split, self.candidates)
+        if self.cfg.vqa.save_predictions and _rank0():
+            doc = results_document(self.cfg, self.split, result, step=step, checkpoint=f"step {step} (in training)")
+            run_dir = Path(self.cfg.run.dir)
+            write_results(run_dir / "eval" / f"step_{step:08d}", doc, result["predictions"])
+            write_results(run_dir, doc, result["predictions"])  # the latest result, for make_table
+        return flatten(result["scores"]) | {"samples": samples_markdown(result["predictions"])}
