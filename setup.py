@@ -17,7 +17,7 @@ setup(
         "torch>=2.1",
         "torchvision>=0.16",
         "deepspeed>=0.14",
-        "transformers>=4.40",
+        "transformers>=5.0",  # the BLIP text modules and cache API this recipe is written against
         "timm>=0.9.16",
         "webdataset>=0.2.86",
         "tensorboard>=2.14",

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="alternating engine/minimal measurements")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (auto on known GPUs)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
-    parser.add_argument("--estimate-only", metavar="PRECISION", default=None,
+    parser.add_argument("--estimate-only", metavar="PRECISION", default=None, choices=["fp16", "bf16", "fp32"],
                         help="only build the model and print the memory estimate for fp16|bf16|fp32 (no GPU needed)")
     parser.add_argument("--local_rank", type=int, default=None)
     parser.add_argument("overrides", nargs="*")
@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 
         tmp = tempfile.mkdtemp(prefix="bench-")
         cfg = load_config(args.recipe, [f"run.dir={tmp}", "run.resume=none", "run.save_every=0",
-                                        "run.eval_every=0", "run.log_every=1000000", *args.overrides])
+                                        "run.eval_every=0", "run.log_every=1000000",
+                                        # the estimate needs shapes only: no weights to load, no held-out data
+                                        *(["run.init_from=null", "data.val=null"] if args.estimate_only else []),
+                                        *args.overrides])
         task = import_recipe(cfg.recipe, cfg.source).build(cfg)
         if args.estimate_only:
             return estimate_only(cfg, task, args.estimate_only)

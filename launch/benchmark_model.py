@@ -3,6 +3,7 @@
 
     python launch/benchmark_model.py [--batch 2] [--steps 3] [--image-size 224] [--precision fp32|bf16]
                                      [--queue-size 256] [--grad-ckpt] [--objectives itc,itm,lm]
+                                     [--compare-share-kv]
 
 A plain PyTorch step (forward with all objectives, backward, AdamW, momentum update), no DeepSpeed: the
 model's own cost. Runs on a GPU when one is visible (peak allocated memory), else on the CPU (peak RSS).
@@ -34,6 +35,35 @@ def count_parameters(model) -> dict[str, int]:
     return counts
 
 
+def compare_share_kv(model, batch: dict, step, steps: int) -> None:
+    """Alternate steps with and without shared image K/V projections; print both step times and the loss gap."""
+    import torch
+
+    if not model.share_image_kv:
+        print("shared image K/V: off in this configuration (text activation checkpointing); nothing to compare")
+        return
+    gaps = []
+    with torch.no_grad():
+        for _ in range(2):  # the same dropout masks for both settings, on the current weights
+            out = {}
+            for share in (True, False):
+                model.share_image_kv = share
+                torch.manual_seed(123)
+                out[share] = model(batch)["losses"]
+            gaps += [abs(float(out[True][k]) - float(out[False][k])) for k in out[True]]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(steps):
+        for share in (False, True):
+            model.share_image_kv = share
+            t0 = time.perf_counter()
+            step()
+            times[share].append(time.perf_counter() - t0)
+    model.share_image_kv = True
+    on, off = (sorted(times[s])[len(times[s]) // 2] for s in (True, False))
+    print(f"shared image K/V: {on:.2f} s/step vs {off:.2f} s/step without (median of {steps}, alternating): "
+          f"{off / on:.2f}x faster; largest loss difference {max(gaps):.2e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
@@ -44,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (ViT and text)")
     parser.add_argument("--objectives", default="itc,itm,lm")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--compare-share-kv", action="store_true",
+                        help="also time steps without the shared image key/value projections (alternating) and "
+                             "check that both give the same losses")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -95,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             losses = step()
             times.append(time.perf_counter() - t0)
+        if args.compare_share_kv:
+            compare_share_kv(model, batch, step, args.steps)
         if device.type == "cuda":
             peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated (GPU)"
         else:

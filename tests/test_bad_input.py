@@ -158,7 +158,7 @@ TRAIN_CASES = [
      "use DeepSpeed ZeRO stage 0, 1 or 2"),
     ("fp16 on the CPU", lambda d: ["--recipe", DAPT, *tiny(d, "train.precision=fp16")], "fp16 needs a GPU"),
     ("batch 0", lambda d: ["--recipe", DAPT, "data.batch_size=0"], "data.batch_size must be >= 1"),
-    ("batch > data", lambda d: ["--recipe", DAPT, *tiny(d, "data.batch_size=100")], "cannot fill one batch of 100"),
+    ("batch > data", lambda d: ["--recipe", DAPT, *tiny(d, "data.batch_size=100", "model.queue_size=200")], "cannot fill one batch of 100"),
     ("workers > shards", lambda d: ["--recipe", DAPT, *tiny(d, "data.num_workers=9")], "lower data.num_workers"),
     ("deepspeed optimizer", lambda d: ["--recipe", DAPT, *tiny(d, "deepspeed.optimizer.type=Adam")],
      "deepspeed.optimizer/scheduler are set by train:"),
@@ -217,8 +217,7 @@ BENCHMARK_CASES = [
     ("ZeRO 3 with EMA teacher", lambda d: ["--recipe", PSD, *tiny(d, "deepspeed.zero_optimization.stage=3"),
                                            "--estimate-only", "fp16"], "use DeepSpeed ZeRO stage 0, 1 or 2"),
     ("unknown estimate precision", lambda d: ["--recipe", DAPT, *tiny(d), "--estimate-only", "fp8"],
-     "--estimate-only", pytest.mark.xfail(strict=True, reason="launch/benchmark.py accepts any precision name for "
-                                          "--estimate-only (needs choices=fp16/bf16/fp32); see docs/reliability.md")),
+     "--estimate-only"),
 ]
 
 
@@ -251,7 +250,6 @@ def _a_file(d: Path) -> Path:
 
 # What tests/test_prepare.py does not cover already (it covers input not found, unknown modality/split,
 # no parquet files / images for a split, missing split/caption column, CUI filter without concepts).
-_XFAIL_PREPARE = "launch/prepare_rocov2.py lets {} escape as a traceback; see docs/reliability.md"
 PREPARE_CASES = [
     ("no --input", lambda d: ["--out", str(d / "o")], "the following arguments are required: --input"),
     ("bad int option", lambda d: ["--input", str(_table(d)), "--out", str(d / "o"), "--samples-per-shard", "x"],
@@ -269,10 +267,9 @@ PREPARE_CASES = [
     ("out is a file", lambda d: ["--input", str(_table(d)), "--split", "all", "--out", str(_a_file(d))],
      "Not a directory"),
     ("table not UTF-8", lambda d: ["--input", str(_junk_csv(d)), "--split", "all", "--out", str(d / "o")],
-     "junk.csv", pytest.mark.xfail(strict=True, reason=_XFAIL_PREPARE.format("UnicodeDecodeError"))),
+     "junk.csv"),
     ("CSV read as parquet", lambda d: ["--input", str(_table(d)), "--format", "parquet", "--split", "all", "--out",
-                                       str(d / "o")], "parquet",
-     pytest.mark.xfail(strict=True, reason=_XFAIL_PREPARE.format("pyarrow's ArrowInvalid"))),
+                                       str(d / "o")], "parquet"),
 ]
 
 
@@ -303,7 +300,7 @@ EVALUATE_CASES = [
     ("missing --checkpoint", lambda d: ["--recipe", VQA, *vqa(d), "--checkpoint", str(d / "none.pth")],
      "checkpoint not found"),
     ("corrupt --checkpoint", lambda d: ["--recipe", VQA, *vqa(d), "--checkpoint", str(d / "junk.pth")],
-     "junk.pth: cannot be read as a tensors-only checkpoint"),
+     "junk.pth: not a readable tensors-only checkpoint"),
 ]
 
 

@@ -143,10 +143,11 @@ def single_rank(monkeypatch):
     import deepspeed
     import torch.distributed as dist
 
+    # always: DeepSpeed reads these at initialize() even when another test already made the process group
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(k, v)
     if not dist.is_initialized():
-        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(free_port())).items():
-            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     return deepspeed
 

@@ -18,6 +18,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from framework.checkpoint import CheckpointReadError, safe_load
+
 from .towers import interpolate_pos_embed
 
 QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr")
@@ -127,10 +129,9 @@ def _deepspeed_file(path: Path) -> Optional[Path]:
 
 def _torch_load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling refused or a corrupt file
-        raise CheckpointError(f"{path}: cannot be read as a tensors-only checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+        return safe_load(path)  # weights_only: never runs code from a downloaded file
+    except CheckpointReadError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:

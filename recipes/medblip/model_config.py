@@ -61,6 +61,7 @@ class ModelConfig:
     max_text_len: int = 30  # tokens per caption (BLIP pretraining: 30)
     grad_checkpointing_vit: bool = False  # non-reentrant activation checkpointing per ViT block
     grad_checkpointing_text: bool = False  # ... per text encoder/decoder layer
+    share_image_kv: bool = True  # project the image tokens for cross-attention once per step (ITM + LM passes)
     tokenizer: str = "bundled"  # bundled bert-base-uncased vocab | a local directory | a hub name (cached)
 
     def __post_init__(self) -> None:

@@ -404,15 +404,24 @@ def list_records(opts: PrepareOptions) -> Listing:
     if not path.exists():
         raise PrepareError(f"input not found: {path}")
     fmt = detect_format(path, opts.format)
-    if fmt == "parquet":
-        return _parquet_listing(path, opts.split)
-    if fmt == "rocov2":
-        return _rocov2_listing(path, opts.split)
-    if fmt == "roco":
-        return _roco_listing(path, opts.split)
-    if not path.is_file():
+    if fmt == "table" and not path.is_file():
         raise PrepareError(f"--format table needs the CSV/JSONL file as the input, got the folder {path}")
-    return _table_listing(path, opts.split, opts.images, opts.image_column, opts.caption_column)
+    try:
+        if fmt == "parquet":
+            return _parquet_listing(path, opts.split)
+        if fmt == "rocov2":
+            return _rocov2_listing(path, opts.split)
+        if fmt == "roco":
+            return _roco_listing(path, opts.split)
+        return _table_listing(path, opts.split, opts.images, opts.image_column, opts.caption_column)
+    except UnicodeDecodeError as e:  # a caption/concept table that is not UTF-8 text
+        raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the table as UTF-8 "
+                           "or pass the right --format") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid/ArrowIOError: not a parquet file
+        if type(e).__module__.startswith("pyarrow"):
+            raise PrepareError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:160]}); "
+                               "pass the right --format") from None
+        raise
 
 
 def filter_records(listing: Listing, opts: PrepareOptions) -> list[Record]:

@@ -55,6 +55,15 @@ def model_config(cfg: Config) -> ModelConfig:
     return mc
 
 
+def check_queue(cfg: Config, world_size: int) -> None:
+    """Refuse, before any weights are built, a queue that cannot hold whole global batches (BLIP's queue)."""
+    global_batch = cfg.data.batch_size * world_size
+    if "itc" in enabled_objectives(cfg) and cfg.model.queue_size % global_batch:
+        raise ConfigError(f"{cfg.source}: model.queue_size={cfg.model.queue_size} is not a multiple of the global "
+                          f"batch {global_batch} (data.batch_size x {world_size} ranks); BLIP's queue needs whole "
+                          "batches")
+
+
 def build_model(cfg: Config, *, load_weights: bool = True) -> MedBlipPretrain:
     """The model with the enabled objectives, initialised identically on every rank, then run.init_from loaded."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights (and queue) on every rank
@@ -67,6 +76,7 @@ def build_model(cfg: Config, *, load_weights: bool = True) -> MedBlipPretrain:
 
 def build(cfg: Config) -> Task:
     """Config -> Task: MedBlipPretrain (forward returns the enabled losses), BLIP's data pipeline, momentum plugin."""
+    check_queue(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     model = build_model(cfg)
     max_words = 30  # BLIP's pre_caption word limit for pretraining captions (tokens are cut at max_text_len)
     return Task(model=model,

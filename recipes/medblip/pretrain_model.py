@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from framework.preflight import transformer_activation_bytes
+
 from .model_config import ModelConfig
 from .objectives import (
     OBJECTIVES,
@@ -32,6 +34,7 @@ from .objectives import (
     lm_targets,
     sample_itm_negatives,
 )
+from .shared_kv import enable_shared_image_kv, share_image_kv
 from .tokenizer import load_tokenizer
 from .towers import build_text_decoder, build_text_encoder, build_vit, tie_decoder_to_encoder
 
@@ -91,6 +94,10 @@ class MedBlipPretrain(nn.Module):
 
         self.text_decoder = build_text_decoder(cfg, vocab)
         tie_decoder_to_encoder(self.text_encoder, self.text_decoder)
+        enable_shared_image_kv(self.text_encoder, self.text_decoder)
+        # Non-reentrant checkpointing recomputes each text layer alone, where a gather from projections done in
+        # another layer call would not match the recorded graph: share only without text checkpointing.
+        self.share_image_kv = cfg.share_image_kv and not cfg.grad_checkpointing_text
 
         self.itm_generator = torch.Generator().manual_seed(seed)
         self.step = 0  # optimizer steps done; set by MomentumUpdate (drives the alpha ramp)
@@ -170,6 +177,35 @@ class MedBlipPretrain(nn.Module):
         """ITC distillation weight at the current optimizer step (BLIP's ramp when alpha_ramp_steps > 0)."""
         ramp = self.cfg.alpha_ramp_steps
         return self.cfg.alpha * (min(1.0, self.step / ramp) if ramp > 0 else 1.0)
+
+    def activation_bytes(self, batch_size: int, precision: str) -> int:
+        """Estimated activation memory of one training micro-batch (for the start-up memory check).
+
+        Passes that keep activations for backward: the ViT (B images), the ITC text encoder (B captions, no
+        cross-attention), the ITM encoder (B positives + 2B negatives, cross-attending to the image tokens)
+        and the LM decoder (B captions, cross-attention, plus its vocabulary logits in half and fp32).
+        """
+        cfg, half = self.cfg, precision in ("fp16", "bf16")
+        width = 2 if half else 4
+        vit_seq = (cfg.vit.image_size // cfg.vit.patch_size) ** 2 + 1
+        L, t = cfg.max_text_len, cfg.text
+        total = transformer_activation_bytes(batch_size, vit_seq, cfg.vit.width, cfg.vit.heads, cfg.vit.depth,
+                                             half=half, checkpointed=cfg.grad_checkpointing_vit,
+                                             mlp_ratio=cfg.vit.mlp_ratio)
+
+        def text(batch: int, cross: bool) -> int:
+            return transformer_activation_bytes(batch, L, t.hidden, t.heads, t.layers, half=half,
+                                                checkpointed=cfg.grad_checkpointing_text,
+                                                cross_seq=vit_seq if cross else 0,
+                                                mlp_ratio=t.intermediate / t.hidden)
+
+        if "itc" in self.objectives or "itm" in self.objectives:
+            total += text(batch_size, cross=False)
+        if "itm" in self.objectives:
+            total += text(3 * batch_size, cross=True)
+        if "lm" in self.objectives:
+            total += text(batch_size, cross=True) + batch_size * L * len(self.tokenizer) * (width + 4)
+        return int(total)
 
     # ------------------------------------------------------------------ features (also the Python API)
 
@@ -269,35 +305,40 @@ class MedBlipPretrain(nn.Module):
             inbatch_i2t = image_feat @ text_feat.t() / temp
             inbatch_t2i = inbatch_i2t.t()
 
-        if "itm" in obj:
-            if reuse is not None and "itm_neg_image" in reuse:
-                neg_image, neg_text = reuse["itm_neg_image"].to(ids.device), reuse["itm_neg_text"].to(ids.device)
-            else:
-                neg_image, neg_text = sample_itm_negatives(inbatch_i2t.detach(), inbatch_t2i.detach(),
-                                                           self.itm_generator)
-            enc_ids = ids.clone()
-            enc_ids[:, 0] = self.enc_token_id
-            out_pos = self.text_encoder(enc_ids, attention_mask=att, encoder_hidden_states=image_embeds)
-            # rows B..2B: each text with a hard-negative image; rows 2B..3B: each image with a hard-negative text
-            out_neg = self.text_encoder(torch.cat([enc_ids, enc_ids[neg_text]]),
-                                        attention_mask=torch.cat([att, att[neg_text]]),
-                                        encoder_hidden_states=torch.cat([image_embeds[neg_image], image_embeds]))
-            vl = torch.cat([out_pos.last_hidden_state[:, 0], out_neg.last_hidden_state[:, 0]])
-            itm_out = self.itm_head(vl).float()
-            losses["itm"] = itm_loss(itm_out)
-            with torch.no_grad():
-                metrics["itm_acc"] = (itm_out.argmax(-1) == itm_labels(bs, itm_out.device)).float().mean()
-            out["reuse"] = {"itm_neg_image": neg_image, "itm_neg_text": neg_text}
-            logits["itm"] = itm_out
+        # ITM and LM cross-attend to the image: kv.view(...) shares their image key/value projections
+        with share_image_kv(image_embeds, enabled=self.share_image_kv) as kv:
+            if "itm" in obj:
+                if reuse is not None and "itm_neg_image" in reuse:
+                    neg_image, neg_text = (reuse["itm_neg_image"].to(ids.device),
+                                           reuse["itm_neg_text"].to(ids.device))
+                else:
+                    neg_image, neg_text = sample_itm_negatives(inbatch_i2t.detach(), inbatch_t2i.detach(),
+                                                               self.itm_generator)
+                enc_ids = ids.clone()
+                enc_ids[:, 0] = self.enc_token_id
+                out_pos = self.text_encoder(enc_ids, attention_mask=att, encoder_hidden_states=kv.view())
+                # rows B..2B: each text with a hard-negative image; rows 2B..3B: each image with a hard-negative text
+                neg_rows = torch.cat([neg_image.to(ids.device), torch.arange(bs, device=ids.device)])
+                out_neg = self.text_encoder(torch.cat([enc_ids, enc_ids[neg_text]]),
+                                            attention_mask=torch.cat([att, att[neg_text]]),
+                                            encoder_hidden_states=kv.view(neg_rows))
+                vl = torch.cat([out_pos.last_hidden_state[:, 0], out_neg.last_hidden_state[:, 0]])
+                itm_out = self.itm_head(vl).float()
+                losses["itm"] = itm_loss(itm_out)
+                with torch.no_grad():
+                    metrics["itm_acc"] = (itm_out.argmax(-1) == itm_labels(bs, itm_out.device)).float().mean()
+                out["reuse"] = {"itm_neg_image": neg_image, "itm_neg_text": neg_text}
+                logits["itm"] = itm_out
 
-        if "lm" in obj:
-            dec_ids = ids.clone()
-            dec_ids[:, 0] = self.bos_token_id
-            labels = lm_targets(dec_ids, self.pad_token_id)
-            dec = self.text_decoder(dec_ids, attention_mask=att, encoder_hidden_states=image_embeds, use_cache=False)
-            losses["lm"] = lm_loss(dec.logits, labels, self.cfg.label_smoothing)
-            if return_logits:
-                logits["lm"] = {"logits": dec.logits[:, :-1].float(), "labels": labels[:, 1:]}
+            if "lm" in obj:
+                dec_ids = ids.clone()
+                dec_ids[:, 0] = self.bos_token_id
+                labels = lm_targets(dec_ids, self.pad_token_id)
+                dec = self.text_decoder(dec_ids, attention_mask=att, encoder_hidden_states=kv.view(),
+                                        use_cache=False)
+                losses["lm"] = lm_loss(dec.logits, labels, self.cfg.label_smoothing)
+                if return_logits:
+                    logits["lm"] = {"logits": dec.logits[:, :-1].float(), "labels": labels[:, 1:]}
 
         out["metrics"] = metrics
         if return_logits:
