@@ -46,8 +46,13 @@ def compare_share_kv(model, batch: dict, step, steps: int) -> None:
     with torch.no_grad():
         for _ in range(2):  # the same dropout masks for both settings, on the current weights
             out = {}
-            for share in (True, False):
+            queues = [b.clone() for b in (model.image_queue, model.text_queue, model.queue_ptr)]
+            negatives = model.itm_generator.get_state()
+            for share in (True, False):  # the same queue, ITM negatives and dropout masks for both
                 model.share_image_kv = share
+                for b, saved in zip((model.image_queue, model.text_queue, model.queue_ptr), queues):
+                    b.copy_(saved)
+                model.itm_generator.set_state(negatives)
                 torch.manual_seed(123)
                 out[share] = model(batch)["losses"]
             gaps += [abs(float(out[True][k]) - float(out[False][k])) for k in out[True]]

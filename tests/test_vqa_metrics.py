@@ -88,3 +88,25 @@ def test_majority_baselines_by_hand():
     assert overall["overall"]["accuracy"] == 0.25 and overall["open"]["accuracy"] == 0.0
     # ties break alphabetically: a deterministic baseline
     assert majority_answers([_rec("yes", "closed"), _rec("no", "closed")])["closed"] == "no"
+
+
+def test_sample_images_show_the_image_and_colour_the_verdict(tmp_path):
+    """TensorBoard image summaries of predictions: the image on top, a green line for a match, red otherwise."""
+    import numpy as np
+    from PIL import Image
+
+    from recipes.medblip.vqa import sample_images
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": "is there a lesion?", "ground_truth": "yes", "prediction": p,
+             "match": p == "yes"} for p in ("yes", "no")]
+    rows.append({**rows[0], "image": "missing.png"})  # unreadable: skipped, not fatal
+    out = sample_images(rows, tmp_path, n=3, side=64)
+    assert sorted(out) == ["sample_0", "sample_1"]
+    for key, green in (("sample_0", True), ("sample_1", False)):
+        img = out[key]
+        assert img.shape == (3, 64 + 48, 64) and 0 <= float(img.min()) and float(img.max()) <= 1
+        top = (img[:, :64].permute(1, 2, 0).numpy() * 255).round()
+        assert np.allclose(top, [200, 10, 10], atol=1)  # the resized image itself
+        red, grn, _ = img[:, 64 + 32:].sum(dim=(1, 2)).tolist()  # the prediction line
+        assert (grn > 10 * red) if green else (red > 10 * grn), (key, red, grn)

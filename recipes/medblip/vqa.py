@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -21,7 +22,7 @@ from framework.config import Config, ConfigError
 from framework.registry import Registry
 from framework.task import Task
 
-from .data import ImageConfig
+from .data import ImageConfig, open_image
 from .model_config import ModelConfig
 from .pretrain import model_config
 from .vqa_data import (
@@ -225,6 +226,28 @@ def samples_markdown(predictions: list[dict], n: int = 8) -> str:
     return "\n".join(lines)
 
 
+def sample_images(predictions: list[dict], image_dir: Union[str, Path], n: int = 4,
+                  side: int = 256) -> dict[str, torch.Tensor]:
+    """The first n predictions as TensorBoard images [3, H, W] in [0, 1]: the image above its question,
+    ground truth and prediction (green when it matches, red when not)."""
+    from PIL import Image, ImageDraw
+
+    out = {}
+    for i, p in enumerate(predictions[:n]):
+        try:
+            img = open_image((Path(image_dir) / p["image"]).read_bytes()).resize((side, side))
+        except (OSError, ValueError):  # an unreadable image must not stop an evaluation
+            continue
+        canvas = Image.new("RGB", (side, side + 48), "black")
+        canvas.paste(img, (0, 0))
+        draw = ImageDraw.Draw(canvas)
+        draw.text((4, side + 2), f"Q: {p['question']}"[:48], fill="white")
+        draw.text((4, side + 17), f"truth: {p['ground_truth']}"[:48], fill="white")
+        draw.text((4, side + 32), f"pred: {p['prediction']}"[:48], fill="lime" if p["match"] else "red")
+        out[f"sample_{i}"] = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return out
+
+
 class VqaEvaluator:
     """Task.evaluate: scores the test split, returns flat metrics (+ sample predictions) and writes the files."""
 
@@ -239,4 +262,5 @@ class VqaEvaluator:
             run_dir = Path(self.cfg.run.dir)
             write_results(run_dir / "eval" / f"step_{step:08d}", doc, result["predictions"])
             write_results(run_dir, doc, result["predictions"])  # the latest result, for make_table
-        return flatten(result["scores"]) | {"samples": samples_markdown(result["predictions"])}
+        return (flatten(result["scores"]) | {"samples": samples_markdown(result["predictions"])}
+                | sample_images(result["predictions"], self.split.image_dir))
