@@ -92,3 +92,22 @@ def test_every_script_recipe_doc_and_test_named_in_the_readme_exists():
     # recipes/mine/ is the README's own worked example of a new recipe, written by the reader
     missing = [n for n in named if not (ROOT / n).is_file() and not n.startswith("recipes/mine/")]
     assert not missing, f"README names files that do not exist: {missing}"
+
+
+def test_the_python_api_example_runs(tmp_path, monkeypatch):
+    """README's model API snippet, executed as written with a tiny model and a generated image."""
+    from PIL import Image
+
+    code = re.search(r"The model as a Python API.*?```python\n(.*?)```", README, re.S).group(1)
+    tiny = '["run.init_from=null", "model.preset=tiny", "image.size=32", "model.queue_size=32"]'
+    for old, new in (('["run.init_from=checkpoints/model_base.pth"]', tiny), ("size=224", "size=32")):
+        assert old in code
+        code = code.replace(old, new)
+    Image.new("RGB", (300, 260), (90, 90, 90)).save(tmp_path / "ct.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code.replace('"recipes/medblip/dapt.yaml"', repr(str(ROOT / "recipes/medblip/dapt.yaml"))),
+                 "README.md", "exec"), scope)
+    assert scope["img_feat"].shape == (1, 256) and scope["txt_feat"].shape == (1, 256)
+    assert 0 <= float(scope["match"][0]) <= 1
+    assert set(scope["out"]["losses"]) == {"itc", "itm", "lm"}
