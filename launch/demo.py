@@ -25,7 +25,7 @@ from recipes.medblip.phantoms import PhantomSpec, write_demo_data  # noqa: E402
 RECIPES = ROOT / "recipes" / "medblip" / "demo"
 # VQA runs: (run dir, init_from run, make_table label, title); --compare adds the last two (~2 more minutes).
 VQA_RUNS = [("vqa-psd", "psd", "psd", "from DAPT+PSD"), ("vqa-dapt", "dapt", "dapt", "from DAPT only"),
-            ("vqa-scratch", None, None, "from random weights (no pretraining)")]
+            ("vqa-scratch", None, "scratch", "from random weights (no pretraining)")]
 STAGES = ("dapt", "psd", *(r[0] for r in VQA_RUNS))
 # Lines of a stage's output worth showing live (the full output goes to <runs>/<stage>.log).
 _SHOW = re.compile(r"^(step \d|eval step|done:|error|VQA-RAD split|stopped"  # training

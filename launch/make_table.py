@@ -3,7 +3,7 @@
 `python launch/make_table.py RUN_DIR[=LABEL] ... [--out DIR]`.
 
 Each RUN_DIR holds the metrics.json written by launch/evaluate.py (or by the final evaluation of training).
-LABEL is baseline | dapt | psd (DAPT+PSD) to put the paper's row beside it; without one it is guessed from the run
+LABEL is baseline | dapt | psd (DAPT+PSD) to put the paper's row beside it (or scratch: random weights); without one it is guessed from the run
 directory name. The majority-answer baseline of the first run's split is added as a reference row.
 """
 from __future__ import annotations
@@ -22,8 +22,10 @@ PAPER: dict[str, dict[str, Optional[float]]] = {
     "dapt": {"accuracy": 0.723, "accuracy_closed": None, "accuracy_open": None, "edit_similarity": 0.806},
     "psd": {"accuracy": 0.742, "accuracy_closed": 0.845, "accuracy_open": 0.597, "edit_similarity": 0.828},
 }
-ROW_NAMES = {"baseline": "BLIP baseline", "dapt": "DAPT", "psd": "DAPT + PSD"}
-ALIASES = {"baseline": "baseline", "blip": "baseline", "dapt": "dapt", "psd": "psd", "dapt+psd": "psd"}
+ROW_NAMES = {"baseline": "BLIP baseline", "dapt": "DAPT", "psd": "DAPT + PSD",
+             "scratch": "No pretraining (random weights)"}  # not in the paper: a lower bound of ours
+ALIASES = {"baseline": "baseline", "blip": "baseline", "dapt": "dapt", "psd": "psd", "dapt+psd": "psd",
+           "scratch": "scratch"}
 COLUMNS = [("accuracy", "Acc"), ("accuracy_closed", "Closed"), ("accuracy_open", "Open"),
            ("edit_similarity", "Edit sim")]
 CAVEAT = ("Paper numbers: the reference study (BLIP base, image 224, frozen ViT, one P100). Its split is not "
@@ -36,7 +38,8 @@ class TableError(ValueError):
 
 
 def guess_label(run_dir: Path, doc: dict[str, Any]) -> Optional[str]:
-    """baseline | dapt | psd from the directory name, else from run.init_from; None when unclear."""
+    """baseline | dapt | psd from the directory name, else from run.init_from (scratch when it is empty);
+    None when unclear."""
     name = run_dir.name.lower()
     for key in ("psd", "dapt", "baseline"):
         if key in name:
@@ -48,6 +51,8 @@ def guess_label(run_dir: Path, doc: dict[str, Any]) -> Optional[str]:
         return "dapt"
     if init.endswith("model_base.pth"):
         return "baseline"
+    if not init or init in ("none", "null"):
+        return "scratch"  # fine-tuned from random weights
     return None
 
 
@@ -65,7 +70,7 @@ def read_run(spec: str) -> tuple[str, Optional[str], dict[str, Any]]:
         raise TableError(f"{path}: not a VQA metrics.json (expected the keys 'metrics' and 'scores')") from None
     key = ALIASES.get(label.lower()) if label else guess_label(path.parent, doc)
     if label and key is None:
-        raise TableError(f"{spec}: unknown label {label!r}; use baseline, dapt or psd")
+        raise TableError(f"{spec}: unknown label {label!r}; use baseline, dapt, psd or scratch")
     name = ROW_NAMES.get(key, path.parent.name) if key else path.parent.name
     return name, key, doc
 

@@ -99,3 +99,21 @@ def test_entry_points_report_bad_input_in_one_line(tmp_path, capsys):
         assert _main(script)(args) == 2, (script, args)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], (script, err)
+
+
+def test_table_rows_are_named_from_the_run(tmp_path):
+    """make_table names a row by its label, else its directory, else what it was fine-tuned from."""
+    spec = importlib.util.spec_from_file_location("launch_make_table", ROOT / "launch" / "make_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    cases = [("vqa-psd", "runs/x/checkpoints", None, "DAPT + PSD"),
+             ("run1", "runs/medblip-dapt", None, "DAPT"),
+             ("run2", "/models/model_base.pth", None, "BLIP baseline"),
+             ("run3", None, None, "No pretraining (random weights)"),
+             ("run4", "somewhere/else.pth", None, "run4"),
+             ("run5", None, "psd", "DAPT + PSD")]
+    for name, init, label, expected in cases:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"metrics": {}, "scores": {}, "init_from": init}))
+        spec_arg = f"{tmp_path / name}={label}" if label else str(tmp_path / name)
+        assert table.read_run(spec_arg)[0] == expected, (name, init, label)
