@@ -71,9 +71,13 @@ def _hms(seconds: float) -> str:
 
 
 def peak_memory(device: torch.device) -> Optional[dict[str, float]]:
-    """Peak GPU memory (GiB) allocated and reserved since the last reset; None on the CPU."""
-    if device.type != "cuda":
-        return None
+    """Peak GPU memory (GiB) allocated and reserved since the last reset; on the CPU the process's peak RSS."""
     gib = 1024 ** 3
+    if device.type != "cuda":
+        try:
+            import resource  # POSIX only
+        except ImportError:
+            return None
+        return {"mem/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib}  # KiB on Linux
     return {"mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
             "mem/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}

@@ -81,7 +81,7 @@ def test_tensorboard_scalars_and_lr_schedule(tmp_path, shards):
           "train.warmup_steps=2", "train.warmup_lr=0.001", "train.lr=0.01", "train.min_lr=0.0001")
     scalars = read_scalars(tmp_path / "run")
     for tag in ("loss/total", "loss/mse", "loss/l1", "weight/mse", "weight/l1", "train/lr", "perf/samples_per_s",
-                "perf/data_wait_frac", "data/skipped_samples", "toy/plugin_calls"):
+                "perf/data_wait_frac", "data/skipped_samples", "toy/plugin_calls", "mem/peak_rss_gib"):
         assert tag in scalars, (tag, sorted(scalars))
     assert [s for s, _ in scalars["loss/total"]] == list(range(1, 7))  # every optimizer step
     assert all(v == 0.5 for _, v in scalars["weight/l1"])
