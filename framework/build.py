@@ -35,13 +35,15 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return Precision(requested, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[requested])
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: Any = None) -> list[dict]:
-    """Trainable parameters split into decayed (matrices) and not decayed (biases, norms, 1-d, recipe's list)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: Any = None,
+                 decay_1d: bool = False) -> list[dict]:
+    """Trainable parameters split into decayed (matrices; with decay_1d also biases, norms and other 1-d
+    parameters) and not decayed (the rest, and the recipe's no_decay list)."""
     decay, keep = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or (no_decay is not None and no_decay(name, p))
+        skip = (p.ndim < 2 and not decay_1d) or (no_decay is not None and no_decay(name, p))
         (keep if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
@@ -84,7 +86,7 @@ def build_deepspeed(cfg: Config, task: Task, precision: Precision, total_steps: 
     import deepspeed
 
     t = cfg.train
-    groups = param_groups(task.model, t.weight_decay, task.no_decay)
+    groups = param_groups(task.model, t.weight_decay, task.no_decay, t.decay_1d)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)

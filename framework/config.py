@@ -45,6 +45,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr: float = 0.0  # cosine decay from lr to min_lr over the remaining steps
     weight_decay: float = 0.0
+    decay_1d: bool = False  # also decay biases, norms and other 1-d parameters (BLIP decays every parameter)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     clip_grad: float = 1.0  # global gradient-norm clipping (0 disables)
     precision: str = "auto"  # auto | fp32 | fp16 | bf16

@@ -121,3 +121,24 @@ def test_framework_never_imports_recipes():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "recipes" or n.startswith("recipes.") for n in names), f"{path} imports {names}"
+
+
+def test_weight_decay_groups_follow_decay_1d():
+    """Matrices are decayed; biases/norms only with train.decay_1d (BLIP decays everything); frozen ones never."""
+    import torch
+
+    from framework.build import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[2].weight.requires_grad_(False)
+    n = {id(p): name for name, p in model.named_parameters()}
+
+    def names(groups):
+        return {g["weight_decay"]: sorted(n[id(p)] for p in g["params"]) for g in groups}
+
+    assert names(param_groups(model, 0.05)) == {0.05: ["0.weight"],
+                                                0.0: ["0.bias", "1.bias", "1.weight", "2.bias"]}
+    assert names(param_groups(model, 0.05, decay_1d=True)) == {
+        0.05: ["0.bias", "0.weight", "1.bias", "1.weight", "2.bias"]}
+    assert names(param_groups(model, 0.05, lambda name, p: name.startswith("1."), decay_1d=True)) == {
+        0.05: ["0.bias", "0.weight", "2.bias"], 0.0: ["1.bias", "1.weight"]}
