@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -33,7 +32,6 @@ def sync(device: Any) -> None:
 
 def measure_flops(engine: Any, batch: dict) -> int:
     """FLOPs of one forward + backward on `batch` (torch's FlopCounterMode; gradients are discarded)."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     module = engine.ds.module

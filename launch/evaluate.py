@@ -31,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate() -> int:
         import torch
 
-        from framework.checkpoint import find_resume_tag
         from framework.config import import_recipe, load_config
         from recipes.medblip.vqa_metrics import format_table
 
@@ -39,27 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         recipe = import_recipe(cfg.recipe, cfg.source)
         if not hasattr(recipe, "evaluate_model"):
             raise ValueError(f"{args.recipe}: recipe {cfg.recipe!r} is not a VQA recipe (use recipes.medblip.vqa)")
-        run_dir = Path(cfg.run.dir)
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            if find_resume_tag(run_dir / "checkpoints") is None:
-                raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first or pass "
-                                        "--checkpoint PATH")
-            checkpoint = str(run_dir)
+        checkpoint = recipe.trained_checkpoint(cfg, args.checkpoint)
         split = recipe.load_vqa(cfg)
-        model = recipe.build_model(cfg, load_weights=False)
-        report = recipe.load_vqa_weights(model, checkpoint)
-        print(report.summary(), flush=True)
-        if report.missing:
-            raise ValueError(f"{checkpoint}: {len(report.missing)} model tensors are not in the checkpoint (e.g. "
-                             f"{report.missing[0]}); it does not fit this recipe's model")
+        model = recipe.load_trained(cfg, checkpoint)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(device)
         started = time.time()
         result = recipe.evaluate_model(model, cfg, split, num_workers=min(2, cfg.data.num_workers))
         doc = recipe.results_document(cfg, split, result, checkpoint=checkpoint)
         doc["seconds"] = round(time.time() - started, 1)
-        out = recipe.write_results(args.out or run_dir, doc, result["predictions"])
+        out = recipe.write_results(args.out or cfg.run.dir, doc, result["predictions"])
         inf = doc["inference"]
         how = (f"rank over {inf['candidates']} candidates (k {inf['k_test']}); the candidates hold "
                f"{100 * inf['coverage']['overall']:.1f}% of the test answers (closed "

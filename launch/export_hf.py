@@ -26,28 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     def export() -> int:
-        from framework.checkpoint import find_resume_tag
         from framework.config import load_config
         from recipes.medblip.export_hf import NOT_CARRIED, export_vqa
-        from recipes.medblip.vqa import build_model
-        from recipes.medblip.vqa_model import load_vqa_weights
+        from recipes.medblip.vqa import load_trained, trained_checkpoint
 
         cfg = load_config(args.recipe, args.overrides)
         if "vqa" not in cfg.sections:
             raise ValueError(f"{args.recipe}: not a VQA recipe (recipe: recipes.medblip.vqa)")
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            run_dir = Path(cfg.run.dir)
-            if find_resume_tag(run_dir / "checkpoints") is None:
-                raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first or pass "
-                                        "--checkpoint PATH")
-            checkpoint = str(run_dir)
-        model = build_model(cfg, load_weights=False)
-        report = load_vqa_weights(model, checkpoint)
-        print(report.summary(), flush=True)
-        if report.missing:
-            raise ValueError(f"{checkpoint}: {len(report.missing)} model tensors missing (e.g. {report.missing[0]}); "
-                             "it does not fit this recipe's model")
+        model = load_trained(cfg, trained_checkpoint(cfg, args.checkpoint))
         out = export_vqa(model.eval(), args.out, cfg.image)
         print(f"exported BlipForQuestionAnswering to {out}\nnot carried: " + "; ".join(NOT_CARRIED), flush=True)
         return 0

@@ -9,7 +9,6 @@ and fails its row. prepare_rocov2 cases (no process group) run in this process.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -25,21 +24,17 @@ import torch
 
 from framework.cli import run_cli
 from recipes.medblip.phantoms import PhantomSpec, write_caption_shards, write_vqa
-from tests.conftest import ROOT
+from tests.conftest import DIST_ENV, ROOT, load_launch
 
 MEDBLIP = ROOT / "recipes" / "medblip"
 DAPT, PSD, VQA = str(MEDBLIP / "dapt.yaml"), str(MEDBLIP / "psd.yaml"), str(MEDBLIP / "vqa.yaml")
 TOY = str(ROOT / "recipes" / "toy" / "toy.yaml")
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # `error: ...` from run_cli, or argparse's `prog: error: ...` (its usage line comes first)
 ERROR_LINE = re.compile(r"^(?:[\w.-]+: )?error: ")
 
 
 def load_main(script: str) -> Callable[[list[str]], int]:
-    spec = importlib.util.spec_from_file_location(f"entry_{script}", ROOT / "launch" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_launch(script).main
 
 
 def call(main: Callable[[list[str]], int], argv: list[str]) -> int:

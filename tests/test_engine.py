@@ -11,7 +11,7 @@ import torch
 from framework.checkpoint import find_resume_tag
 from framework.schedules import warmup_cosine
 from recipes.toy import make_shards
-from tests.conftest import ROOT, run_entry
+from tests.conftest import DIST_ENV, ROOT, run_entry
 
 TOY = str(ROOT / "recipes" / "toy" / "toy.yaml")
 
@@ -132,7 +132,6 @@ def test_bad_input_is_one_line(tmp_path, shards):
         assert "Traceback" not in err and message in lines[-1], (args, lines[-3:])
 
 
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _DRIVE_TRAIN = """
 import contextlib, importlib.util, io, json, sys
 spec = importlib.util.spec_from_file_location("train_cli", sys.argv[1])

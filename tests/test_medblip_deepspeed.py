@@ -10,7 +10,7 @@ from framework.build import build_deepspeed, resolve_precision
 from framework.config import config_from_dict
 from recipes.medblip import pretrain
 from recipes.medblip.checkpoint import load_pretrained
-from tests.conftest import free_port
+from tests.conftest import DIST_ENV, free_port
 from tests.test_medblip_model import CAPTIONS
 
 STEPS = 6
@@ -22,8 +22,7 @@ def one_rank():
     import deepspeed
     import torch.distributed as dist
 
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)

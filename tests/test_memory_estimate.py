@@ -1,16 +1,14 @@
 """The MedBLIP activation estimate behind the start-up memory check, and the P100 recipes' printed estimate."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from recipes.medblip.model_config import ModelConfig
 from recipes.medblip.pretrain_model import MedBlipPretrain
+from tests.conftest import ROOT, load_launch
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_model(**kw) -> MedBlipPretrain:
@@ -58,17 +56,10 @@ def test_activation_estimate_scales_with_batch_precision_and_objectives():
     assert model.activation_bytes(8, "fp16") - no_lm.activation_bytes(8, "fp16") > logits
 
 
-def _benchmark_main():
-    spec = importlib.util.spec_from_file_location("benchmark_cli", ROOT / "launch" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 @pytest.mark.slow
 def test_p100_dapt_and_psd_estimates_fit_16gb(capsys):
     """Full-size ViT-B/16 + BERT-base, batch 16, 224 px, momentum encoders (+ EMA teacher for PSD), fp16."""
-    main = _benchmark_main()
+    main = load_launch("benchmark").main
     totals = {}
     for name in ("dapt", "psd"):
         assert main(["--recipe", str(ROOT / "recipes" / "medblip" / f"{name}.yaml"), "--estimate-only", "fp16"]) == 0

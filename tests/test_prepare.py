@@ -15,21 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, load_launch
 from framework.data import ShardStream, expand_shards, verify_checksums
 from recipes.medblip.data import ImageConfig, make_decode
 from recipes.medblip.prepare import CRASH_ENV, PrepareError, PrepareOptions, prepare, resolve_modalities
 
-def _load_cli():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prepare_rocov2", ROOT / "launch" / "prepare_rocov2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-cli_main = _load_cli()
+cli_main = load_launch("prepare_rocov2").main
 CT, MRI, XRAY, US = "C0040405", "C0024485", "C1306645", "C0041618"
 OTHER = "C0817096"  # chest: not a modality
 

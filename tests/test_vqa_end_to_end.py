@@ -2,13 +2,12 @@
 evaluated on the official test set through launch/evaluate.py; then Table 1, the export, and bad-input handling."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from conftest import ROOT, run_entry
+from conftest import ROOT, load_launch, run_entry
 
 RECIPE = str(ROOT / "recipes" / "medblip" / "vqa.yaml")
 
@@ -73,11 +72,8 @@ def test_finetune_and_evaluate_on_real_vqa_rad(shared_data, tmp_path):
 
 
 def _main(script: str):
-    """launch/<script>'s main(), imported in-process (the entry points are plain files, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"launch_{script[:-3]}", ROOT / "launch" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """launch/<script>'s main(), imported in-process."""
+    return load_launch(script[:-3]).main
 
 
 def test_entry_points_report_bad_input_in_one_line(tmp_path, capsys):
@@ -103,9 +99,7 @@ def test_entry_points_report_bad_input_in_one_line(tmp_path, capsys):
 
 def test_table_rows_are_named_from_the_run(tmp_path):
     """make_table names a row by its label, else its directory, else what it was fine-tuned from."""
-    spec = importlib.util.spec_from_file_location("launch_make_table", ROOT / "launch" / "make_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = load_launch("make_table")
     cases = [("vqa-psd", "runs/x/checkpoints", None, "DAPT + PSD"),
              ("run1", "runs/medblip-dapt", None, "DAPT"),
              ("run2", "/models/model_base.pth", None, "BLIP baseline"),

@@ -26,17 +26,39 @@ QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr")
 _MODULE_PREFIXES = ("visual_encoder.", "text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.",
                     "visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
 _IGNORED = re.compile(r"(^|\.)embeddings\.position_ids$")  # med.py's persistent buffer; transformers' is not saved
-_HF_VISION = [  # transformers' BlipVisionModel names -> timm/BLIP ViT names
-    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
-    (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
+# transformers' BlipVisionModel names <-> timm/BLIP ViT names; {i} is a block index, a name ending in "." a prefix
+VISION_NAMES = [
+    ("vision_model.embeddings.class_embedding", "visual_encoder.cls_token"),
+    ("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed"),
+    ("vision_model.embeddings.patch_embedding.", "visual_encoder.patch_embed.proj."),
+    ("vision_model.encoder.layers.{i}.self_attn.qkv.", "visual_encoder.blocks.{i}.attn.qkv."),
+    ("vision_model.encoder.layers.{i}.self_attn.projection.", "visual_encoder.blocks.{i}.attn.proj."),
+    ("vision_model.encoder.layers.{i}.layer_norm1.", "visual_encoder.blocks.{i}.norm1."),
+    ("vision_model.encoder.layers.{i}.layer_norm2.", "visual_encoder.blocks.{i}.norm2."),
+    ("vision_model.encoder.layers.{i}.mlp.", "visual_encoder.blocks.{i}.mlp."),
+    ("vision_model.post_layernorm.", "visual_encoder.norm."),
 ]
+
+
+def _vision_rules(to_hf: bool) -> list[tuple[re.Pattern, str]]:
+    rules = []
+    for hf, ours in VISION_NAMES:
+        src, dst = (ours, hf) if to_hf else (hf, ours)
+        pattern = "^" + re.escape(src).replace(re.escape("{i}"), r"(?P<i>\d+)") + ("" if src.endswith(".") else "$")
+        rules.append((re.compile(pattern), dst))
+    return rules
+
+
+_VISION_RULES = {False: _vision_rules(False), True: _vision_rules(True)}
+
+
+def rename_vision(key: str, to_hf: bool = False) -> str:
+    """A ViT key from transformers' names to BLIP's (to_hf: the other way); other keys come back unchanged."""
+    for pattern, dst in _VISION_RULES[to_hf]:
+        m = pattern.match(key)
+        if m:
+            return (dst.format(i=m["i"]) if "{i}" in dst else dst) + key[m.end():]
+    return key
 
 
 class CheckpointError(ValueError):
@@ -195,12 +217,7 @@ def map_transformers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     """transformers' Blip* keys -> BLIP keys (vision tower renamed; text keys are BLIP's already)."""
     out, notes = {}, []
     for k, v in sd.items():
-        new = k
-        for pattern, repl in _HF_VISION:
-            if re.match(pattern, k):
-                new = re.sub(pattern, repl, k)
-                break
-        out[new] = v
+        out[rename_vision(k)] = v
     head, emb = "text_decoder.cls.predictions.decoder.weight", "text_decoder.bert.embeddings.word_embeddings.weight"
     if head not in out and emb in out:  # transformers saves the tied LM head once, under the embedding's name
         out[head] = out[emb]

@@ -13,27 +13,14 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from pathlib import Path
 from typing import Union
 
 import torch
 
+from .checkpoint import rename_vision
 from .data import MEAN, STD, ImageConfig
 from .vqa_model import MedBlipVqa
-
-# timm/BLIP ViT names -> transformers' BlipVisionModel names (the inverse of checkpoint._HF_VISION)
-_VISION_TO_HF = [
-    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
-]
 
 NOT_CARRIED = [
     "rank inference over an answer list (transformers' BlipForQuestionAnswering only generates)",
@@ -66,11 +53,7 @@ def hf_state_dict(model: MedBlipVqa) -> dict[str, torch.Tensor]:
     """Our state dict under transformers' BlipForQuestionAnswering names (fp32 copies)."""
     out = {}
     for k, v in model.state_dict().items():
-        new = k
-        for pattern, repl in _VISION_TO_HF:
-            if re.match(pattern, k):
-                new = re.sub(pattern, repl, k)
-                break
+        new = rename_vision(k, to_hf=True)
         if new.startswith("visual_encoder."):
             raise ExportError(f"no transformers name for {k}")
         out[new] = v.detach().float().clone()

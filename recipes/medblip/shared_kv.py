@@ -23,16 +23,15 @@ _CROSS_KV = re.compile(r"(^|\.)crossattention\.self\.(key|value)$")
 class _Sharing:
     """The image tokens of this step, the tensors derived from them by row index, and the projections done."""
 
-    def __init__(self, base: torch.Tensor, enabled: bool):
-        self.base, self.enabled = base, enabled
+    def __init__(self, base: torch.Tensor):
+        self.base = base
         self.views: dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self.projected: dict[int, torch.Tensor] = {}
 
     def view(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """base[index] (base itself for None), to pass as encoder_hidden_states; its projections are shared."""
         t = self.base if index is None else self.base[index]
-        if self.enabled:
-            self.views[id(t)] = (t, index)  # the tensor is held so that its id stays unique while sharing
+        self.views[id(t)] = (t, index)  # the tensor is held so that its id stays unique while sharing
         return t
 
 
@@ -46,7 +45,7 @@ class SharedKVLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sharing = _ACTIVE.get()
         view = sharing.views.get(id(x)) if sharing is not None else None
-        if view is None or view[0] is not x:
+        if view is None:
             return super().forward(x)
         full = sharing.projected.get(id(self.weight))  # keyed by the weight: the decoder's modules share it
         if full is None:
@@ -70,7 +69,7 @@ def enable_shared_image_kv(*towers: nn.Module) -> int:
 @contextmanager
 def share_image_kv(image_embeds: torch.Tensor, enabled: bool = True) -> Iterator[_Sharing]:
     """Within the block, text passes given `sharing.view(index)` as encoder_hidden_states share projections."""
-    sharing = _Sharing(image_embeds, enabled)
+    sharing = _Sharing(image_embeds)  # disabled: views are plain tensors that no projection looks up
     token = _ACTIVE.set(sharing if enabled else None)
     try:
         yield sharing

@@ -80,8 +80,8 @@ class VqaConfig:
 
 SECTIONS = {"model": ModelConfig, "image": ImageConfig, "vqa": VqaConfig}
 OBJECTIVES = Registry("objective", {"vqa": answer_loss})
-__all__ = ["SECTIONS", "OBJECTIVES", "VqaConfig", "build", "build_model", "load_vqa", "evaluate_model",
-           "write_results", "candidate_answers"]
+__all__ = ["SECTIONS", "OBJECTIVES", "VqaConfig", "build", "build_model", "trained_checkpoint", "load_trained",
+           "load_vqa", "evaluate_model", "write_results", "candidate_answers"]
 
 
 def _rank0() -> bool:
@@ -123,6 +123,30 @@ def build_model(cfg: Config, *, load_weights: bool = True) -> MedBlipVqa:
             _say(load_vqa_weights(model, cfg.run.init_from).summary())
         else:
             _say("vqa: run.init_from is not set: the model starts from random weights")
+    return model
+
+
+def trained_checkpoint(cfg: Config, given: Optional[str] = None) -> str:
+    """The weights to use after training: `given`, else run.dir (its newest complete checkpoint must exist)."""
+    from framework.checkpoint import find_resume_tag
+
+    if given is not None:
+        return given
+    run_dir = Path(cfg.run.dir)
+    if find_resume_tag(run_dir / "checkpoints") is None:
+        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first or pass "
+                                "--checkpoint PATH")
+    return str(run_dir)
+
+
+def load_trained(cfg: Config, checkpoint: str) -> MedBlipVqa:
+    """The recipe's model with the weights of `checkpoint`; refuses weights that leave model tensors missing."""
+    model = build_model(cfg, load_weights=False)
+    report = load_vqa_weights(model, checkpoint)
+    print(report.summary(), flush=True)
+    if report.missing:
+        raise ValueError(f"{checkpoint}: {len(report.missing)} model tensors are not in the checkpoint (e.g. "
+                         f"{report.missing[0]}); it does not fit this recipe's model")
     return model
 
 
