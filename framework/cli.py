@@ -16,11 +16,16 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, Registry
 
 def run_cli(main: Callable[[], int]) -> int:
     """Run `main`; print user errors as `error: ...` (one line) and return 2; FRAMEWORK_DEBUG=1 re-raises."""
+    from .distributed import shutdown_distributed
     from .engine import TrainingStopped
     from .preflight import PreflightError
 
     try:
-        return main()
+        code = main()
+        if not shutdown_distributed(drain=True):  # meet every rank, then tear the group down together
+            print("error: another rank failed before the end (its output says why)", file=sys.stderr)
+            return code or 1
+        return code
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -36,3 +41,5 @@ def run_cli(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:  # after a failure (a no-op after success): close the group, without waiting on peers that may be gone
+        shutdown_distributed(drain=False)

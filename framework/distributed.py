@@ -59,3 +59,24 @@ def any_true(flag: bool) -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shutdown_distributed(drain: bool = True) -> bool:
+    """End of a multi-rank process: meet every rank (`drain`), destroy the group. False: a peer had failed.
+
+    Without it gloo can abort a process at exit ("terminate called without an active exception"): a rank that
+    finished its last collective early closes its sockets while a peer is still receiving, or the group is
+    destroyed during interpreter finalisation. After a failure, pass drain=False: a dead peer never reaches it.
+    A world of one has no peers and keeps its group, so a notebook or test can train again in the same process
+    (DeepSpeed caches its groups and cannot be initialised a second time).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    peers_ok = True
+    if drain:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer closed its sockets: it failed (its own output says why)
+            peers_ok = False
+    dist.destroy_process_group()
+    return peers_ok

@@ -68,6 +68,7 @@ img, txt = (t[rank * 3:(rank + 1) * 3].clone().requires_grad_(True) for t in tor
 loss = m.contrastive_loss(m.gather_with_grad(img), m.gather_with_grad(txt), torch.tensor(5.0))
 loss.backward()
 torch.save((loss.item(), img.grad, txt.grad), f"{sys.argv[3]}.{rank}")
+dist.barrier()  # as framework.distributed.shutdown_distributed: gloo's backward scatter may still be sending
 dist.destroy_process_group()
 """
 

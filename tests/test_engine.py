@@ -148,3 +148,42 @@ for argv in json.loads(sys.argv[2]):
     results.append([rc, err.getvalue()])
 print(json.dumps(results))
 """
+
+
+# Two light ranks (torch + framework.cli only): each runs run_cli around a collective and reports whether the
+# group is still up afterwards. Rank 1 fails with a user error in the second case and must still tear down.
+_SHUTDOWN = r"""
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from framework.cli import run_cli
+dist.init_process_group("gloo")
+def main():
+    parts = [torch.zeros(2) for _ in range(2)]
+    dist.all_gather(parts, torch.full((2,), float(dist.get_rank())))
+    if sys.argv[2] == "fail" and dist.get_rank() == 1:
+        raise ValueError("bad input on rank 1")
+    return 0
+code = run_cli(main)
+print(f"code={code} initialized={dist.is_initialized()}")
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "fail"])
+def test_run_cli_tears_the_process_group_down(mode: str) -> None:
+    """After run_cli every rank has destroyed its group (drained on success), so gloo never aborts at exit."""
+    from tests.conftest import free_port
+
+    port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    procs = [subprocess.Popen([sys.executable, "-c", _SHUTDOWN, str(ROOT), mode], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port}) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs  # no abort at exit, on either rank
+    expected = ["code=1", "code=2"] if mode == "fail" else ["code=0", "code=0"]
+    for (out, err), code in zip(outs, expected):
+        assert f"{code} initialized=False" in out, (out, err)
+    if mode == "fail":  # rank 0 finished its work but learns at the final barrier that rank 1 did not
+        assert "error: bad input on rank 1" in outs[1][1]
+        assert "error: another rank failed before the end" in outs[0][1]

@@ -203,6 +203,7 @@ import json, os, sys, torch
 sys.path.insert(0, {root!r})
 from framework.config import load_config
 from recipes.medblip.pretrain import build_model
+from framework.distributed import shutdown_distributed
 from recipes.medblip.validation import ValidationConfig, make_pretrain_evaluator
 torch.distributed.init_process_group("gloo")
 cfg = load_config({dapt!r}, {overrides!r})
@@ -210,6 +211,7 @@ model = build_model(cfg)
 m = make_pretrain_evaluator(cfg, model.tokenizer, ValidationConfig(captions=0))(model, 0)
 if int(os.environ["RANK"]) == 0:
     print("METRICS" + json.dumps(m))
+shutdown_distributed()  # without it gloo may abort at exit while the peer still receives
 """
 
 
