@@ -14,13 +14,16 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 
 from .checkpoint import rename_vision
 from .data import MEAN, STD, ImageConfig
 from .vqa_model import MedBlipVqa
+
+if TYPE_CHECKING:  # transformers' BLIP classes are imported lazily, where they are used
+    from transformers import BlipConfig, BlipForQuestionAnswering, PreTrainedTokenizerBase
 
 NOT_CARRIED = [
     "rank inference over an answer list (transformers' BlipForQuestionAnswering only generates)",
@@ -35,7 +38,7 @@ class ExportError(ValueError):
     """A model that cannot be expressed as BlipForQuestionAnswering."""
 
 
-def hf_config(model: MedBlipVqa) -> "BlipConfig":  # noqa: F821 - transformers type, imported lazily
+def hf_config(model: MedBlipVqa) -> BlipConfig:
     """BlipConfig at the model's sizes; vision LayerNorm eps 1e-6 as BLIP's ViT (transformers' default: 1e-5)."""
     from transformers import BlipConfig, BlipVisionConfig
 
@@ -60,7 +63,7 @@ def hf_state_dict(model: MedBlipVqa) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_hf(model: MedBlipVqa) -> "BlipForQuestionAnswering":  # noqa: F821
+def to_hf(model: MedBlipVqa) -> BlipForQuestionAnswering:
     """An in-memory BlipForQuestionAnswering holding the model's weights (eval mode)."""
     from transformers import BlipForQuestionAnswering
 
@@ -74,7 +77,7 @@ def to_hf(model: MedBlipVqa) -> "BlipForQuestionAnswering":  # noqa: F821
     return hf.eval()
 
 
-def export_tokenizer(model: MedBlipVqa) -> "PreTrainedTokenizerBase":  # noqa: F821
+def export_tokenizer(model: MedBlipVqa) -> PreTrainedTokenizerBase:
     """A copy of BLIP's tokenizer whose texts start with [ENC] (the question encoder's first token) once saved."""
     tok = copy.deepcopy(model.tokenizer)
     tok.cls_token = "[ENC]"  # BertTokenizer builds "[CLS] text [SEP]" from cls_token when it is loaded
