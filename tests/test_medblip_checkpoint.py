@@ -1,17 +1,15 @@
 """MedBLIP weights: BLIP's checkpoint layout, transformers' Blip* layout, our files; reports, refusals, safety."""
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import pathlib
-import threading
 
 import pytest
 import torch
 
 from recipes.medblip.checkpoint import CheckpointError, load_pretrained, save_weights
 from recipes.medblip.towers import interpolate_pos_embed
+from tests.conftest import serve_directory
 from tests.test_medblip_model import tiny_batch, tiny_model
 
 
@@ -194,16 +192,9 @@ def test_sha256_check_and_url(tmp_path, monkeypatch):
         load_pretrained(tiny_model(seed=2), f"{tmp_path / 'model_base.pth'}#sha256={'0' * 64}")
     # a URL is downloaded once into the torch hub cache and checked
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/model_base.pth#sha256={digest}"
+    with serve_directory(tmp_path) as base:
         dst = tiny_model(seed=2)
-        report = load_pretrained(dst, url)
-    finally:
-        server.shutdown()
+        report = load_pretrained(dst, f"{base}/model_base.pth#sha256={digest}")
     assert report.missing == [] and (tmp_path / "torch_home" / "hub" / "checkpoints" / "model_base.pth").is_file()
     assert_same_state(dst, src)
 

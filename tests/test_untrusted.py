@@ -3,12 +3,9 @@ before anything executes, a checksum mismatch is refused, YAML python tags are r
 live (it does run under the unsafe loader), so the refusals are what protects the user."""
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import pathlib
 import pickle
-import threading
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ import yaml
 from framework.checkpoint import CheckpointReadError, load, safe_load
 from framework.config import ConfigError, load_config
 from recipes.medblip.checkpoint import CheckpointError, fetch, load_pretrained
+from tests.conftest import serve_directory
 from tests.test_medblip_model import tiny_model
 
 
@@ -134,18 +132,12 @@ def test_checksum_mismatch_refused_for_a_file_and_a_url(tmp_path, monkeypatch):
         load_pretrained(target, f"{served / 'model_base.pth'}#sha256={digest}")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # the download cache
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/model_base.pth"
+    with serve_directory(served) as base:
+        url = f"{base}/model_base.pth"
         with pytest.raises(CheckpointError, match="does not match the expected"):
             load_pretrained(target, f"{url}#sha256={digest}")
         with pytest.raises(CheckpointError, match="does not match the expected"):
             fetch(url, sha256=digest, cache_dir=tmp_path / "cache")
-    finally:
-        server.shutdown()
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # never loaded
     assert fetch(str(tmp_path / "genuine.pth"), sha256=digest) == tmp_path / "genuine.pth"  # the right file passes
 

@@ -130,13 +130,18 @@ class VqaSplit:
                 f"({s['test_closed']} closed / {s['test_open']} open) on {s['test_images']} images")
 
 
-def _read_json_list(path: Path) -> list[dict]:
+def _load_json(path: Path, what: str) -> object:
+    """Parsed JSON of `path`; a missing file or bad JSON raises one line naming `what` the file is."""
     if not path.is_file():
-        raise VqaDataNotFound(f"VQA-RAD file not found: {path}")
+        raise VqaDataNotFound(f"{what}: file not found: {path}")
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VqaDataError(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+        raise VqaDataError(f"{what}: {path} is not valid JSON ({str(e).splitlines()[0]})") from None
+
+
+def _read_json_list(path: Path) -> list[dict]:
+    rows = _load_json(path, "VQA-RAD")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise VqaDataError(f"{path}: expected a JSON list of question records")
     return rows
@@ -231,12 +236,7 @@ def answer_list(records: list[VqaRecord]) -> list[str]:
 def read_answer_list(path: Union[str, Path]) -> list[str]:
     """A JSON list of answers (e.g. MUMC's answer_all_list.json), normalised and de-duplicated in order."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise VqaDataNotFound(f"vqa.answer_list: file not found: {path}")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VqaDataError(f"vqa.answer_list: {path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    values = _load_json(path, "vqa.answer_list")
     if isinstance(values, dict):  # {answer: index} maps
         values = list(values)
     if not isinstance(values, list):
