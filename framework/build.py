@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .config import Config
+from .gpu import GpuFacts, gpu_facts
 from .schedules import warmup_cosine
 from .task import Task
 
@@ -21,15 +22,19 @@ class PrecisionError(ValueError):
     """A precision the device cannot run."""
 
 
-def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """auto: bf16 on GPUs that have it, fp16 (dynamic loss scaling) on older GPUs, fp32 on the CPU."""
+def resolve_precision(requested: str, device: torch.device, gpu: Optional[GpuFacts] = None) -> Precision:
+    """auto: bf16 on GPUs of compute capability >= 8.0, fp16 (dynamic loss scaling) on 6.x / 7.x, fp32 on the CPU.
+
+    `gpu` defaults to the facts of `device` (framework.gpu.gpu_facts); bf16 asked for below 8.0 is refused.
+    """
     cuda = device.type == "cuda"
-    bf16_ok = torch.cuda.is_bf16_supported() if cuda else True
+    if cuda and gpu is None:
+        gpu = gpu_facts(device)
     if requested == "auto":
-        requested = ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
-    if requested == "bf16" and not bf16_ok:
-        name = torch.cuda.get_device_name(device)
-        raise PrecisionError(f"train.precision=bf16 but {name} has no bf16 support; use fp16 (or auto)")
+        requested = ("bf16" if gpu.has_bf16 else "fp16") if cuda else "fp32"
+    if requested == "bf16" and cuda and not gpu.has_bf16:
+        raise PrecisionError(f"train.precision=bf16 but {gpu.name} (compute capability {gpu.arch}) has no native "
+                             "bf16 (needs >= 8.0); use train.precision=fp16 or auto (fp16 with loss scaling)")
     if requested == "fp16" and not cuda:
         raise PrecisionError("train.precision=fp16 needs a GPU; on the CPU use fp32 or bf16 (or auto)")
     return Precision(requested, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[requested])

@@ -33,6 +33,7 @@ class RunConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses tolerated before stopping with a checkpoint
     init_from: Optional[str] = None  # weights to start from (recipe decides the format); not a resume
     stop_at_step: Optional[int] = None  # save and stop after this optimizer step, as if preempted (chunked runs)
+    memory_cap_gib: Optional[float] = None  # GPU: cap this process's allocator (train as if on a smaller GPU)
 
 
 @dataclass
@@ -319,6 +320,8 @@ def _check(cfg: Config, source: str) -> None:
     parse_every(cfg.run.eval_every, "run.eval_every", source)
     if cfg.run.time_budget:
         parse_duration(cfg.run.time_budget, source)
+    if cfg.run.memory_cap_gib is not None and cfg.run.memory_cap_gib <= 0:
+        raise ConfigError(f"{source}: run.memory_cap_gib must be > 0 (GiB) or null, got {cfg.run.memory_cap_gib}")
 
 
 def parse_every(text: str, key: str = "every", source: str = "<config>") -> tuple[int, str]:

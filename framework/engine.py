@@ -15,7 +15,8 @@ from .config import Config, config_to_dict, parse_duration, parse_every, save_re
 from .data import SKIPPED, MapStream, ShardStream, batch_size_of, expand_shards, make_loader, verify_checksums
 from .distributed import DistInfo, any_true, init_distributed
 from .loss_weights import StaticLossWeights
-from .preflight import MemoryEstimate, check_fits, check_gpu_arch, estimate_for_config
+from .gpu import GpuFacts, gpu_facts, set_extension_arch
+from .preflight import GIB, MemoryEstimate, check_fits, check_gpu_arch, estimate_for_config
 from .build import build_deepspeed, resolve_precision
 from .task import Task
 from .tracking import RunLogger, peak_memory
@@ -51,9 +52,8 @@ class Engine:
         checkpoint.seed_host_rngs(cfg.train.seed, self.dist.rank)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.dist.device.type == "cuda":
-            check_gpu_arch(self.dist.device.index or 0)  # before any kernel runs
-        self.precision = resolve_precision(cfg.train.precision, self.dist.device)
+        self.gpu = self._check_gpu()
+        self.precision = resolve_precision(cfg.train.precision, self.dist.device, self.gpu)
         self.stream = self._build_stream(task)
         self.accum = cfg.train.grad_accum
         self.steps_per_epoch = len(self.stream) // self.accum
@@ -310,8 +310,21 @@ class Engine:
                                   cuda=self.dist.device.type == "cuda")
         if self.dist.rank == 0:
             print(f"precision {self.precision.name}, {self.dist.world_size} rank(s)\n{est.table()}", flush=True)
-        check_fits(est, self.dist.device)
+        cap = self.cfg.run.memory_cap_gib
+        check_fits(est, self.gpu, cap_bytes=int(cap * GIB) if cap else None)
         return est
+
+    def _check_gpu(self) -> Optional[GpuFacts]:
+        """Before any kernel runs: the build has kernels for this GPU; extensions target it; the memory cap applies."""
+        if self.dist.device.type != "cuda":
+            return None
+        gpu = gpu_facts(self.dist.device)
+        check_gpu_arch(gpu)
+        set_extension_arch(gpu)
+        cap = self.cfg.run.memory_cap_gib
+        if cap:  # behave like a smaller GPU (e.g. a 16 GB P100 on an 80 GB card): the allocator refuses beyond it
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / gpu.total_memory), self.dist.device)
+        return gpu
 
     def _build_stream(self, task: Task):
         cfg, d = self.cfg, self.dist

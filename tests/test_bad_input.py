@@ -184,22 +184,23 @@ def test_train_bad_input_in_a_real_process(data, tmp_path):
 
 
 def test_bf16_on_a_gpu_without_it(monkeypatch, capsys):
-    """A P100 (no bf16) asked for bf16: unit level, the GPU simulated as in tests/test_preflight.py."""
+    """A P100 (no native bf16, though torch says bf16 is supported) asked for bf16: one line, use fp16."""
     from framework.build import resolve_precision
+    from tests.conftest import fake_gpu
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla P100-PCIE-16GB")
+    fake_gpu(monkeypatch, "P100")
     rc = run_cli(lambda: resolve_precision("bf16", torch.device("cuda", 0)) and 0)
-    assert_one_line_error(rc, capsys.readouterr().err, "Tesla P100-PCIE-16GB has no bf16 support; use fp16")
+    assert_one_line_error(rc, capsys.readouterr().err, "Tesla P100-PCIE-16GB (compute capability 6.0) has no "
+                                                       "native bf16 (needs >= 8.0); use train.precision=fp16")
 
 
 def test_gpu_the_pytorch_build_cannot_run(capsys):
     """A P100 on a CUDA 12.8 build (no sm_60 kernels): refused at start-up, naming the build to install."""
+    from framework.gpu import GpuFacts
     from framework.preflight import check_gpu_arch
 
-    gpu = dict(capability=lambda i: (6, 0), arch_list=lambda: ["sm_75", "sm_80", "sm_90"],
-               name=lambda i: "Tesla P100-PCIE-16GB")
-    rc = run_cli(lambda: check_gpu_arch(0, **gpu) or 0)
+    p100 = GpuFacts("Tesla P100-PCIE-16GB", (6, 0), 17_071_734_784)
+    rc = run_cli(lambda: check_gpu_arch(p100, ["sm_75", "sm_80", "sm_90"]) or 0)
     assert_one_line_error(rc, capsys.readouterr().err, "cu126")
 
 
