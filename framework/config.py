@@ -34,6 +34,7 @@ class RunConfig:
     init_from: Optional[str] = None  # weights to start from (recipe decides the format); not a resume
     stop_at_step: Optional[int] = None  # save and stop after this optimizer step, as if preempted (chunked runs)
     memory_cap_gib: Optional[float] = None  # GPU: cap this process's allocator (train as if on a smaller GPU)
+    sync_timing: bool = False  # GPU: wait for queued kernels around forward/backward/step (a true time split)
 
 
 @dataclass

@@ -110,13 +110,19 @@ class Engine:
                     output = self.ds(batch)  # forward: {"losses": ..., "metrics": ...}
                     loss, logs = self.combine(output, self.pos.step)
                     self.pos.batch_in_epoch += 1
+                    t1 = self._clock()
                     if self._nonfinite(loss, output):
                         continue  # skip this micro-batch: no backward, no step
                     self.ds.backward(loss)
+                    t2 = self._clock()
                     boundary = self.ds.is_gradient_accumulation_boundary()  # ask before step()
                     window["lr"] = self.ds.get_lr()[0]  # the rate this step uses
                     self.ds.step()
-                    window["compute"] += time.time() - t0
+                    t3 = self._clock()
+                    window["compute"] += t3 - t0
+                    window["forward"] += t1 - t0
+                    window["backward"] += t2 - t1
+                    window["optimizer"] += t3 - t2
                     window["samples"] += batch_size_of(batch) * self.dist.world_size
                     window["micro"] += 1
                     for k, v in logs.items():  # mean over the step's micro-batches
@@ -159,12 +165,15 @@ class Engine:
         logs |= {"train/lr": window["lr"], "train/epoch": self.pos.epoch,
                  "perf/samples_per_s": window["samples"] / max(elapsed, 1e-9),
                  "perf/data_wait_frac": window["data"] / max(elapsed, 1e-9),
+                 "perf/data_s": window["data"], "perf/forward_s": window["forward"],
+                 "perf/backward_s": window["backward"], "perf/optimizer_s": window["optimizer"],
                  "data/skipped_samples": self.skipped_samples}
         if self.precision.name == "fp16":
             logs |= {"fp16/loss_scale": float(self.ds.optimizer.cur_scale),
                      "fp16/skipped_steps": float(self.ds.skipped_steps)}
             self._check_loss_scale(logs["fp16/loss_scale"])
         logs |= peak_memory(self.dist.device) or {}
+        logs["mem/estimate_gib"] = self.memory.total / GIB  # the pre-flight figure, beside the measured peaks
         self._pending_logs = logs
 
     def _epoch_batches(self) -> Iterator[dict]:
@@ -210,6 +219,12 @@ class Engine:
         if unit == "epoch":
             return end_of_epoch and self.pos.epoch % n == 0
         return not end_of_epoch and self.pos.step % n == 0
+
+    def _clock(self) -> float:
+        """Wall time; with run.sync_timing the GPU's queued work is waited for first, so the split is real."""
+        if self.cfg.run.sync_timing and self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+        return time.time()
 
     def _budget_spent(self) -> bool:
         elapsed = time.time() - self.started
@@ -360,7 +375,8 @@ def _parse_every_cached(every: str) -> tuple[int, str]:
 
 
 def _new_window() -> dict:
-    return {"data": 0.0, "compute": 0.0, "samples": 0, "micro": 0, "logs": {}}
+    return {"data": 0.0, "compute": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "samples": 0,
+            "micro": 0, "logs": {}}
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -44,6 +44,20 @@ class GpuFacts:
 
     def describe(self) -> str:
         return f"{self.name} (compute capability {self.arch}, {self.total_memory / 1024 ** 3:.1f} GiB)"
+
+
+# Dense peak TFLOPS by GPU name fragment: (fp32 without TF32, fp16/bf16: tensor cores where there are any).
+# A P100 has no tensor cores: its fp16 peak is the half2 rate, which PyTorch matmuls rarely reach.
+PEAK_TFLOPS = {"P100": (9.3, 18.7), "T4": (8.1, 65.0), "V100": (15.7, 125.0), "A100": (19.5, 312.0),
+               "L4": (30.3, 121.0), "A10": (31.2, 125.0), "H100": (67.0, 989.0), "H200": (67.0, 989.0)}
+
+
+def peak_tflops(gpu: GpuFacts, precision: str) -> Optional[float]:
+    """The GPU's dense peak for `precision` (fp32 | fp16 | bf16) from PEAK_TFLOPS, or None for an unknown GPU."""
+    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in gpu.name), None)
+    if peaks is None:
+        return None
+    return peaks[0] if precision == "fp32" else peaks[1]
 
 
 def gpu_facts(device: Union[torch.device, int] = 0) -> GpuFacts:

@@ -17,10 +17,8 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework.cli import run_cli  # noqa: E402
+from framework.gpu import PEAK_TFLOPS  # noqa: E402
 
-# Dense peak TFLOPS by GPU name fragment: (fp32, fp16/bf16 tensor or half rate). P100 has no tensor cores.
-PEAK_TFLOPS = {"P100": (9.3, 18.7), "T4": (8.1, 65.0), "V100": (15.7, 125.0), "A100": (19.5, 312.0),
-               "L4": (30.3, 121.0), "A10": (31.2, 125.0), "H100": (67.0, 989.0), "H200": (67.0, 989.0)}
 
 
 def sync(device: Any) -> None:

@@ -23,6 +23,7 @@ def load_launch(script: str):
     """launch/<script>.py imported as a module (the entry points are plain files, not a package)."""
     spec = importlib.util.spec_from_file_location(f"launch_{script}", ROOT / "launch" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (and pickling) look their module up there
     spec.loader.exec_module(module)
     return module
 
