@@ -206,9 +206,9 @@ def _last_error(log: str) -> str:
     return (errors or lines or ["(no output)"])[-1][:200]
 
 
-def count_flops(stage: Stage, overrides: list[str], device: str) -> Optional[float]:
-    """FLOPs of one training sample of the stage's model (forward + backward; PSD adds the teacher's forward),
-    counted by torch's FlopCounterMode on two real samples; None if it cannot be counted."""
+def count_flops(stage: Stage, overrides: list[str], device: str) -> tuple[float, float]:
+    """(forward, backward) FLOPs per training sample of the stage's model, counted by torch's FlopCounterMode
+    on two real samples of the stage's data (the EMA teacher of PSD runs one more forward: see stage_flops)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -232,13 +232,17 @@ def count_flops(stage: Stage, overrides: list[str], device: str) -> Optional[flo
         loss = sum(v.float() for v in model(batch)["losses"].values())
     with FlopCounterMode(display=False) as backward:
         loss.backward()
-    per = 2  # samples
-    teacher = forward.get_total_flops() if stage.recipe == "psd" else 0  # the EMA teacher's forward
-    flops = (forward.get_total_flops() + backward.get_total_flops() + teacher) / per
+    fwd, bwd = forward.get_total_flops() / len(samples), backward.get_total_flops() / len(samples)
     del model, task, batch, loss
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return float(flops)
+    return float(fwd), float(bwd)
+
+
+def stage_flops(stage: Stage, counted: tuple[float, float]) -> float:
+    """FLOPs per sample of a training step: forward + backward, plus the EMA teacher's forward under PSD."""
+    fwd, bwd = counted
+    return fwd + bwd + (fwd if stage.recipe == "psd" else 0.0)
 
 
 def run_stage(stage: Stage, overrides: list[str], work: Path, timeout: int) -> StageResult:
@@ -347,11 +351,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"  synthetic data written ({time.time() - t0:.0f} s)", flush=True)
         from framework.gpu import peak_tflops
 
-        flops: dict[str, Optional[float]] = {}
+        flops: dict[str, Optional[tuple[float, float]]] = {}
         results = []
         for stage in stages:
             overrides = stage_overrides(stage, work, args.steps, cap, args.rehearse)
-            key = stage.recipe
+            key = "vqa" if stage.recipe == "vqa" else "pretrain"  # DAPT and PSD train the same model
             if key not in flops:
                 try:
                     flops[key] = count_flops(stage, overrides, device)
@@ -361,7 +365,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  {stage.name}: running ...", flush=True)
             result = run_stage(stage, overrides, work, args.timeout)
             summarise(result, _scalars(work / stage.name) if (work / stage.name / "tb").is_dir() else {},
-                      cap_gib=cap, max_late_skips=args.max_late_skips, flops_per_sample=flops[key],
+                      cap_gib=cap, max_late_skips=args.max_late_skips,
+                      flops_per_sample=stage_flops(stage, flops[key]) if flops[key] else None,
                       peak=peak_tflops(gpu, stage.precision) if gpu else None)
             print(f"  {stage.name}: {'ok' if result.ok else 'FAILED: ' + '; '.join(result.reasons)} "
                   f"({result.wall_s:.0f} s)", flush=True)

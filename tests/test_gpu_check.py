@@ -131,3 +131,9 @@ def test_a_rehearsal_runs_a_real_stage_and_writes_the_json(tmp_path):
     assert all(math.isfinite(v) for v in stage["losses"]) and stage["gflop_per_sample"] > 0
     assert set(stage["step_split_s"]) == {"data", "forward", "backward", "optimizer"}
     assert stage["estimate_gib"] > 0 and "dapt-fp32" in proc.stdout
+
+
+def test_psd_counts_the_teachers_extra_forward():
+    dapt, psd, vqa = (gc.Stage(n, n, "fp16") for n in ("dapt", "psd", "vqa"))
+    assert gc.stage_flops(dapt, (100.0, 200.0)) == 300.0 and gc.stage_flops(vqa, (100.0, 200.0)) == 300.0
+    assert gc.stage_flops(psd, (100.0, 200.0)) == 400.0
