@@ -1,6 +1,7 @@
 """DeepSpeed set-up from a recipe: precision, optimizer (AdamW, no decay on biases/norms), lr schedule, config."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -86,11 +87,34 @@ def deepspeed_config(cfg: Config, precision: Precision, world_size: int) -> dict
     return ds
 
 
+class ExtensionError(ValueError):
+    """A DeepSpeed extension must be compiled and this machine cannot."""
+
+
+def check_can_build(op: str, needed_by: str) -> None:
+    """Refuse in one line, before any compile starts, when DeepSpeed would JIT-build `op` without a compiler."""
+    import shutil
+
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(op):  # pre-built into this DeepSpeed install (DS_BUILD_OPS=1)
+        return
+    compiler = os.environ.get("CXX", "c++")
+    missing = [name for name, tool in (("a C++ compiler", compiler), ("ninja", "ninja")) if not shutil.which(tool)]
+    if missing:
+        raise ExtensionError(f"{needed_by} needs DeepSpeed's {op} extension, compiled on first use, but "
+                             f"{' and '.join(missing)} cannot be found: install g++ (e.g. apt-get install g++) and "
+                             "ninja (pip install ninja), or remove the offload")
+
+
 def build_deepspeed(cfg: Config, task: Task, precision: Precision, total_steps: int, world_size: int) -> Any:
     """deepspeed.initialize with AdamW and the warmup+cosine schedule as a pure function of the optimizer step."""
     import deepspeed
 
     t = cfg.train
+    ds_config = deepspeed_config(cfg, precision, world_size)
+    if "offload_optimizer" in ds_config.get("zero_optimization", {}):
+        check_can_build("cpu_adam", "deepspeed.zero_optimization.offload_optimizer")
     groups = param_groups(task.model, t.weight_decay, task.no_decay, t.decay_1d)
     if not groups:
         raise ValueError("the model has no trainable parameters")
@@ -103,5 +127,5 @@ def build_deepspeed(cfg: Config, task: Task, precision: Precision, total_steps: 
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, precision, world_size))
+                                           config=ds_config)
     return engine
