@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -11,10 +12,39 @@ import torch.distributed as dist
 
 @dataclass
 class DistInfo:
+    """This process's place in the run: rank, world size, local rank and its device."""
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group, or before one exists: from the launcher's RANK)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def say(message: str, err: bool = False) -> None:
+    """Print on rank 0 only (stdout, or stderr with err=True), flushed: progress and notes, once per run."""
+    if rank() == 0:
+        print(message, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+@torch.no_grad()
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on each rank -> [world*b, ...] in rank order (identity in a world of one); no gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
 
 
 def _free_port() -> int:

@@ -95,22 +95,20 @@ def estimate_memory(model: nn.Module, precision: str, zero_stage: int, world_siz
     return est
 
 
-def estimate_for_config(cfg: Any, model: nn.Module, precision: str, world_size: int, cuda: bool = True
-                        ) -> MemoryEstimate:
-    """The estimate for a recipe's model as configured: ZeRO stage, offload, fp32 copies, EMA teacher, activations.
-
-    `model` may be a self-distillation wrapper (its `student` is measured). A model can report its activations
-    with `activation_bytes(batch_size, precision) -> int` and its fp32 submodules with `fp32_modules()`.
-    """
-    student = getattr(model, "student", model)
-    fp32 = sum(p.numel() for m in getattr(student, "fp32_modules", lambda: [])() for p in m.parameters())
+def estimate_for_task(cfg: Any, task: Any, precision: str, world_size: int, cuda: bool = True) -> MemoryEstimate:
+    """The estimate for a recipe's Task as configured: ZeRO stage, offload, fp32 copies (task.fp32_modules), the EMA
+    teacher of self-distillation (its own tensors: task.frozen_modules are shared), activations
+    (task.activation_bytes)."""
+    model = task.model
+    fp32 = sum(p.numel() for m in task.fp32_modules for p in m.parameters())
+    shared = sum(p.numel() for m in task.frozen_modules for p in m.parameters())
     ds_cfg = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
     zero = ds_cfg.get("zero_optimization", {})
-    act = getattr(student, "activation_bytes", None)
-    est = estimate_memory(student, precision, int(zero.get("stage", 0)), world_size, fp32_params=fp32,
-                          teacher_params=sum(p.numel() for p in student.parameters()) if cfg.distill.enabled else 0,
-                          activation_bytes=act(cfg.data.batch_size, precision) if act else None,
-                          offload_optimizer="offload_optimizer" in zero, cuda_context=cuda)
+    teacher = sum(count_params(model)) - shared if cfg.distill.enabled else 0
+    act = task.activation_bytes(cfg.data.batch_size, precision) if task.activation_bytes else None
+    est = estimate_memory(model, precision, int(zero.get("stage", 0)), world_size, fp32_params=fp32,
+                          teacher_params=teacher, activation_bytes=act, offload_optimizer="offload_optimizer" in zero,
+                          cuda_context=cuda)
     est.notes.insert(0, f"{precision}, ZeRO stage {zero.get('stage', 0)}, micro-batch {cfg.data.batch_size}, "
                         f"{world_size} rank(s)")
     return est

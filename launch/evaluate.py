@@ -31,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate() -> int:
         import torch
 
-        from framework.config import import_recipe, load_config
+        import importlib
+
+        from framework.config import load_config
         from recipes.medblip.vqa_metrics import format_table
 
         cfg = load_config(args.recipe, args.overrides)
-        recipe = import_recipe(cfg.recipe, cfg.source)
+        recipe = importlib.import_module(cfg.recipe)  # a VQA recipe module: load_vqa, evaluate_model, ...
         if not hasattr(recipe, "evaluate_model"):
             raise ValueError(f"{args.recipe}: recipe {cfg.recipe!r} is not a VQA recipe (use recipes.medblip.vqa)")
         checkpoint = recipe.trained_checkpoint(cfg, args.checkpoint)

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         from recipes.medblip.vqa import load_trained, trained_checkpoint
 
         cfg = load_config(args.recipe, args.overrides)
-        if "vqa" not in cfg.sections:
+        if not hasattr(cfg, "vqa"):
             raise ValueError(f"{args.recipe}: not a VQA recipe (recipe: recipes.medblip.vqa)")
         model = load_trained(cfg, trained_checkpoint(cfg, args.checkpoint))
         out = export_vqa(model.eval(), args.out, cfg.image)

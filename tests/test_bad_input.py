@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import traceback
@@ -72,6 +73,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "junk.pth").write_bytes(b"not a checkpoint" * 10)
     (root / "bad.yaml").write_text("train: [1\n")
     (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "binary.yaml").write_bytes(bytes(range(256)) * 4)  # e.g. a checkpoint passed as --recipe
     (root / "nomodule.yaml").write_text("recipe: recipes.nope\ntrain: {max_steps: 1}\n")
     # a checkpoint directory that looks complete but whose files are junk (e.g. a disk that filled up)
     tag = root / "broken_run" / "checkpoints" / "step_00000001"
@@ -111,7 +113,7 @@ TRAIN_CASES = [
      "unreadable or truncated checkpoint file"),
     ("malicious checkpoint on resume", lambda d: ["--recipe", TOY, f"run.dir={d / 'poisoned_run'}",
                                                   f"data.train={d / 'toy_shards'}", "train.epochs=null",
-                                                  "train.max_steps=2", "run.resume=auto"],
+                                                  "train.max_steps=1", "run.resume=auto"],  # its own settings
      "refused: it holds a pickled"),
     ("unknown tokenizer path", lambda d: ["--recipe", DAPT, *tiny(d, f"model.tokenizer={d / 'none'}")],
      "model.tokenizer="),
@@ -146,9 +148,12 @@ TRAIN_CASES = [
     ("accumulation > epoch", lambda d: ["--recipe", DAPT, *tiny(d, "train.grad_accum=8")],
      "fewer than train.grad_accum=8"),
     ("image size vs patch", lambda d: ["--recipe", DAPT, *tiny(d, "image.size=30")],
-     "model.vit.image_size=30 is not a multiple of model.vit.patch_size=8"),
+     "image.size=30 is not a multiple of model.vit.patch_size=8"),  # the size in effect, by the key set
     ("patch size vs image", lambda d: ["--recipe", DAPT, *tiny(d, "model.vit.patch_size=5")],
      "is not a multiple of model.vit.patch_size=5"),
+    ("patch size vs a larger image", lambda d: ["--recipe", DAPT, *tiny(d, "image.size=64", "model.vit.patch_size=7")],
+     "image.size=64 is not a multiple of model.vit.patch_size=7"),  # not the preset's 32
+    ("binary recipe file", lambda d: ["--recipe", str(d / "binary.yaml")], "binary.yaml: not a YAML text file"),
     ("ZeRO 3 with EMA teacher", lambda d: ["--recipe", PSD, *tiny(d, "deepspeed.zero_optimization.stage=3")],
      "use DeepSpeed ZeRO stage 0, 1 or 2"),
     ("fp16 on the CPU", lambda d: ["--recipe", DAPT, *tiny(d, "train.precision=fp16")], "fp16 needs a GPU"),
@@ -345,6 +350,7 @@ def drive(data: Path, out: Path) -> None:
     for entry, cases in entry_cases().items():
         main = load_main(entry)
         for case in cases:
+            shutil.rmtree(data / "run", ignore_errors=True)  # every case starts afresh (a run dir is one run's)
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 try:
