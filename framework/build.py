@@ -136,7 +136,21 @@ def build_deepspeed(cfg: Config, task: Task, precision: Precision, total_steps: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    _keep_fp32_grad_norm(engine)
     return engine
+
+
+def _keep_fp32_grad_norm(engine: Any) -> None:
+    """DeepSpeed reports the clipped gradient norm (get_global_grad_norm) from its fp16/bf16/ZeRO optimizers only;
+    on the plain fp32 path it computes the norm to clip and drops it. Keep it there too (no extra pass)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    if hasattr(engine, "clip_fp32_gradients"):
+        engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 # ----------------------------------------------------------------------------- building a run

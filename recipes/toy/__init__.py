@@ -28,6 +28,7 @@ class ToyModelConfig:
     # Fault injection for the reliability tests:
     step_sleep: float = 0.0  # seconds each forward sleeps (a slow model)
     nan_after: int = -1  # forwards after this many return a NaN "mse" loss (-1: never)
+    constant: bool = False  # predict one learned number (blind to x): a model that learns nothing, for the monitor
 
 
 def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,12 +63,16 @@ class ToyRegressor(nn.Module):
             time.sleep(self.cfg.step_sleep)
         self.forwards += 1
         dtype = self.net[0].weight.dtype
-        pred = self.net(batch["x"].to(dtype)).squeeze(-1).float()
+        x = batch["x"].to(dtype)
+        pred = self.net(x * 0 if self.cfg.constant else x).squeeze(-1).float()
         y = batch["y"].float()
         losses = {name: LOSSES[name](pred, y) for name in self.objectives}
         if 0 <= self.cfg.nan_after < self.forwards and "mse" in losses:
             losses["mse"] = losses["mse"] * float("nan")
-        return {"losses": losses, "metrics": {"pred_mean": pred.detach().mean()}}
+        out = {"losses": losses, "metrics": {"pred_mean": pred.detach().mean()}}
+        if self.cfg.constant:  # the best a blind model can do: predict the mean (mse = variance of y)
+            out["chance"] = {"mse": float(((y - y.mean()) ** 2).mean())}
+        return out
 
 
 def decode(sample: dict[str, Any]) -> Optional[dict[str, Any]]:
