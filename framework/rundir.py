@@ -40,6 +40,15 @@ def check_writable(run_dir: Path) -> None:
         raise RunDirError(f"run.dir={run_dir}: {probe} is not writable; choose a run.dir you can write to")
 
 
+def run_dir_of(path: "Path | str") -> Optional[Path]:
+    """The run directory (the one holding config.yaml) of a run dir, its checkpoints/ dir or one of its tags."""
+    p = Path(path)
+    for candidate in (p, p.parent, p.parent.parent):
+        if (candidate / "config.yaml").is_file() and (candidate / "checkpoints").is_dir():
+            return candidate
+    return None
+
+
 def saved_config(run_dir: Path) -> Optional[dict[str, Any]]:
     """The run's saved config.yaml as validated plain data (defaults filled in), or None if there is none."""
     path = run_dir / "config.yaml"
@@ -77,13 +86,15 @@ def check_same_run(cfg: Config, has_checkpoint: bool) -> None:
     if diff:
         shown = "; ".join(f"{k}: {_short(old)} -> {_short(new)}" for k, old, new in diff[:4])
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
-        raise RunDirError(f"run.dir={run_dir} holds a run with other settings ({shown}{more}): use another "
-                          f"run.dir, or continue that run with its own settings: --recipe {run_dir / 'config.yaml'}")
+        raise RunDirError(f"run.dir={run_dir} holds a run with other settings ({shown}{more}): continue it with its "
+                          f"own settings (--recipe {run_dir / 'config.yaml'}), or start another run.dir from its "
+                          f"checkpoint with run.resume={run_dir / 'checkpoints'}/step_N (weights, optimizer and "
+                          "position carry over)")
 
 
 def _short(value: Any) -> str:
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 80 else "..." + text[-77:]  # a path's end says most
 
 
 class RunLock:

@@ -112,9 +112,9 @@ def test_build_forward_and_disabled_objective(shards: Path) -> None:
     assert out["metrics"]["temp"].item() == pytest.approx(0.07, rel=1e-5)
     metrics = task.evaluate(task.model.eval(), 0)
     assert set(metrics) == {"i2t_r1", "t2i_r1", "temp"} and 0 <= metrics["i2t_r1"] <= 1
-    assert build(load_config(YAML, TINY + [f"data.train={shards / 'train'}", "data.val=null"])).evaluate is None
+    assert build(load_config(YAML, TINY + [f"data.train={shards / 'train'}", "data.val=null"]), DIST).evaluate is None
     with pytest.raises(ConfigError, match="no objective is enabled"):
-        build(load_config(YAML, TINY + ["objectives.contrastive.enabled=false"]))
+        build(load_config(YAML, TINY + ["objectives.contrastive.enabled=false"]), DIST)
     task.model.objectives = []  # a disabled objective is not computed
     assert task.model(batch)["losses"] == {}
 
