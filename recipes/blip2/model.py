@@ -77,7 +77,10 @@ class Blip2(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, mc.num_query_tokens, q.hidden_size).normal_(0.0, 0.02))
         self.qformer = Blip2QFormerModel(q)
         self._copy_text_ffn_to_query_ffn()
-        self.vision_model.requires_grad_(False)  # BLIP-2 trains with the image encoder frozen (LAVIS freeze_vit)
+        # BLIP-2 trains with the image encoder frozen (LAVIS freeze_vit) but its final LayerNorm (LAVIS's ln_vision,
+        # transformers' post_layernorm) is LAVIS's own module and trains with the Q-Former
+        self.vision_model.requires_grad_(False)
+        self.vision_model.post_layernorm.requires_grad_(True)
         if text_heads:
             self.embeddings = Blip2TextEmbeddings(q)
             nn.init.normal_(self.embeddings.word_embeddings.weight, std=q.initializer_range)
@@ -141,15 +144,22 @@ class Blip2(nn.Module):
             return []
         names = ("qformer", "embeddings", "vision_projection", "text_projection", "itm_head", "itg_head",
                  "language_projection")
-        return [getattr(self, n) for n in names if hasattr(self, n)]
+        return [self.vision_model.post_layernorm] + [getattr(self, n) for n in names if hasattr(self, n)]
 
     # ------------------------------------------------------------------ image side
 
-    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> frozen ViT tokens after its final LayerNorm [B, 1 + N, Dv] (no graph)."""
+    def vit_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> the frozen ViT's tokens before its final LayerNorm [B, 1 + N, Dv] (no graph)."""
         with torch.no_grad():
-            dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
-            return self.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state
+            vm = self.vision_model
+            hidden = vm.embeddings(pixel_values.to(vm.embeddings.patch_embedding.weight.dtype))
+            return vm.encoder(inputs_embeds=hidden).last_hidden_state
+
+    def image_embeds(self, pixel_values: torch.Tensor, vit_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Image tokens for the Q-Former: the trainable ln_vision (post_layernorm) over the frozen ViT's output."""
+        features = self.vit_features(pixel_values) if vit_features is None else vit_features
+        ln = self.vision_model.post_layernorm
+        return ln(features.to(ln.weight.dtype))
 
     def query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """The Q learned queries through the Q-Former, cross-attending to the image: [B, Q, H]."""
@@ -379,13 +389,14 @@ class Blip2(nn.Module):
                 return_logits: bool = False) -> dict[str, Any]:
         """batch from recipes.blip2.data -> {"losses", "metrics", "reuse"[, "logits"]}.
 
-        `reuse` (self-distillation's teacher pass) carries the student's frozen image embeddings and ITM negatives,
+        `reuse` (self-distillation's teacher pass) carries the student's frozen-ViT features and ITM negatives,
         so the teacher skips the frozen ViT and scores the very same pairs.
         """
         reuse = reuse or {}
-        image_embeds = reuse.get("image_embeds")
-        if image_embeds is None:
-            image_embeds = self.image_embeds(batch["image"])
+        features = reuse.get("vit_features")
+        if features is None:
+            features = self.vit_features(batch["image"])
+        image_embeds = self.image_embeds(batch["image"], features)
         if self.has_text_heads:
             out = self.stage1_losses(image_embeds, batch["input_ids"], batch["attention_mask"],
                                      negatives=reuse.get("negatives"), return_logits=return_logits)
@@ -394,7 +405,7 @@ class Blip2(nn.Module):
             out = self.llm_loss(image_embeds, batch["llm_input_ids"], batch["llm_attention_mask"],
                                 batch["llm_labels"], batch.get("llm_decoder_mask"), return_logits=return_logits)
             negatives = None
-        out["reuse"] = {"image_embeds": image_embeds, "negatives": negatives}
+        out["reuse"] = {"vit_features": features, "negatives": negatives}
         return out
 
     def activation_bytes(self, batch_size: int, precision: str) -> int:
