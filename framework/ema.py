@@ -1,4 +1,9 @@
-"""EMA teacher for self-distillation: a frozen fp32 copy of the student, moved toward it once per optimizer step."""
+"""EMA teacher for self-distillation: a frozen fp32 copy of the student, moved toward it once per optimizer step.
+
+Parameters that are frozen in the student when the teacher is made (requires_grad False: e.g. BLIP-2's image
+encoder and language model) are shared with the student, not copied: the teacher holds the very same tensors,
+the update skips them and the teacher's state_dict leaves them out. Only the trainable part is averaged.
+"""
 from __future__ import annotations
 
 import copy
@@ -41,9 +46,10 @@ def tau_at(step: int, *, start: float, end: float, steps: int, schedule: str = "
 class EMATeacher:
     """Plugin: teacher <- tau*teacher + (1-tau)*student after each optimizer step; runs the teacher forward.
 
-    The teacher is a deep copy of the student taken at construction (the same initial weights), cast to fp32 and
-    frozen. It is not a submodule of anything DeepSpeed wraps, so DeepSpeed never casts, optimises or
-    checkpoints it; its weights travel in this plugin's state_dict (the engine's client state).
+    The teacher is a deep copy of the student taken at construction (the same initial weights), its own tensors
+    cast to fp32 and frozen; the student's frozen parameters are shared, not copied (see the module docstring).
+    It is not a submodule of anything DeepSpeed wraps, so DeepSpeed never casts, optimises or checkpoints its
+    own tensors; they travel in this plugin's state_dict (the engine's client state).
     """
 
     name = "ema_teacher"
@@ -57,7 +63,13 @@ class EMATeacher:
         if any(hasattr(p, "ds_id") for p in student.parameters()):
             raise ZeroStage3Error(ZERO3_MESSAGE)
         self.student = student
-        self.teacher = copy.deepcopy(student).float().eval().requires_grad_(False)
+        frozen = {id(p): p for p in student.parameters() if not p.requires_grad}
+        self.teacher = copy.deepcopy(student, memo=dict(frozen))  # memo: the frozen tensors are reused, not copied
+        self._shared = set(frozen)  # ids of the tensors the teacher shares with the student
+        for t in self._own_tensors():  # fp32 copies; a shared tensor keeps the student's dtype (a cast would be its)
+            if t.is_floating_point():
+                t.data = t.data.float()
+        self.teacher.eval().requires_grad_(False)
         self.tau_start, self.tau_end, self.tau_schedule, self.tau_steps = tau_start, tau_end, tau_schedule, tau_steps
         self.step = 0  # optimizer steps whose update has been applied
         self.tau = self.tau_at(0)
@@ -73,7 +85,7 @@ class EMATeacher:
         """After deepspeed.initialize: refuse ZeRO-3 partitioned parameters, put the fp32 teacher on `device`."""
         if any(hasattr(p, "ds_id") for p in module.parameters()):
             raise ZeroStage3Error(ZERO3_MESSAGE)
-        self.teacher.to(device=device)
+        self._move_own(device)
         self.compute_dtype = dtype
 
     @torch.no_grad()
@@ -85,11 +97,19 @@ class EMATeacher:
         return {"distill/tau": tau}
 
     def state_dict(self) -> dict[str, Any]:
-        teacher = {k: v.detach().to("cpu", copy=True) for k, v in self.teacher.state_dict().items()}
+        """The teacher's own tensors (the shared frozen ones are the student's, saved with it), step and tau."""
+        teacher = {k: v.detach().to("cpu", copy=True) for k, v in self.teacher.state_dict(keep_vars=True).items()
+                   if id(v) not in self._shared}
         return {"teacher": teacher, "step": self.step, "tau": self.tau}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.teacher.load_state_dict(state["teacher"])  # copy_ into the fp32 tensors: dtype and device kept
+        shared = self._shared_names()
+        own = {k: v for k, v in state["teacher"].items() if k not in shared}  # older states held shared ones too
+        result = self.teacher.load_state_dict(own, strict=False)  # copy_ into the fp32 tensors: dtype and device kept
+        missing = sorted(set(result.missing_keys) - shared)
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"EMA teacher state does not fit the model: missing {missing[:3]}, unexpected "
+                               f"{result.unexpected_keys[:3]}")
         self.step, self.tau = int(state["step"]), float(state["tau"])
 
     # ------------------------------------------------------------------ the update and the forward
@@ -100,7 +120,7 @@ class EMATeacher:
         t_params, s_params = self._pairs("named_parameters")
         if t_params:
             if t_params[0].device != s_params[0].device:  # used without setup() after the student moved
-                self.teacher.to(s_params[0].device)
+                self._move_own(s_params[0].device)
                 t_params, s_params = self._pairs("named_parameters")
             torch._foreach_mul_(t_params, tau)
             torch._foreach_add_(t_params, [s.detach() for s in s_params], alpha=1.0 - tau)  # bf16 s promotes
@@ -124,11 +144,25 @@ class EMATeacher:
         return next((p.dtype for p in self.student.parameters() if p.is_floating_point()), torch.float32)
 
     def _pairs(self, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(teacher tensors, student tensors) of `kind`, without the shared ones (nothing to average there)."""
         t = [v for _, v in getattr(self.teacher, kind)()]
         s = [v for _, v in getattr(self.student, kind)()]
         if len(t) != len(s):
             raise RuntimeError(f"EMA teacher: the student has {len(s)} {kind[6:]}, the teacher {len(t)}")
-        return t, s
+        keep = [i for i, v in enumerate(t) if id(v) not in self._shared]
+        return [t[i] for i in keep], [s[i] for i in keep]
+
+    def _own_tensors(self) -> list[torch.Tensor]:
+        """The teacher's parameters and buffers that are not shared with the student."""
+        return [v for v in [*self.teacher.parameters(), *self.teacher.buffers()] if id(v) not in self._shared]
+
+    def _shared_names(self) -> set[str]:
+        return {k for k, v in self.teacher.state_dict(keep_vars=True).items() if id(v) in self._shared}
+
+    def _move_own(self, device: torch.device) -> None:
+        """Move the teacher's own tensors to `device` (moving a shared one would move the student's)."""
+        for t in self._own_tensors():
+            t.data = t.data.to(device)
 
     def _check_mirrors(self) -> None:
         for kind in ("named_parameters", "named_buffers"):
