@@ -34,7 +34,7 @@ TINY_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, 
                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 TINY_OPT = dict(model_type="opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
                 word_embed_proj_dim=32, max_position_embeddings=128, do_layer_norm_before=True, dropout=0.0,
-                attention_dropout=0.0)
+                attention_dropout=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=3)  # WordPiece's [PAD]/[CLS]/[SEP]
 PRESETS: dict[str, dict[str, dict]] = {
     "blip2-opt-2.7b": {"vision": VIT_G, "qformer": QFORMER_BASE, "text": OPT_2_7B},
     "blip2-flan-t5-xl": {"vision": VIT_G, "qformer": QFORMER_BASE, "text": FLAN_T5_XL},
@@ -54,8 +54,11 @@ class Blip2ModelConfig:
     num_query_tokens: int = 32
     embed_dim: int = 256  # ITC feature size (vision_projection / text_projection)
     tokenizer: str = "bundled"  # Q-Former tokenizer: bert-base-uncased (bundled) or a vocab.txt / directory; + [DEC]
+    vision_weights: Optional[str] = None  # the frozen ViT when run.init_from lacks it (LAVIS: eva_vit_g.pth)
+    llm_weights: Optional[str] = None  # the frozen LLM when run.init_from lacks it (a transformers OPT/T5 directory)
     llm_tokenizer: Optional[str] = None  # the language model's tokenizer: a local directory (the blip2-opt-2.7b
-                                         # download holds one) or a vocab.txt; None = run.init_from's directory
+                                         # download holds one) or a vocab.txt; None = the llm_weights or
+                                         # run.init_from directory
     end_text: str = "\n"  # what ends a caption/answer for a decoder-only LM (LAVIS: "\n" for OPT)
     max_text_len: int = 32  # Q-Former caption tokens (LAVIS: 32)
     max_llm_len: int = 64  # language-model tokens of prompt + caption/answer

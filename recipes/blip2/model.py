@@ -47,6 +47,16 @@ def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class _ParameterView(nn.Module):
+    """Bare parameters of the model (query_tokens, temp) as a module, so that casting it casts them in place.
+    Made on demand and never attached to the model (its names would otherwise appear twice in state_dict)."""
+
+    def __init__(self, params: dict[str, nn.Parameter]):
+        super().__init__()
+        for name, p in params.items():
+            self.register_parameter(name, p)
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -62,8 +72,6 @@ class Blip2(nn.Module):
         super().__init__()
         if text_heads and tokenizer is None:
             raise ValueError("the stage-1 heads need the Q-Former tokenizer")
-        if language_model and llm_tokenizer is None:
-            raise ValueError("the language model needs its tokenizer")
         self.mc, self.tokenizer, self.llm_tokenizer = mc, tokenizer, llm_tokenizer
         self.objectives = tuple(o for o in STAGE1 if o in objectives) if text_heads else (lm_objective,)
         self.lm_objective = lm_objective
@@ -103,12 +111,14 @@ class Blip2(nn.Module):
             cls = AutoModelForSeq2SeqLM if self.config.is_encoder_decoder else AutoModelForCausalLM
             self.language_model = cls.from_config(t)
             self.language_model.requires_grad_(False)  # BLIP-2 stage 2: the LLM stays frozen
-            self.text = LlmText(llm_tokenizer, encoder_decoder=self.config.is_encoder_decoder, end_text=mc.end_text,
-                                max_len=mc.max_llm_len, config_pad_id=t.pad_token_id or 0)
+            # without a tokenizer (shape-only builds, e.g. the memory estimate) there is no text side
+            self.text = None if llm_tokenizer is None else LlmText(
+                llm_tokenizer, encoder_decoder=self.config.is_encoder_decoder, end_text=mc.end_text,
+                max_len=mc.max_llm_len, config_pad_id=t.pad_token_id or 0)
         if mc.grad_checkpointing:
-            self.qformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.qformer.activation_checkpointing_enable({"use_reentrant": False})
         if mc.grad_checkpointing_llm and language_model:
-            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.language_model.activation_checkpointing_enable({"use_reentrant": False})
         self.vision_model.eval()
 
     # ------------------------------------------------------------------ set-up
@@ -135,16 +145,19 @@ class Blip2(nn.Module):
         return hasattr(self, "language_model")
 
     def fp32_modules(self) -> list[nn.Module]:
-        """The trainable modules, kept fp32 when DeepSpeed trains in fp16 (the engine casts them back).
+        """Everything trainable, kept fp32 when DeepSpeed trains in fp16 (the engine casts these back after it).
 
-        LAVIS #267: a Q-Former trained in fp16 sends the LM loss to inf; LAVIS trains it in fp32 under autocast.
-        Only under fp16 (keep_trainable_fp32, set by the recipe): bf16 has fp32's range and trains it in bf16.
+        LAVIS #267: a Q-Former trained in fp16 sends the LM loss to inf; LAVIS trains it in fp32 under autocast
+        (transformers keeps query_tokens and the Q-Former in fp32 too). Only under fp16 (keep_trainable_fp32, set
+        by the recipe): bf16 has fp32's range and trains it in bf16. The frozen ViT and LLM stay half.
         """
         if not self.keep_trainable_fp32:
             return []
         names = ("qformer", "embeddings", "vision_projection", "text_projection", "itm_head", "itg_head",
                  "language_projection")
-        return [self.vision_model.post_layernorm] + [getattr(self, n) for n in names if hasattr(self, n)]
+        bare = {n: getattr(self, n) for n in ("query_tokens", "temp") if hasattr(self, n)}
+        return ([_ParameterView(bare), self.vision_model.post_layernorm]
+                + [getattr(self, n) for n in names if hasattr(self, n)])
 
     # ------------------------------------------------------------------ image side
 

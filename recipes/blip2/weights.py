@@ -37,6 +37,7 @@ LAVIS_RULES = [(re.compile(p), r) for p, r in [
     (r"^visual_encoder\.blocks\.(\d+)\.attn\.", r"vision_model.encoder.layers.\1.self_attn."),
     (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
     (r"^ln_vision\.", "vision_model.post_layernorm."),
+    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),  # a BLIP/CLIP (timm) ViT's final LayerNorm
     (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
     (r"^Qformer\.bert\.embeddings\.", "embeddings."),
     (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.", r"qformer.encoder.layer.\1.\2.attention."),
@@ -75,12 +76,15 @@ def fold_qv_bias(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _candidates(sd: dict[str, torch.Tensor]) -> list[tuple[str, Callable[[str], str]]]:
-    """Ways to read a source's keys: as ours, LAVIS's, a bare EVA ViT, a bare LLM, or under one wrapper prefix."""
+    """Ways to read a source's keys: as ours, LAVIS's, a bare EVA/timm ViT, a bare LLM, or under one prefix (a
+    wrapper such as self-distillation's "student.", or another model's image tower such as CLIP's "visual.")."""
     ways: list[tuple[str, Callable[[str], str]]] = [
-        ("ours", lambda k: k), ("lavis", lavis_name), ("eva", lambda k: lavis_name("visual_encoder." + k)),
+        ("ours", lambda k: k), ("lavis", lavis_name), ("vit", lambda k: lavis_name("visual_encoder." + k)),
         ("llm", lambda k: "language_model." + k), ("llm", lambda k: "language_model.model." + k)]
     for prefix in sorted({k.split(".", 1)[0] + "." for k in sd if "." in k}):
         ways.append((f"under {prefix!r}", lambda k, p=prefix: lavis_name(k[len(p):]) if k.startswith(p) else k))
+        ways.append((f"vit under {prefix!r}",
+                     lambda k, p=prefix: lavis_name("visual_encoder." + k[len(p):]) if k.startswith(p) else k))
     return ways
 
 
@@ -92,9 +96,14 @@ def _tensor_groups(model: nn.Module) -> list[list[str]]:
     return list(groups.values())
 
 
-def map_onto(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The source's tensors under our names, read the way that matches the most model keys; and that way's name."""
-    wanted = set(model.state_dict())
+ROLES = {"all": "", "vision": "vision_model.", "llm": "language_model."}
+
+
+def map_onto(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
+             role: str = "all") -> tuple[dict[str, torch.Tensor], str]:
+    """The source's tensors under our names, read the way that matches the most model keys (of the role's tower:
+    "vision" / "llm" count only vision_model.* / language_model.*); and that way's name."""
+    wanted = {k for k in model.state_dict() if k.startswith(ROLES[role])}
     best, best_hits, best_name = None, 0, ""
     for name, rename in _candidates(sd):
         mapped = fold_qv_bias({rename(k): v for k, v in sd.items()})
@@ -107,20 +116,32 @@ def map_onto(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> tupl
     return best, best_name
 
 
+Source = Union[str, tuple[str, str]]
+
+
 @torch.no_grad()
-def load_pretrained(model: nn.Module, sources: Union[str, Sequence[str]], strict: bool = False) -> LoadReport:
-    """Load one or more checkpoints (later ones win) into `model`; every missing / unexpected key is reported."""
-    sources = [sources] if isinstance(sources, str) else [s for s in sources if s]
+def load_pretrained(model: nn.Module, sources: Union[Source, Sequence[Source]], strict: bool = False) -> LoadReport:
+    """Load one or more checkpoints (later ones win) into `model`; every missing / unexpected key is reported.
+
+    A source is a path, or (path, role) with role "vision" / "llm": then only that tower is taken from it (e.g. the
+    image tower of a CLIP or BLIP run) and its other tensors are listed as ignored.
+    """
+    items = [sources] if isinstance(sources, (str, tuple)) else list(sources)
+    pairs = [(s, "all") if isinstance(s, str) else s for s in items if s and (isinstance(s, str) or s[0])]
+    sources = [p for p, _ in pairs]
     model_sd = model.state_dict()
     given: dict[str, torch.Tensor] = {}
     report = LoadReport(", ".join(sources), "")
     layouts = []
-    for spec in sources:
+    for spec, role in pairs:
         raw, _, where = read_state_dict(spec)
-        mapped, way = map_onto(model, raw, where)
+        mapped, way = map_onto(model, raw, where, role)
         layouts.append(way)
+        foreign = []
         for k in sorted(mapped):
-            if k in model_sd:
+            if not k.startswith(ROLES[role]):
+                foreign.append(k)
+            elif k in model_sd:
                 given[k] = mapped[k]
             elif IGNORED.search(k):
                 report.ignored.append(k)
@@ -130,6 +151,9 @@ def load_pretrained(model: nn.Module, sources: Union[str, Sequence[str]], strict
                 report.ignored.append(k)
             else:
                 report.unexpected.append(k)
+        if foreign:
+            report.ignored += foreign
+            report.notes.append(f"{where}: only its {role} tower is used ({len(foreign)} other tensors ignored)")
     report.layout = "+".join(layouts)
     if any(STAGE1_ONLY.match(k) for k in report.ignored):
         report.notes.append("stage-1 heads (text embeddings, ITC/ITM/ITG heads, text FFN) are not used by this model")
@@ -161,6 +185,6 @@ def load_pretrained(model: nn.Module, sources: Union[str, Sequence[str]], strict
 
 
 def weight_sources(init_from: Optional[str], vision_weights: Optional[str],
-                   llm_weights: Optional[str]) -> list[str]:
-    """run.init_from first, then the separate ViT and LLM files (LAVIS ships them apart)."""
-    return [s for s in (init_from, vision_weights, llm_weights) if s]
+                   llm_weights: Optional[str]) -> list[tuple[str, str]]:
+    """run.init_from first, then the separate ViT and LLM files (LAVIS ships them apart), each for its tower only."""
+    return [(s, role) for s, role in ((init_from, "all"), (vision_weights, "vision"), (llm_weights, "llm")) if s]
