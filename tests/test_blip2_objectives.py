@@ -270,3 +270,26 @@ def test_stage2_trains_projection_and_qformer_never_the_llm():
     assert all(p.grad is None and not p.requires_grad for p in model.language_model.parameters())
     assert all(p.grad is None for n, p in model.vision_model.named_parameters() if not n.startswith("post_layernorm"))
     assert model.vision_model.post_layernorm.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_itm_leaves_the_label_prior_and_learns_to_match():
+    """ITM starts on the 1:2 label prior (loss ~0.6365, BLIP #51) and, on 4 distinct pairs, learns to match them."""
+    model = stage1(seed=0).train()
+    model.objectives = ("itm",)
+    ids, mask = captions(model.tokenizer, ["ct of the head", "mri of the abdomen shows a lesion",
+                                           "a small bright lesion", "yes no"])
+    pix = images(4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(300):
+        loss = model({"image": pix, "input_ids": ids, "attention_mask": mask})["losses"]["itm"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.05
+    model.eval()
+    emb = model.image_embeds(pix)
+    with torch.no_grad():
+        match = torch.stack([torch.stack([model.itm_logits(emb[i:i + 1], ids[j:j + 1], mask[j:j + 1])[0].softmax(-1)[1]
+                                          for j in range(4)]) for i in range(4)])
+    assert torch.equal(match.argmax(1), torch.arange(4)) and (match.diagonal() > 0.9).all()
