@@ -149,7 +149,7 @@ def test_lavis_stage1_checkpoint_and_eva_vit_load_with_no_missing_or_unexpected_
     torch.save(eva, tmp_path / "eva_vit_g.pth")
     report = load_pretrained(model, [str(tmp_path / "blip2_pretrained.pth"), str(tmp_path / "eva_vit_g.pth")])
     assert report.missing == [] and report.unexpected == [], report.summary()
-    assert report.ignored == ["embeddings.position_ids"] and report.layout == "lavis+eva"
+    assert report.ignored == ["embeddings.position_ids"] and report.layout == "lavis+vit"
     q = model.qformer.encoder.layer[1]
     assert torch.equal(q.attention.attention.query.weight, lavis["Qformer.bert.encoder.layer.1.attention.self.query.weight"])
     assert torch.equal(q.crossattention.attention.value.weight,
