@@ -111,7 +111,8 @@ class EMATeacher:
         self.teacher.load_state_dict({k: v for k, v in state["teacher"].items() if k in own}, strict=False)
         missing = sorted(set(own) - set(state["teacher"]))
         if missing:
-            raise ValueError(f"EMA teacher state lacks {len(missing)} tensors (e.g. {missing[0]})")
+            raise RuntimeError(f"EMA teacher state does not fit this model: it lacks {len(missing)} tensors "
+                               f"(e.g. {missing[0]})")
         self.step, self.tau = int(state["step"]), float(state["tau"])
 
     def _own_state(self) -> dict[str, torch.Tensor]:

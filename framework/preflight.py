@@ -67,10 +67,12 @@ def count_params(module: nn.Module) -> tuple[int, int]:
 
 def estimate_memory(model: nn.Module, precision: str, zero_stage: int, world_size: int = 1,
                     fp32_params: int = 0, teacher_params: int = 0, activation_bytes: Optional[int] = None,
-                    offload_optimizer: bool = False, cuda_context: bool = True) -> MemoryEstimate:
+                    offload_optimizer: bool = False, cuda_context: bool = True,
+                    fp32_trainable: int = 0) -> MemoryEstimate:
     """Estimate peak GPU memory for DeepSpeed training of `model` (mixed precision: half weights + fp32 master).
 
-    fp32_params: parameters kept in fp32 inside the module (momentum encoders); teacher_params: an fp32 EMA copy.
+    fp32_params: parameters kept in fp32 inside the module (momentum encoders, a Q-Former kept fp32 under fp16), of
+    which fp32_trainable train (their gradients are fp32 too); teacher_params: an fp32 EMA copy.
     """
     trainable, frozen = count_params(model)
     half = precision in ("fp16", "bf16")
@@ -78,7 +80,7 @@ def estimate_memory(model: nn.Module, precision: str, zero_stage: int, world_siz
     shard = lambda n, stage: n / world_size if zero_stage >= stage else n  # noqa: E731
     est = MemoryEstimate()
     est.parts["weights"] = int(shard((trainable + frozen - fp32_params) * w + fp32_params * 4, 3))
-    est.parts["gradients"] = int(shard(trainable * w, 2))
+    est.parts["gradients"] = int(shard((trainable - fp32_trainable) * w + fp32_trainable * 4, 2))
     optim = trainable * (8 + (4 if half else 0))  # Adam moments (+ fp32 master weights in mixed precision)
     est.parts["optimizer (Adam + fp32 master)" if half else "optimizer (Adam)"] = \
         0 if offload_optimizer else int(shard(optim, 1))
@@ -101,6 +103,7 @@ def estimate_for_task(cfg: Any, task: Any, precision: str, world_size: int, cuda
     (task.activation_bytes)."""
     model = task.model
     fp32 = sum(p.numel() for m in task.fp32_modules for p in m.parameters())
+    fp32_trainable = sum(p.numel() for m in task.fp32_modules for p in m.parameters() if p.requires_grad)
     shared = sum(p.numel() for m in task.frozen_modules for p in m.parameters())
     ds_cfg = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
     zero = ds_cfg.get("zero_optimization", {})
@@ -108,7 +111,7 @@ def estimate_for_task(cfg: Any, task: Any, precision: str, world_size: int, cuda
     act = task.activation_bytes(cfg.data.batch_size, precision) if task.activation_bytes else None
     est = estimate_memory(model, precision, int(zero.get("stage", 0)), world_size, fp32_params=fp32,
                           teacher_params=teacher, activation_bytes=act, offload_optimizer="offload_optimizer" in zero,
-                          cuda_context=cuda)
+                          cuda_context=cuda, fp32_trainable=fp32_trainable)
     est.notes.insert(0, f"{precision}, ZeRO stage {zero.get('stage', 0)}, micro-batch {cfg.data.batch_size}, "
                         f"{world_size} rank(s)")
     return est

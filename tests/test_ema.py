@@ -213,3 +213,76 @@ def test_bf16_deepspeed_teacher_stays_fp32_and_tau_follows_optimizer_steps(singl
     assert not torch.equal(ema.teacher.lin.weight, initial)  # it moved, and is not a rounded bf16 copy
     assert not torch.equal(ema.teacher.lin.weight, engine.module.lin.weight.float())
     assert seen == {torch.bfloat16}  # the fp32 teacher computed in the training precision (autocast)
+
+
+class WithFrozenTower(nn.Module):
+    """A frozen "tower" (requires_grad False, as BLIP-2's ViT and LLM) feeding a trainable head; losses as Tiny."""
+
+    def __init__(self, d: int = 3, width: int = 64):
+        super().__init__()
+        self.tower = nn.Sequential(nn.Linear(d, width), nn.Linear(width, width), nn.LayerNorm(width)).requires_grad_(False)
+        self.head = nn.Linear(width, d)
+
+    def forward(self, batch):
+        y = self.head(self.tower(batch["x"].to(self.head.weight.dtype))).float()
+        return {"losses": {"fit": ((y - batch["y"]) ** 2).mean(), "size": (y ** 2).mean()}, "metrics": {}}
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
+
+
+def test_frozen_parameters_are_shared_with_the_student_not_copied():
+    torch.manual_seed(0)
+    student = WithFrozenTower()
+    ema = EMATeacher(student, tau_start=0.5, tau_end=0.5, tau_schedule="constant", tau_steps=4,
+                     shared=[student.tower])  # what the recipe declares as Task.frozen_modules
+    for (name, t), (_, s) in zip(ema.teacher.named_parameters(), student.named_parameters()):
+        if name.startswith("tower."):
+            assert t is s, name  # the same tensor object: one copy in memory
+        else:
+            assert t is not s and t.data_ptr() != s.data_ptr() and torch.equal(t, s), name
+    # memory: the teacher adds only the trainable part (and its buffers), not the tower
+    student_ptrs = {p.data_ptr() for p in student.parameters()}
+    added = [t for t in [*ema.teacher.parameters(), *ema.teacher.buffers()] if t.data_ptr() not in student_ptrs]
+    assert _bytes(added) == _bytes(student.head.parameters())
+    assert _bytes(student.tower.parameters()) > 5 * _bytes(student.head.parameters())  # the saving is real here
+    # the update averages the trainable part only; the tower is the student's, whatever happens to it
+    with torch.no_grad():
+        before = ema.teacher.head.weight.clone()
+        student.head.weight.add_(1.0)
+        student.tower[0].weight.mul_(2.0)
+    ema.after_optimizer_step(1)
+    torch.testing.assert_close(ema.teacher.head.weight, 0.5 * before + 0.5 * student.head.weight)
+    assert torch.equal(ema.teacher.tower[0].weight, student.tower[0].weight)
+    out = ema({"x": torch.randn(4, 3), "y": torch.randn(4, 3)})
+    assert set(out["losses"]) == {"fit", "size"}
+
+
+def test_shared_tensors_keep_the_students_dtype_and_stay_out_of_the_state():
+    torch.manual_seed(0)
+    student = WithFrozenTower().to(torch.bfloat16)  # as after DeepSpeed's bf16 cast
+    ema = EMATeacher(student, tau_steps=5, shared=[student.tower])
+    assert student.tower[0].weight.dtype == torch.bfloat16  # not cast to fp32 through the teacher
+    assert ema.teacher.head.weight.dtype == torch.float32  # the teacher's own copy is fp32, as before
+    state = ema.state_dict()
+    assert sorted(state["teacher"]) == ["head.bias", "head.weight"]  # the tower is saved with the student
+    other_student = WithFrozenTower().to(torch.bfloat16)
+    other = EMATeacher(other_student, tau_steps=5, shared=[other_student.tower])
+    tower_before = other.student.tower[0].weight.clone()
+    old_style = {**state, "teacher": {**state["teacher"], "tower.0.weight": torch.zeros(64, 3)}}  # a full old state
+    other.load_state_dict(old_style)
+    assert torch.equal(other.teacher.head.weight, ema.teacher.head.weight)
+    assert torch.equal(other.student.tower[0].weight, tower_before)  # a stale tower copy never overwrites the student
+    with pytest.raises(RuntimeError, match="does not fit"):
+        other.load_state_dict({**state, "teacher": {"head.weight": state["teacher"]["head.weight"]}})
+
+
+def test_self_distillation_with_a_frozen_tower_trains_as_before():
+    torch.manual_seed(0)
+    student = WithFrozenTower()
+    model = SelfDistillation(student, EMATeacher(student, tau_steps=10, shared=[student.tower]))
+    out = model(batch())
+    (sum(out["losses"].values()) + sum(out["distill"].values())).backward()
+    assert student.head.weight.grad is not None and student.tower[0].weight.grad is None
+    assert all(p.grad is None for p in model.ema.teacher.head.parameters())

@@ -1,0 +1,95 @@
+"""Config -> Blip2 for the three BLIP-2 recipes: tokenizers, sizes, precision policy, weights (printed report)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from framework.build import PrecisionError, resolve_precision
+from framework.config import Config, ConfigError
+from framework.distributed import DistInfo, say
+from framework.task import Task
+from recipes.medblip.data import ImageConfig
+
+from .config import Blip2ModelConfig
+from .model import STAGE1, Blip2
+from .tokenizers import llm_tokenizer, qformer_tokenizer
+from .weights import load_pretrained, weight_sources
+
+
+@dataclass
+class Blip2Config(Config):
+    """stage1.yaml / stage2.yaml: the framework's sections + the BLIP-2 towers and the image pipeline."""
+
+    model: Blip2ModelConfig = field(default_factory=Blip2ModelConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+
+
+def task_for(model: Blip2, **fields) -> Task:
+    """A Task around a Blip2 with what the framework must know of it declared: the parts kept fp32 under fp16, the
+    frozen towers (an EMA teacher shares them), the activation estimate."""
+    return Task(model=model, fp32_modules=model.fp32_modules(), frozen_modules=model.frozen_modules(),
+                activation_bytes=model.activation_bytes, **fields)
+
+
+def enabled(cfg: Config, known: tuple[str, ...]) -> tuple[str, ...]:
+    """The objectives switched on in the YAML (all of `known` when the section is empty)."""
+    if not cfg.objectives:
+        return known
+    names = tuple(n for n in known if n in cfg.objectives and cfg.objectives[n].enabled)
+    if not names:
+        raise ConfigError(f"{cfg.source}: objectives: every objective is disabled; enable one of {', '.join(known)}")
+    return names
+
+
+def keep_trainable_fp32(cfg: Config, device: torch.device) -> bool:
+    """Whether the trainable part stays fp32: when the engine trains in fp16 on `device` (as it resolves
+    train.precision) and DeepSpeed does not own the parameters in fp16 partitions (ZeRO stage 3)."""
+    try:
+        fp16 = resolve_precision(cfg.train.precision, device).name == "fp16"
+    except PrecisionError:
+        return False  # the engine refuses it with the same message
+    ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
+    if fp16 and int(ds.get("zero_optimization", {}).get("stage", 0)) >= 3:
+        say("blip2: ZeRO stage 3 partitions every parameter in fp16: the Q-Former trains in fp16 (LAVIS #267's risk)")
+        return False
+    return fp16
+
+
+def _tokenizer_dir(cfg: Config) -> Optional[str]:
+    mc = cfg.model
+    if mc.llm_tokenizer:
+        return mc.llm_tokenizer
+    for where in (mc.llm_weights, cfg.run.init_from):
+        if where and Path(where).is_dir() and any(Path(where).glob("tokenizer*")):
+            return where
+    return None
+
+
+def build_model(cfg: Config, *, stage: str, load_weights: bool = True, dist: Optional[DistInfo] = None) -> Blip2:
+    """stage "stage1" (Q-Former heads, no LLM) | "lm" (captions through the LLM) | "vqa" (answers); weights from
+    run.init_from + model.vision_weights + model.llm_weights, the same initial weights on every rank."""
+    mc = cfg.model
+    torch.manual_seed(cfg.train.seed)
+    if stage == "stage1":
+        model = Blip2(mc, image_size=cfg.image.size, tokenizer=qformer_tokenizer(mc.tokenizer),
+                      objectives=enabled(cfg, STAGE1))
+    else:
+        enabled(cfg, (stage,))
+        model = Blip2(mc, image_size=cfg.image.size, llm_tokenizer=llm_tokenizer(_tokenizer_dir(cfg)),
+                      text_heads=False, language_model=True, lm_objective=stage)
+    device = dist.device if dist else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.keep_trainable_fp32 = keep_trainable_fp32(cfg, device)
+    sources = weight_sources(cfg.run.init_from, mc.vision_weights, mc.llm_weights)
+    if load_weights and sources:
+        report = load_pretrained(model, sources)
+        say(report.summary())
+        frozen = [m for m in report.missing if m.startswith(("vision_model.", "language_model."))]
+        if frozen:
+            say(f"warning: {len(frozen)} tensors of the FROZEN towers are not in {report.source} and stay random "
+                "(set model.vision_weights / model.llm_weights)")
+    elif load_weights:
+        say("blip2: run.init_from is not set: every tower starts from random weights (the frozen ones stay so)")
+    return model
