@@ -146,17 +146,21 @@ def test_half_precision_module_gives_fp32_loss(tokenizer):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
-def test_init_from_pretraining_checkpoint(tokenizer, tmp_path):
-    """BLIP_VQA's rule: text_encoder -> question encoder, text_decoder -> answer decoder; heads dropped."""
+@pytest.mark.parametrize("tie_lm_head", [True, False])
+def test_init_from_pretraining_checkpoint(tokenizer, tmp_path, tie_lm_head):
+    """BLIP_VQA's rule: text_encoder -> question encoder, text_decoder -> answer decoder; heads dropped. A file
+    whose LM head is apart from the word embeddings (tie_lm_head=false) gives the answer decoder the head."""
     from recipes.medblip.checkpoint import save_weights
     from recipes.medblip.pretrain_model import MedBlipPretrain
 
     torch.manual_seed(1)
-    pre = MedBlipPretrain(ModelConfig(preset="tiny", queue_size=8), tokenizer=tokenizer)
+    pre = MedBlipPretrain(ModelConfig(preset="tiny", queue_size=8, tie_lm_head=tie_lm_head), tokenizer=tokenizer)
     path = save_weights(pre, tmp_path / "pretrain.pth")  # BLIP's {'model': state_dict} layout
     vqa = tiny(tokenizer)
     report = load_vqa_weights(vqa, str(path))
     assert not report.missing and any("pretraining-only" in n for n in report.notes)
+    assert any("tied to the pretraining LM head" in n for n in report.notes) == (not tie_lm_head)
+    assert vqa.text_decoder.cls.predictions.decoder.weight is vqa.text_decoder.bert.embeddings.word_embeddings.weight
     pre_sd, sd = pre.state_dict(), vqa.state_dict()
     for k, v in sd.items():
         if k == "text_decoder.bert.embeddings.word_embeddings.weight":  # tied to the head, as BLIP_VQA loads it

@@ -276,8 +276,9 @@ def load_vqa_weights(model: MedBlipVqa, spec: str, sha256: Optional[str] = None)
     for head in [k for k in sd if k.endswith(_HEAD)]:
         emb = head[: -len(_HEAD)] + _DEC_EMB
         if emb in sd and not torch.equal(sd[emb], sd[head]):
-            # A pretraining checkpoint holds the LM head apart from the (encoder-shared) decoder input embedding.
-            # BLIP_VQA's decoder ties the two, and BLIP's load_state_dict writes the head last: the head wins.
+            # A pretraining checkpoint written without BLIP HEAD's tying (BLIP's first commit, model.tie_lm_head=false,
+            # our runs before it) holds the LM head apart from the decoder's input embedding. BLIP_VQA's decoder ties
+            # the two, and BLIP's load_state_dict writes the head last: the head wins.
             sd[emb] = sd[head]
             notes.append("answer decoder: word embeddings tied to the pretraining LM head weights (as BLIP_VQA's "
                          "load_checkpoint leaves them)")
