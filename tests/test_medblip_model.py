@@ -516,3 +516,15 @@ def test_python_api_features_and_itm_scores():
     assert img.shape == txt.shape == (4, 16)
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
     assert scores.shape == (4,) and ((scores >= 0) & (scores <= 1)).all()
+
+
+@pytest.mark.slow
+def test_base_parameter_counts_are_blip_pretrains():
+    """BLIP_Pretrain (ViT-B/16 + BERT-base, BLIP HEAD's tying): 252,441,919 trainable, 475,892,799 in all."""
+    torch.manual_seed(0)
+    model = MedBlipPretrain(ModelConfig(preset="base", queue_size=256))
+    momentum = {id(p) for m in model.fp32_modules() for p in m.parameters()}
+    params = list(model.parameters())  # each shared tensor once
+    assert sum(p.numel() for p in params if id(p) not in momentum and p.requires_grad) == 252_441_919
+    assert sum(p.numel() for p in params if id(p) in momentum) == 223_450_880
+    assert sum(p.numel() for p in params) == 475_892_799
