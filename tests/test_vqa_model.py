@@ -57,6 +57,28 @@ def test_loss_is_blips_weighted_sum_over_questions(tokenizer):
     assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
 
 
+def test_chance_level_is_the_uniform_predictions_loss(tokenizer):
+    import math
+
+    from recipes.medblip.vqa_model import answer_loss
+
+    model = tiny(tokenizer)
+    samples = [{"image": torch.randn(3, 32, 32), "question": QUESTIONS[0], "answers": ["yes", "no"],
+                "weights": [0.75, 0.25]},
+               {"image": torch.randn(3, 32, 32), "question": QUESTIONS[1], "answers": ["the chest"],
+                "weights": [1.0]}]
+    batch = VqaCollate(tokenizer, 35, 32)(samples)
+    # scored tokens: "yes [SEP]", "no [SEP]", "the chest [SEP]" -> (0.75 * 2 + 0.25 * 2 + 1 * 3) / 2 questions
+    assert batch["answer_tokens"] == pytest.approx(2.5)
+    chance = model(batch)["chance"]
+    assert chance == {"vqa": pytest.approx(2.5 * math.log(30524))} and type(chance["vqa"]) is float
+    ids = batch["answer_ids"].clone()
+    ids[:, 0] = tokenizer.bos_token_id
+    uniform = torch.zeros(*ids.shape, 30524)
+    assert answer_loss(uniform, lm_targets(ids, 0), batch["answer_weights"], 2).item() == \
+        pytest.approx(chance["vqa"], rel=1e-6)
+
+
 def test_rank_returns_the_best_scoring_candidate(tokenizer):
     model = tiny(tokenizer)
     image = torch.randn(len(QUESTIONS), 3, 32, 32)
