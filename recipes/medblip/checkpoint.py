@@ -3,8 +3,8 @@ our DeepSpeed checkpoints and our own files; every missing or unexpected key rep
 
 Tensors shared under several names (BLIP's tied encoder/decoder weights) count as one: a tensor is missing
 only when none of its names is in the checkpoint. The LM head is tied as the file ties it: a file whose LM head
-differs from its word embeddings (BLIP's first commit, our runs before BLIP HEAD's tying) gets a separate head. Files are read with torch.load(weights_only=True) or
-safetensors, never by unpickling arbitrary objects.
+differs from its word embeddings (BLIP's first commit, our runs before BLIP HEAD's tying) gets a separate head.
+Files are read with torch.load(weights_only=True) or safetensors, never by unpickling arbitrary objects.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from .towers import interpolate_pos_embed, lm_head_is_tied, untie_lm_head
 
 QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr")
 LM_HEAD = "text_decoder.cls.predictions.decoder.weight"
-WORD_EMBEDDINGS = ("text_decoder.bert.embeddings.word_embeddings.weight", "text_encoder.embeddings.word_embeddings.weight")
+WORD_EMBEDDINGS = ("text_decoder.bert.embeddings.word_embeddings.weight",  # the head's own first, as the decoder ties
+                   "text_encoder.embeddings.word_embeddings.weight")
 _MODULE_PREFIXES = ("visual_encoder.", "text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.",
                     "visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
 _IGNORED = re.compile(r"(^|\.)embeddings\.position_ids$")  # med.py's persistent buffer; transformers' is not saved
