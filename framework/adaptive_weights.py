@@ -30,6 +30,7 @@ class AdaptiveLossWeighter:
     """Combiner (output, step) -> (total, logs) and plugin owning r_hat; see the module docstring for the rule."""
 
     name = "adaptive_loss_weights"
+    per_rank_state = False  # r_hat is all-reduced: every rank holds the same
 
     def __init__(self, static_weight: Callable[[str, int], float], *, momentum: float = 0.9, eps: float = 1e-8,
                  detach_weights: bool = True):
@@ -56,7 +57,7 @@ class AdaptiveLossWeighter:
         losses: dict[str, torch.Tensor] = output["losses"]
         if "teacher_losses" not in output or "distill" not in output:
             raise ValueError("the adaptive loss weighter needs the self-distillation wrapper's output "
-                             "(teacher_losses, distill); build the task with framework.distill.with_self_distillation")
+                             "(teacher_losses, distill): set distill.enabled (framework.distill.setup_distillation)")
         if not losses:
             raise ValueError("the model returned no losses (are all objectives disabled?)")
         names = list(losses)

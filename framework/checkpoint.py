@@ -203,21 +203,35 @@ def load(ds_engine: Any, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dic
 
 
 class _safe_deepspeed_reads:
-    """Context: the DeepSpeed engine's checkpoint reads go through `safe_load` (its torch engine only)."""
+    """Context: the DeepSpeed engine's checkpoint reads go through `safe_load` (its torch engine only), and model
+    states saved under the old self-distillation wrapper ("student." before every name) load into the model."""
 
     def __init__(self, ds_engine: Any):
         self.engine = getattr(ds_engine, "checkpoint_engine", None)
+        module = getattr(ds_engine, "module", None)
+        self.names = set(module.state_dict()) if module is not None else set()
 
     def __enter__(self) -> None:
         if type(self.engine).__name__ != "TorchCheckpointEngine":
             return  # another engine (Nebula, async...) reads its own way; it is the user's explicit choice
-        self.engine.load = _deepspeed_read
+        names = self.names
+        self.engine.load = lambda path, map_location=None: _without_wrapper_prefix(
+            safe_load(path, map_location=map_location), names)
 
     def __exit__(self, *exc: Any) -> None:
         if self.engine is not None and "load" in vars(self.engine):
             del self.engine.load  # back to the class's method
 
 
-def _deepspeed_read(path: str, map_location: Any = None) -> Any:
-    """TorchCheckpointEngine.load's signature, reading with `safe_load`."""
-    return safe_load(path, map_location=map_location)
+WRAPPER_PREFIX = "student."  # PSD checkpoints written before 2026-12 held the model under a wrapper module
+
+
+def _without_wrapper_prefix(state: Any, names: set[str]) -> Any:
+    """A DeepSpeed model-states dict whose module keys all carry WRAPPER_PREFIX, renamed to the model's names."""
+    module = state.get("module") if isinstance(state, dict) else None
+    if not isinstance(module, dict) or not module or not names:
+        return state
+    if all(k.startswith(WRAPPER_PREFIX) for k in module) and not any(k in names for k in module):
+        state = dict(state)
+        state["module"] = {k[len(WRAPPER_PREFIX):]: v for k, v in module.items()}
+    return state

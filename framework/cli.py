@@ -1,6 +1,7 @@
 """Entry-point helper: user errors become one line on stderr and a non-zero exit, not a traceback."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable
@@ -14,10 +15,25 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, Registry
                                                  ValueError)
 
 
+_DISK_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_message(e: OSError) -> str:
+    """An unwritable or full disk in one line: the path and what to do."""
+    where = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left writing {where}: free some space (old checkpoints: run.keep_last) or write elsewhere"
+    return f"cannot write {where} ({e.strerror}): choose a directory you can write to"
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Run `main`; print user errors as `error: ...` (one line) and return 2; FRAMEWORK_DEBUG=1 re-raises."""
     from .distributed import shutdown_distributed
-    from .engine import TrainingStopped
+    from .health import TrainingStopped
     from .preflight import PreflightError
 
     try:
@@ -32,14 +48,21 @@ def run_cli(main: Callable[[], int]) -> int:
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except OSError as e:
+        if e.errno in _DISK_ERRNOS and not isinstance(e, FileNotFoundError):
+            print(f"error: {_disk_message(e)}", file=sys.stderr)
+            return 2
+        if not isinstance(e, USER_ERRORS) or os.environ.get("FRAMEWORK_DEBUG"):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:
         if os.environ.get("FRAMEWORK_DEBUG"):
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     finally:  # after a failure (a no-op after success): close the group, without waiting on peers that may be gone
         shutdown_distributed(drain=False)

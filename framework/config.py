@@ -4,14 +4,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import yaml
+
+if TYPE_CHECKING:
+    from .task import Recipe
 
 
 class ConfigError(ValueError):
@@ -33,6 +35,23 @@ class RunConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses tolerated before stopping with a checkpoint
     init_from: Optional[str] = None  # weights to start from (recipe decides the format); not a resume
     stop_at_step: Optional[int] = None  # save and stop after this optimizer step, as if preempted (chunked runs)
+    memory_cap_gib: Optional[float] = None  # GPU: cap this process's allocator (train as if on a smaller GPU)
+    sync_timing: bool = False  # GPU: wait for queued kernels around forward/backward/step (a true time split)
+    health_window: int = 50  # optimizer steps an objective may sit at its chance level before it is flagged
+    health_tolerance: float = 0.02  # "at chance": within this fraction of the chance-level loss
+
+    def check(self) -> None:
+        parse_every(self.save_every, "run.save_every")
+        parse_every(self.eval_every, "run.eval_every")
+        if self.time_budget:
+            parse_duration(self.time_budget)
+        if self.memory_cap_gib is not None and self.memory_cap_gib <= 0:
+            raise ConfigError(f"run.memory_cap_gib must be > 0 (GiB) or null, got {self.memory_cap_gib}")
+        for key in ("keep_last", "log_every", "max_nonfinite", "health_window"):
+            if getattr(self, key) < (0 if key == "keep_last" else 1):
+                raise ConfigError(f"run.{key} must be >= {0 if key == 'keep_last' else 1}, got {getattr(self, key)}")
+        if not 0 <= self.health_tolerance < 1:
+            raise ConfigError(f"run.health_tolerance must be in [0, 1), got {self.health_tolerance}")
 
 
 @dataclass
@@ -51,6 +70,21 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     seed: int = 42
 
+    def check(self) -> None:
+        if self.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+        if self.epochs is None and self.max_steps is None:
+            raise ConfigError("set train.epochs or train.max_steps")
+        for key in ("epochs", "max_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1 or null, got {getattr(self, key)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas must be two numbers, got {self.betas}")
+
 
 @dataclass
 class DataConfig:
@@ -62,11 +96,29 @@ class DataConfig:
     samples_per_epoch: Optional[int] = None  # default: counted from the shards (or their manifest.json)
     verify_checksums: bool = False  # check shards against manifest.json sha256 before training
 
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
 
 @dataclass
 class ObjectiveConfig:
     enabled: bool = True
     weight: Union[float, dict] = 1.0  # a number, or a step schedule {kind, start, end, steps}
+
+
+DISTILL_MODES = ("loss_mse", "output_kl")
+TAU_SCHEDULES = ("constant", "linear", "cosine", "progressive")  # progressive = the study's linear ramp
+
+
+def check_distill_modes(spec: Union[str, dict]) -> None:
+    """distill.mode is one of DISTILL_MODES, or {objective: one of them}."""
+    for name, mode in (spec.items() if isinstance(spec, dict) else [("", spec)]):
+        if mode not in DISTILL_MODES:
+            where = f"distill.mode.{name}" if name else "distill.mode"
+            raise ConfigError(f"{where}: unknown mode {mode!r}; known: {', '.join(DISTILL_MODES)}")
 
 
 @dataclass
@@ -82,25 +134,40 @@ class DistillConfig:
     eps: float = 1.0e-8
     detach_weights: bool = True  # adaptive weights carry no gradient
 
+    def check(self) -> None:
+        for key in ("tau_start", "tau_end", "ratio_momentum"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"distill.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.tau_schedule not in TAU_SCHEDULES:
+            raise ConfigError(f"distill.tau_schedule: unknown schedule {self.tau_schedule!r}; known: "
+                              f"{', '.join(TAU_SCHEDULES)}")
+        check_distill_modes(self.mode)
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
+        if self.eps < 0:
+            raise ConfigError(f"distill.eps must be >= 0, got {self.eps}")
+
 
 @dataclass
 class Config:
-    recipe: str = ""  # python module of the recipe, e.g. recipes.medblip
+    """The framework's sections; a recipe subclasses it with its own typed sections (model:, image:, vqa: ...)."""
+
+    recipe: str = ""  # python module of the recipe, e.g. recipes.medblip.pretrain
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objectives: dict[str, ObjectiveConfig] = field(default_factory=dict)
     distill: DistillConfig = field(default_factory=DistillConfig)
     deepspeed: Union[dict, str] = field(default_factory=dict)  # DeepSpeed config block, or a YAML/JSON file
-    # Recipe-declared sections (e.g. model:, vqa:) are validated by the recipe's dataclasses.
-    sections: dict[str, Any] = field(default_factory=dict)
-    source: str = ""  # the recipe file this came from
+    source: str = field(default="", metadata={"yaml": False})  # the recipe file this came from (not a YAML key)
 
-    def __getattr__(self, name: str) -> Any:  # cfg.model -> cfg.sections["model"]
-        sections = self.__dict__.get("sections", {})
-        if name in sections:
-            return sections[name]
-        raise AttributeError(name)
+    def check(self) -> None:
+        """Checks across sections (each section checks itself)."""
+        if isinstance(self.distill.mode, dict) and self.objectives:
+            unknown = sorted(set(self.distill.mode) - set(self.objectives))
+            if unknown:
+                raise ConfigError(f"distill.mode.{unknown[0]}: not an objective of this recipe "
+                                  f"(objectives: {', '.join(sorted(self.objectives))})")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -115,13 +182,20 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """Read a recipe and its `base:` recipes (paths relative to the file), merged base-first."""
+    where = f" (base of {chain[-1]})" if chain else ""
+    if path.is_dir():
+        raise ConfigError(f"recipe {path}{where} is a directory; give a recipe YAML file (e.g. {path}/config.yaml)")
     if not path.is_file():
-        where = f" (base of {chain[-1]})" if chain else ""
         raise ConfigError(f"recipe file not found: {path}{where}")
     if path.resolve() in [p.resolve() for p in chain]:
         raise ConfigError(f"{path}: circular base: chain {' -> '.join(map(str, chain + (path,)))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}{where}: not a YAML text file (byte {e.start} is not UTF-8 text); give a recipe "
+                          "YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}{where}: cannot read it ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
@@ -221,9 +295,10 @@ def coerce(tp: Any, value: Any, path: str, source: str) -> Any:
 
 
 def from_dict(cls: type, data: dict, path: str = "", source: str = "<config>") -> Any:
-    """Build dataclass `cls` from `data`; unknown keys, wrong types and missing values name their path."""
+    """Build dataclass `cls` from `data`, then run its check(); unknown keys, wrong types, missing values and
+    failed checks name their key path (and `source`) in one line."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         known = ", ".join(sorted(fields))
@@ -234,31 +309,37 @@ def from_dict(cls: type, data: dict, path: str = "", source: str = "<config>") -
             kwargs[name] = coerce(hints[name], data[name], _join(path, name), source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: missing required value {_join(path, name)}")
-    return cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+        if hasattr(obj, "check"):
+            obj.check()
+    except ConfigError as e:  # a section's own check: prefix the file (its message names the key path)
+        raise ConfigError(f"{source}: {e}") from None
+    return obj
 
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def import_recipe(name: str, source: str = "<config>") -> types.ModuleType:
-    """Import a recipe module by dotted name; it must define build(cfg) -> Task."""
+def import_recipe(name: str, source: str = "<config>") -> "Recipe":
+    """The `RECIPE` declaration (framework.task.Recipe) of the recipe module `name`."""
+    from .task import Recipe
+
     if not name:
-        raise ConfigError(f"{source}: missing required value recipe (e.g. recipe: recipes.medblip)")
+        raise ConfigError(f"{source}: missing required value recipe (e.g. recipe: recipes.medblip.pretrain)")
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as e:
         raise ConfigError(f"{source}: recipe: cannot import {name!r} ({e})") from None
-    if not hasattr(module, "build"):
-        raise ConfigError(f"{source}: recipe: module {name!r} has no build(cfg) function")
-    return module
-
-
-_CORE = {"recipe", "run", "train", "data", "objectives", "distill", "deepspeed"}
+    recipe = getattr(module, "RECIPE", None)
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"{source}: recipe: module {name!r} declares no RECIPE = framework.task.Recipe(...)")
+    return recipe
 
 
 def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
-    """Read a recipe file (with bases and overrides) and validate it into a Config."""
+    """Read a recipe file (with bases and overrides) and validate it into the recipe's Config class."""
     path = Path(path)
     source = str(path)
     data = apply_overrides(_read_yaml(path), overrides or [], source)
@@ -266,62 +347,39 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
 
 
 def config_from_dict(data: dict, source: str = "<config>") -> Config:
-    """Validate a plain dict (as read from YAML) into a Config, including the recipe's sections."""
+    """Validate a plain dict (as read from YAML) into the recipe's Config subclass (RECIPE.config)."""
     recipe = import_recipe(data.get("recipe", ""), source)
-    recipe_sections: dict[str, type] = dict(getattr(recipe, "SECTIONS", {}))
-    unknown = sorted(set(data) - _CORE - set(recipe_sections))
-    if unknown:
-        known = ", ".join(sorted(_CORE | set(recipe_sections)))
-        raise ConfigError(f"{source}: unknown key {unknown[0]} (known here: {known})")
-    core = {k: v for k, v in data.items() if k in _CORE}
-    cfg = from_dict(Config, core, "", source)
+    data = dict(data)
+    if isinstance(data.get("deepspeed"), str):
+        data["deepspeed"] = _read_deepspeed(data["deepspeed"], source)
+    cfg = from_dict(recipe.config, data, "", source)
     cfg.source = source
-    cfg.sections = {
-        name: from_dict(cls, data.get(name) or {}, name, source) for name, cls in recipe_sections.items()
-    }
-    known_objectives = getattr(recipe, "OBJECTIVES", None)
-    if known_objectives is not None:
-        for name in cfg.objectives:
-            if name not in known_objectives:
-                raise ConfigError(
-                    f"{source}: objectives.{name}: unknown objective (known: {', '.join(sorted(known_objectives))})"
-                )
-    if isinstance(cfg.deepspeed, str):
-        ds_path = Path(cfg.deepspeed)
-        if not ds_path.is_absolute() and source and not ds_path.is_file():
-            ds_path = Path(source).parent / ds_path
-        try:
-            text = ds_path.read_text()
-            loaded = json.loads(text) if ds_path.suffix == ".json" else yaml.safe_load(text)
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: deepspeed: file not found: {cfg.deepspeed}") from None
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"{source}: deepspeed: {ds_path} is not valid {ds_path.suffix[1:].upper()} "
-                              f"({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: deepspeed: {ds_path} must hold a mapping")
-        cfg.deepspeed = loaded
-    _check(cfg, source)
+    for name in cfg.objectives:
+        if name not in recipe.objectives:
+            raise ConfigError(f"{source}: objectives.{name}: unknown objective (known: "
+                              f"{', '.join(sorted(recipe.objectives))})")
     return cfg
 
 
-def _check(cfg: Config, source: str) -> None:
-    t = cfg.train
-    if t.grad_accum < 1:
-        raise ConfigError(f"{source}: train.grad_accum must be >= 1, got {t.grad_accum}")
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"{source}: data.batch_size must be >= 1, got {cfg.data.batch_size}")
-    if t.precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise ConfigError(f"{source}: train.precision must be auto, fp32, fp16 or bf16, got {t.precision!r}")
-    if t.epochs is None and t.max_steps is None:
-        raise ConfigError(f"{source}: set train.epochs or train.max_steps")
-    parse_every(cfg.run.save_every, "run.save_every", source)
-    parse_every(cfg.run.eval_every, "run.eval_every", source)
-    if cfg.run.time_budget:
-        parse_duration(cfg.run.time_budget, source)
+def _read_deepspeed(spec: str, source: str) -> dict:
+    """deepspeed: a YAML/JSON file (relative to the recipe file) -> its mapping."""
+    ds_path = Path(spec)
+    if not ds_path.is_absolute() and source and not ds_path.is_file():
+        ds_path = Path(source).parent / ds_path
+    try:
+        text = ds_path.read_text()
+        loaded = json.loads(text) if ds_path.suffix == ".json" else yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: deepspeed: file not found: {spec}") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{source}: deepspeed: {ds_path} is not valid {ds_path.suffix[1:].upper()} "
+                          f"({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: deepspeed: {ds_path} must hold a mapping")
+    return loaded
 
 
-def parse_every(text: str, key: str = "every", source: str = "<config>") -> tuple[int, str]:
+def parse_every(text: str, key: str = "every") -> tuple[int, str]:
     """'100' -> (100, 'step'); '1epoch' -> (1, 'epoch'); '0' -> (0, 'step') meaning never."""
     s = str(text).strip().lower().replace(" ", "")
     unit = "epoch" if s.endswith(("epoch", "epochs")) else "step"
@@ -329,38 +387,52 @@ def parse_every(text: str, key: str = "every", source: str = "<config>") -> tupl
     try:
         n = int(num)
     except ValueError:
-        raise ConfigError(f"{source}: {key}: expected N (steps) or Nepoch, got {text!r}") from None
+        raise ConfigError(f"{key}: expected N (steps) or Nepoch, got {text!r}") from None
     return n, unit
 
 
-def parse_duration(text: str, source: str = "<config>") -> float:
+def parse_duration(text: str) -> float:
     """'11h30m' / '90m' / '45s' / '2h' -> seconds."""
     import re
 
     s = str(text).strip().lower()
     m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", s)
     if not s or not m or not any(m.groups()):
-        raise ConfigError(f"{source}: run.time_budget: expected e.g. 11h30m, 90m or 45s, got {text!r}")
+        raise ConfigError(f"run.time_budget: expected e.g. 11h30m, 90m or 45s, got {text!r}")
     h, mi, se = (float(g) if g else 0.0 for g in m.groups())
     return h * 3600 + mi * 60 + se
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """Plain-data view of a config (sections flattened back to the top level), for saving."""
-    out = {f.name: dataclasses.asdict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
-           else getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("sections", "source")}
-    out["objectives"] = {k: dataclasses.asdict(v) for k, v in cfg.objectives.items()}
-    for name, sec in cfg.sections.items():
-        out[name] = dataclasses.asdict(sec) if dataclasses.is_dataclass(sec) else sec
-    return out
+    """Plain-data view of a config (its YAML keys), for saving and comparing."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.metadata.get("yaml", True)}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def save_resolved(cfg: Config, run_dir: Union[str, Path]) -> Path:
     """Write the resolved config as YAML into the run directory (atomically)."""
+    from .files import atomic_write_text
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(f"# resolved from {cfg.source}\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, target)
-    return target
+    text = f"# resolved from {cfg.source}\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return atomic_write_text(run_dir / "config.yaml", text)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the dotted keys of a nested mapping."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out |= flatten(v, f"{key}.")
+        else:
+            out[key] = v
+    return out

@@ -8,34 +8,27 @@ rows), or a dict/list of those (averaged). A forward that takes `reuse=` gets th
 """
 from __future__ import annotations
 
-import dataclasses
-import inspect
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .adaptive_weights import AdaptiveLossWeighter
-from .config import Config
+from .config import Config, check_distill_modes
 from .ema import EMATeacher, check_zero_stage
 from .loss_weights import StaticLossWeights
-from .task import Batch, ModelOutput, Task
+from .task import Batch, ModelOutput, Task, forward_keywords
 
-MODES = ("loss_mse", "output_kl")
 IGNORE_INDEX = -100
 
 
 def resolve_modes(spec: Union[str, dict[str, str]]) -> Callable[[str], str]:
     """distill.mode (one mode, or {objective: mode} with loss_mse for the others) -> objective -> mode."""
-    table = spec if isinstance(spec, dict) else {}
-    for name, mode in (table.items() if isinstance(spec, dict) else [("", spec)]):
-        if mode not in MODES:
-            where = f"distill.mode.{name}" if name else "distill.mode"
-            raise ValueError(f"{where}: unknown mode {mode!r}; known: {', '.join(MODES)}")
+    check_distill_modes(spec)
     if isinstance(spec, str):
         return lambda name: spec
-    return lambda name: table.get(name, "loss_mse")
+    return lambda name: spec.get(name, "loss_mse")
 
 
 def kl_with_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -76,34 +69,31 @@ def logits_kl(student: Any, teacher: Any, temperature: float = 1.0) -> torch.Ten
     return torch.stack(parts).mean()
 
 
-class SelfDistillation(nn.Module):
-    """Wraps a student: forward(batch) -> its ModelOutput + "teacher_losses" and "distill" ({objective: D_t}).
+class SelfDistillation:
+    """The student's forward, then its EMA teacher's on the same batch: ModelOutput + "teacher_losses" and
+    "distill" ({objective: D_t}), D_t = (L_t^S - L_t^T)^2 (loss_mse, the study's) or logits_kl of the objective's
+    outputs (output_kl).
 
-    D_t = (L_t^S - L_t^T)^2 (loss_mse, the study's) or logits_kl of the objective's outputs (output_kl).
-    Only the student is a submodule: the EMA teacher lives in the `ema` plugin, out of DeepSpeed's reach.
+    `student` is what computes the student's output: the DeepSpeed engine in training (which wraps the recipe's
+    model itself: no wrapper module, no "student." prefix on parameter names), or the model itself. The teacher
+    lives in the `ema` plugin, out of DeepSpeed's reach. `keywords`: which of the Model keywords (return_logits,
+    reuse) the recipe's forward accepts (framework.task.forward_keywords; default: read from `student`).
     """
 
-    def __init__(self, student: nn.Module, ema: EMATeacher, mode: Union[str, dict[str, str]] = "loss_mse",
-                 temperature: float = 1.0):
-        super().__init__()
+    def __init__(self, student: Callable[..., ModelOutput], ema: EMATeacher, mode: Union[str, dict[str, str]] =
+                 "loss_mse", temperature: float = 1.0, keywords: Optional[frozenset[str]] = None):
         self.student = student
-        self.ema = ema  # not an nn.Module: invisible to parameters(), state_dict(), .to() and DeepSpeed's casts
+        self.ema = ema
         self.mode = resolve_modes(mode)
         self.temperature = temperature
-        params = inspect.signature(student.forward).parameters
-        self.accepts_logits = "return_logits" in params
-        self.accepts_reuse = "reuse" in params
-        uses_kl = mode == "output_kl" or (isinstance(mode, dict) and "output_kl" in mode.values())
-        if uses_kl and not self.accepts_logits:
-            raise ValueError(f"distill.mode output_kl: {type(student).__name__}.forward takes no return_logits=; "
+        keywords = forward_keywords(student) if keywords is None else keywords
+        self.accepts_reuse = "reuse" in keywords
+        self._uses_kl = mode == "output_kl" or (isinstance(mode, dict) and "output_kl" in mode.values())
+        if self._uses_kl and "return_logits" not in keywords:
+            raise ValueError(f"distill.mode output_kl: {type(ema.student).__name__}.forward takes no return_logits=; "
                              "use loss_mse or make the model return its logits")
-        self._uses_kl = uses_kl
 
-    def fp32_modules(self) -> list[nn.Module]:
-        """The student's fp32 submodules (momentum encoders...), which the engine casts back after DeepSpeed."""
-        return list(getattr(self.student, "fp32_modules", lambda: [])())
-
-    def forward(self, batch: Batch) -> ModelOutput:
+    def __call__(self, batch: Batch) -> ModelOutput:
         kwargs = {"return_logits": True} if self._uses_kl else {}
         # The teacher sees the buffers the student's forward starts from (e.g. the same ITC feature queue, which
         # the student's forward then advances), not last step's copy: same candidates under accumulation too.
@@ -134,32 +124,39 @@ class SelfDistillation(nn.Module):
         return result
 
 
-def with_self_distillation(task: Task, cfg: Config, total_steps: int) -> Task:
-    """The recipe's Task with the student wrapped, the EMA teacher + adaptive weighter as plugins and combiner.
+@dataclass
+class Distillation:
+    """Progressive self-distillation for a task: the EMA teacher and the adaptive weighter (plugins, in this
+    order, after the recipe's own) and the forward that runs both models."""
 
-    Call before deepspeed.initialize (the teacher is a copy of the weights the student starts from).
-    """
+    teacher: EMATeacher
+    weighter: AdaptiveLossWeighter
+    mode: Union[str, dict[str, str]]
+    temperature: float
+    keywords: frozenset[str]
+
+    @property
+    def plugins(self) -> list[Any]:
+        return [self.teacher, self.weighter]
+
+    def forward(self, student: Callable[..., ModelOutput]) -> SelfDistillation:
+        """The training forward around `student` (the DeepSpeed engine wrapping the recipe's model)."""
+        return SelfDistillation(student, self.teacher, self.mode, self.temperature, keywords=self.keywords)
+
+
+def setup_distillation(task: Task, cfg: Config, total_steps: int) -> Distillation:
+    """The teacher (a copy of the weights the student starts from: call before deepspeed.initialize) and the
+    adaptive weighter for `task` as distill: configures them; refuses ZeRO-3 and a recipe's own loss combiner."""
     d = cfg.distill
     ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
     check_zero_stage(int(ds.get("zero_optimization", {}).get("stage", 0)))
     if task.combine_losses is not None:
         raise ValueError("distill.enabled: the recipe sets its own combine_losses, which self-distillation's "
                          "adaptive weighter would replace; disable one of them")
-    if d.temperature <= 0:
-        raise ValueError(f"distill.temperature must be > 0, got {d.temperature}")
-    if isinstance(d.mode, dict) and cfg.objectives:
-        unknown = sorted(set(d.mode) - set(cfg.objectives))
-        if unknown:
-            raise ValueError(f"distill.mode.{unknown[0]}: not an objective of this recipe "
-                             f"(objectives: {', '.join(sorted(cfg.objectives))})")
-    ema = EMATeacher(task.model, tau_start=d.tau_start, tau_end=d.tau_end, tau_schedule=d.tau_schedule,
-                     tau_steps=d.tau_steps or total_steps)
-    model = SelfDistillation(task.model, ema, mode=d.mode, temperature=d.temperature)
+    teacher = EMATeacher(task.model, tau_start=d.tau_start, tau_end=d.tau_end, tau_schedule=d.tau_schedule,
+                         tau_steps=d.tau_steps or total_steps, shared=task.frozen_modules)
     weighter = AdaptiveLossWeighter(StaticLossWeights(cfg.objectives, total_steps).weight,
                                     momentum=d.ratio_momentum, eps=d.eps, detach_weights=d.detach_weights)
-    evaluate, no_decay = task.evaluate, task.no_decay
-    return dataclasses.replace(
-        task, model=model, plugins=[*task.plugins, ema, weighter], combine_losses=weighter,
-        # the recipe's hooks see its own model and its own parameter names (without the "student." prefix)
-        evaluate=(lambda module, step: evaluate(getattr(module, "student", module), step)) if evaluate else None,
-        no_decay=(lambda name, p: no_decay(name.removeprefix("student."), p)) if no_decay else None)
+    distillation = Distillation(teacher, weighter, d.mode, d.temperature, forward_keywords(task.model))
+    distillation.forward(task.model)  # validates the mode against what the model's forward accepts
+    return distillation

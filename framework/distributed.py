@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -11,10 +12,39 @@ import torch.distributed as dist
 
 @dataclass
 class DistInfo:
+    """This process's place in the run: rank, world size, local rank and its device."""
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group, or before one exists: from the launcher's RANK)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def say(message: str, err: bool = False) -> None:
+    """Print on rank 0 only (stdout, or stderr with err=True), flushed: progress and notes, once per run."""
+    if rank() == 0:
+        print(message, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+@torch.no_grad()
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on each rank -> [world*b, ...] in rank order (identity in a world of one); no gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
 
 
 def _free_port() -> int:
@@ -35,9 +65,27 @@ def init_distributed() -> DistInfo:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        if not cuda:
+            _skip_shared_memory_allreduce()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce (deepspeed_shm_comm) at start-up.
+
+    Only DeepSpeed's inference all-reduce uses it; training's collectives go through torch.distributed (gloo).
+    Building it needs a C++ compiler (without one every CPU run died in a 65-line traceback) and ~50 s.
+    """
+    import importlib
+
+    try:  # by module name: the attribute deepspeed.comm.torch is the torch package (a star import shadows it)
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        return
+    if hasattr(ds_torch, "build_shm_op"):
+        ds_torch.build_shm_op = lambda: None  # TorchBackend treats None as "no shm op": plain all_reduce
 
 
 def all_true(flag: bool) -> bool:

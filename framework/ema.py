@@ -8,9 +8,18 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .config import TAU_SCHEDULES
 from .schedules import ramp
 
-TAU_SCHEDULES = ("constant", "linear", "cosine", "progressive")  # progressive = the study's linear ramp
+
+@torch.no_grad()
+def ema_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], decay: float) -> None:
+    """targets <- decay * targets + (1 - decay) * sources, in the targets' dtype (fp32 copies of half sources)."""
+    if not targets:
+        return
+    torch._foreach_mul_(targets, decay)
+    torch._foreach_add_(targets, [s.detach().to(t.dtype) for t, s in zip(targets, sources, strict=True)],
+                        alpha=1.0 - decay)
 
 
 class ZeroStage3Error(ValueError):
@@ -42,14 +51,16 @@ class EMATeacher:
     """Plugin: teacher <- tau*teacher + (1-tau)*student after each optimizer step; runs the teacher forward.
 
     The teacher is a deep copy of the student taken at construction (the same initial weights), cast to fp32 and
-    frozen. It is not a submodule of anything DeepSpeed wraps, so DeepSpeed never casts, optimises or
-    checkpoints it; its weights travel in this plugin's state_dict (the engine's client state).
+    frozen; the `shared` submodules (frozen towers that never change) are the student's own, not copied. It is not
+    a submodule of anything DeepSpeed wraps, so DeepSpeed never casts, optimises or checkpoints it; its weights
+    travel in this plugin's state_dict (the engine's client state).
     """
 
     name = "ema_teacher"
+    per_rank_state = False  # every rank holds the same teacher
 
     def __init__(self, student: nn.Module, *, tau_start: float = 0.95, tau_end: float = 0.995,
-                 tau_schedule: str = "linear", tau_steps: int = 1):
+                 tau_schedule: str = "linear", tau_steps: int = 1, shared: Optional[list[nn.Module]] = None):
         for key, v in (("tau_start", tau_start), ("tau_end", tau_end)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"distill.{key} must be in [0, 1], got {v}")
@@ -57,7 +68,13 @@ class EMATeacher:
         if any(hasattr(p, "ds_id") for p in student.parameters()):
             raise ZeroStage3Error(ZERO3_MESSAGE)
         self.student = student
-        self.teacher = copy.deepcopy(student).float().eval().requires_grad_(False)
+        shared = list(shared or [])
+        memo = {id(t): t for m in shared for t in [*m.parameters(), *m.buffers()]}  # deepcopy keeps these as-is
+        self._shared = set(memo)
+        self.teacher = copy.deepcopy(student, memo=dict(memo)).eval().requires_grad_(False)
+        for t in [*self.teacher.parameters(), *self.teacher.buffers()]:
+            if id(t) not in self._shared and t.is_floating_point():
+                t.data = t.data.float()  # fp32 copies; the shared towers keep their own dtype
         self.tau_start, self.tau_end, self.tau_schedule, self.tau_steps = tau_start, tau_end, tau_schedule, tau_steps
         self.step = 0  # optimizer steps whose update has been applied
         self.tau = self.tau_at(0)
@@ -85,25 +102,32 @@ class EMATeacher:
         return {"distill/tau": tau}
 
     def state_dict(self) -> dict[str, Any]:
-        teacher = {k: v.detach().to("cpu", copy=True) for k, v in self.teacher.state_dict().items()}
+        teacher = {k: v.detach().to("cpu", copy=True) for k, v in self._own_state().items()}
         return {"teacher": teacher, "step": self.step, "tau": self.tau}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.teacher.load_state_dict(state["teacher"])  # copy_ into the fp32 tensors: dtype and device kept
+        own = self._own_state()
+        # copy_ into the fp32 tensors (dtype and device kept); shared towers are the student's, restored with it
+        self.teacher.load_state_dict({k: v for k, v in state["teacher"].items() if k in own}, strict=False)
+        missing = sorted(set(own) - set(state["teacher"]))
+        if missing:
+            raise ValueError(f"EMA teacher state lacks {len(missing)} tensors (e.g. {missing[0]})")
         self.step, self.tau = int(state["step"]), float(state["tau"])
+
+    def _own_state(self) -> dict[str, torch.Tensor]:
+        """The teacher's state dict without the shared (student-owned) tensors."""
+        return {k: v for k, v in self.teacher.state_dict(keep_vars=True).items() if id(v) not in self._shared}
 
     # ------------------------------------------------------------------ the update and the forward
 
     @torch.no_grad()
     def update(self, tau: float) -> None:
-        """theta_t <- tau*theta_t + (1-tau)*theta_s for every parameter (fp32 math); buffers copied."""
+        """theta_t <- tau*theta_t + (1-tau)*theta_s for every own parameter (fp32 math); buffers copied."""
         t_params, s_params = self._pairs("named_parameters")
-        if t_params:
-            if t_params[0].device != s_params[0].device:  # used without setup() after the student moved
-                self.teacher.to(s_params[0].device)
-                t_params, s_params = self._pairs("named_parameters")
-            torch._foreach_mul_(t_params, tau)
-            torch._foreach_add_(t_params, [s.detach() for s in s_params], alpha=1.0 - tau)  # bf16 s promotes
+        if t_params and t_params[0].device != s_params[0].device:  # used without setup() after the student moved
+            self.teacher.to(s_params[0].device)
+            t_params, s_params = self._pairs("named_parameters")
+        ema_update_(t_params, s_params, tau)
         self.copy_buffers()
 
     @torch.no_grad()
@@ -124,11 +148,13 @@ class EMATeacher:
         return next((p.dtype for p in self.student.parameters() if p.is_floating_point()), torch.float32)
 
     def _pairs(self, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(teacher, student) tensors of `kind`, in order, without the shared ones."""
         t = [v for _, v in getattr(self.teacher, kind)()]
         s = [v for _, v in getattr(self.student, kind)()]
         if len(t) != len(s):
             raise RuntimeError(f"EMA teacher: the student has {len(s)} {kind[6:]}, the teacher {len(t)}")
-        return t, s
+        pairs = [(a, b) for a, b in zip(t, s) if id(a) not in self._shared]
+        return [a for a, _ in pairs], [b for _, b in pairs]
 
     def _check_mirrors(self) -> None:
         for kind in ("named_parameters", "named_buffers"):

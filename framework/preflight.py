@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from .gpu import GpuFacts
 
 GIB = 1024 ** 3
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS workspaces, measured ~0.4-0.6 GiB on recent drivers
@@ -15,17 +17,13 @@ class PreflightError(RuntimeError):
     """The run cannot work on this machine as configured; the message says what to change."""
 
 
-def check_gpu_arch(device_index: int = 0,
-                   capability: Optional[Callable[[int], tuple[int, int]]] = None,
-                   arch_list: Optional[Callable[[], list[str]]] = None,
-                   name: Optional[Callable[[int], str]] = None) -> None:
-    """Refuse a GPU whose compute capability has no kernels in this PyTorch build (e.g. P100 + CUDA 12.8 build)."""
-    capability = capability or torch.cuda.get_device_capability
-    arch_list = arch_list or torch.cuda.get_arch_list
-    name = name or torch.cuda.get_device_name
-    major, minor = capability(device_index)
-    have = arch_list()
-    sm = major * 10 + minor
+def check_gpu_arch(gpu: GpuFacts, arch_list: Optional[list[str]] = None) -> None:
+    """Refuse a GPU whose compute capability has no kernels in this PyTorch build (e.g. P100 + CUDA 12.8 build).
+
+    arch_list: the build's torch.cuda.get_arch_list() (default: this build's).
+    """
+    have = torch.cuda.get_arch_list() if arch_list is None else arch_list
+    major, sm = gpu.capability[0], gpu.sm
     sass = {int(a[3:]) for a in have if a.startswith("sm_") and a[3:].isdigit()}
     ptx = {int(a[8:]) for a in have if a.startswith("compute_") and a[8:].isdigit()}
     # A binary kernel runs on the same major version at >= minor; PTX is JIT-compiled for any newer GPU.
@@ -33,7 +31,7 @@ def check_gpu_arch(device_index: int = 0,
     if not ok:
         hint = (" A P100/sm_60 needs a CUDA 12.6 (or older) build, e.g. "
                 "pip install 'torch<2.8' --index-url https://download.pytorch.org/whl/cu126" if sm < 70 else "")
-        raise PreflightError(f"{name(device_index)} is sm_{sm}, but this PyTorch {torch.__version__} "
+        raise PreflightError(f"{gpu.name} is sm_{sm}, but this PyTorch {torch.__version__} "
                              f"(CUDA {torch.version.cuda}) ships kernels for {', '.join(have) or 'no GPU'}.{hint}")
 
 
@@ -97,36 +95,37 @@ def estimate_memory(model: nn.Module, precision: str, zero_stage: int, world_siz
     return est
 
 
-def estimate_for_config(cfg: Any, model: nn.Module, precision: str, world_size: int, cuda: bool = True
-                        ) -> MemoryEstimate:
-    """The estimate for a recipe's model as configured: ZeRO stage, offload, fp32 copies, EMA teacher, activations.
-
-    `model` may be a self-distillation wrapper (its `student` is measured). A model can report its activations
-    with `activation_bytes(batch_size, precision) -> int` and its fp32 submodules with `fp32_modules()`.
-    """
-    student = getattr(model, "student", model)
-    fp32 = sum(p.numel() for m in getattr(student, "fp32_modules", lambda: [])() for p in m.parameters())
+def estimate_for_task(cfg: Any, task: Any, precision: str, world_size: int, cuda: bool = True) -> MemoryEstimate:
+    """The estimate for a recipe's Task as configured: ZeRO stage, offload, fp32 copies (task.fp32_modules), the EMA
+    teacher of self-distillation (its own tensors: task.frozen_modules are shared), activations
+    (task.activation_bytes)."""
+    model = task.model
+    fp32 = sum(p.numel() for m in task.fp32_modules for p in m.parameters())
+    shared = sum(p.numel() for m in task.frozen_modules for p in m.parameters())
     ds_cfg = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
     zero = ds_cfg.get("zero_optimization", {})
-    act = getattr(student, "activation_bytes", None)
-    est = estimate_memory(student, precision, int(zero.get("stage", 0)), world_size, fp32_params=fp32,
-                          teacher_params=sum(p.numel() for p in student.parameters()) if cfg.distill.enabled else 0,
-                          activation_bytes=act(cfg.data.batch_size, precision) if act else None,
-                          offload_optimizer="offload_optimizer" in zero, cuda_context=cuda)
+    teacher = sum(count_params(model)) - shared if cfg.distill.enabled else 0
+    act = task.activation_bytes(cfg.data.batch_size, precision) if task.activation_bytes else None
+    est = estimate_memory(model, precision, int(zero.get("stage", 0)), world_size, fp32_params=fp32,
+                          teacher_params=teacher, activation_bytes=act, offload_optimizer="offload_optimizer" in zero,
+                          cuda_context=cuda)
     est.notes.insert(0, f"{precision}, ZeRO stage {zero.get('stage', 0)}, micro-batch {cfg.data.batch_size}, "
                         f"{world_size} rank(s)")
     return est
 
 
-def check_fits(est: MemoryEstimate, device: torch.device, margin: float = 0.95) -> None:
-    """Raise if the estimate exceeds the GPU's memory (with a margin for fragmentation)."""
-    if device.type != "cuda":
+def check_fits(est: MemoryEstimate, gpu: Optional[GpuFacts], margin: float = 0.95,
+               cap_bytes: Optional[int] = None) -> None:
+    """Raise if the estimate exceeds the GPU's memory, or `cap_bytes` when set (with a margin for fragmentation)."""
+    if gpu is None:
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    total = min(gpu.total_memory, cap_bytes) if cap_bytes else gpu.total_memory
     if est.total > margin * total:
-        raise PreflightError(f"estimated {est.total / GIB:.1f} GiB per GPU exceeds {margin:.0%} of this GPU's "
-                             f"{total / GIB:.1f} GiB: lower data.batch_size (raise train.grad_accum to keep the "
-                             "global batch), enable activation checkpointing, or offload the optimizer")
+        what = f"the {total / GIB:.1f} GiB cap (run.memory_cap_gib)" if cap_bytes and cap_bytes < gpu.total_memory \
+            else f"this GPU's {total / GIB:.1f} GiB"
+        raise PreflightError(f"estimated {est.total / GIB:.1f} GiB per GPU exceeds {margin:.0%} of {what}: lower "
+                             "data.batch_size (raise train.grad_accum to keep the global batch), enable activation "
+                             "checkpointing, or offload the optimizer")
 
 
 def transformer_activation_bytes(batch: int, seq: int, hidden: int, heads: int, layers: int, *, half: bool,

@@ -1,52 +1,113 @@
-"""The contract between the engine and a recipe: what a recipe's ``build(cfg)`` returns."""
+"""The whole contract between the framework and a recipe, in one place.
+
+A recipe module declares `RECIPE = Recipe(config=..., objectives=(...), build=...)`. The framework validates the
+YAML into `RECIPE.config` (a subclass of framework.config.Config with the recipe's own typed sections), then calls
+`RECIPE.build(cfg, dist) -> Task`. The Task's model is what DeepSpeed wraps; its forward returns a ModelOutput.
+Nothing else of a recipe is looked up by name.
+"""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypedDict
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from .config import Config
+    from .distributed import DistInfo
+
 # A batch is whatever the recipe's collate returns: a dict of tensors (and plain values).
 Batch = dict[str, Any]
 
-# What the module that DeepSpeed wraps returns from forward(batch):
-#   {"losses":  {objective name: scalar tensor with grad},   # combined by the loss weighter
-#    "metrics": {name: float or 0-dim tensor},                # logged only (optional)
-#    "teacher_losses": {...}, "distill": {...}}               # filled by framework.distill (optional)
-ModelOutput = dict[str, Any]
+
+class ModelOutput(TypedDict, total=False):
+    """What the model's forward(batch) returns; only "losses" is required."""
+
+    losses: dict[str, torch.Tensor]  # objective name -> fp32 scalar with grad (combined by the loss weighter)
+    metrics: dict[str, Any]  # name -> float or 0-dim tensor, logged only
+    chance: dict[str, float]  # objective -> the loss of a model that learned nothing (the health monitor)
+    reuse: dict[str, torch.Tensor]  # this call's random draws, for forward(batch, reuse=...) (self-distillation)
+    logits: dict[str, Any]  # with return_logits=True: objective -> logits structure (framework.distill.logits_kl)
+    teacher_losses: dict[str, torch.Tensor]  # filled by framework.distill
+    distill: dict[str, torch.Tensor]  # filled by framework.distill
+
+
+class Model(Protocol):
+    """The module DeepSpeed wraps. Two keywords are optional: a forward that takes them gets them.
+
+    return_logits=True: also return output["logits"] (distill.mode output_kl needs it).
+    reuse=output["reuse"] of an earlier call: repeat that call's random draws (the EMA teacher then scores the
+    very pairs the student drew, e.g. BLIP's ITM negatives).
+    """
+
+    def __call__(self, batch: Batch, *, return_logits: bool = False,
+                 reuse: Optional[dict[str, torch.Tensor]] = None) -> ModelOutput: ...
+
+
+def forward_keywords(model: nn.Module) -> frozenset[str]:
+    """Which of the optional Model keywords (return_logits, reuse) this model's forward accepts."""
+    params = inspect.signature(model.forward).parameters
+    return frozenset(k for k in ("return_logits", "reuse") if k in params)
 
 
 class Plugin(Protocol):
     """Runs right after each optimizer step; owns state that must survive a resume."""
 
-    name: str
+    name: str  # key of its state in checkpoints
+    per_rank_state: bool  # True: every rank saves its own state (e.g. a per-rank RNG); False: rank 0's is saved
 
     def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-        """Called once after deepspeed.initialize with the wrapped module (unwrapped: engine.module)."""
+        """Called once after deepspeed.initialize with the recipe's model (DeepSpeed's engine.module)."""
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:
-        """Called once per optimizer step; ``step`` counts optimizer steps done (1 after the first)."""
+        """Called once per optimizer step; `step` counts optimizer steps done (1 after the first); returns logs."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+# evaluate(model, step) -> {name: number (scalar) | str (Markdown text) | Tensor[3,H,W] (image)}; called on every
+# rank with the recipe's model in eval mode under no_grad.
+Evaluate = Callable[[nn.Module, int], dict[str, Any]]
+# combine(output, step) -> (total loss, logs): turns the named losses into the scalar to backward.
+Combine = Callable[[ModelOutput, int], tuple[torch.Tensor, dict[str, Any]]]
+
+
 @dataclass
 class Task:
-    """What a recipe hands the engine: the model, how to turn samples into batches, plugins, evaluation."""
+    """What a recipe's build(cfg, dist) hands the framework."""
 
-    model: nn.Module  # forward(batch) -> ModelOutput; this module is what DeepSpeed wraps
-    decode: Callable[[dict[str, Any]], Optional[dict[str, Any]]]  # raw webdataset sample -> decoded sample
+    model: nn.Module  # a Model: forward(batch) -> ModelOutput; what DeepSpeed wraps
     collate: Callable[[list[dict[str, Any]]], Batch]  # decoded samples -> batch
-    plugins: list[Any] = field(default_factory=list)
-    # Optional map-style training set (e.g. VQA-RAD questions) used instead of WebDataset shards.
+    # Training samples: WebDataset shards from data.train decoded by `decode` (a raw sample -> decoded sample,
+    # None or an exception = skip it), or a map-style dataset whose items are already decoded.
+    decode: Optional[Callable[[dict[str, Any]], Optional[dict[str, Any]]]] = None
     train_dataset: Optional[torch.utils.data.Dataset] = None
-    # Optional evaluation: evaluate(model, step) -> {name: number (scalar) | str (text) | Tensor[3,H,W] (image)};
-    # model is the unwrapped module, called in eval mode under no_grad on every rank.
-    evaluate: Optional[Callable[[nn.Module, int], dict[str, float]]] = None
-    # Optional parameter filter: names for which weight decay is off (default: biases and norms).
-    no_decay: Optional[Callable[[str, torch.nn.Parameter], bool]] = None
-    # Optional loss combiner (e.g. self-distillation's adaptive weighter); default: static objective weights.
-    combine_losses: Optional[Callable[[ModelOutput, int], tuple[torch.Tensor, dict[str, float]]]] = None
+    plugins: list[Plugin] = field(default_factory=list)
+    evaluate: Optional[Evaluate] = None
+    # Weight decay is off for parameters this returns True for (default: biases and norms, unless train.decay_1d).
+    no_decay: Optional[Callable[[str, nn.Parameter], bool]] = None
+    combine_losses: Optional[Combine] = None  # default: static objective weights (objectives.<name>.weight)
+    # Submodules kept in fp32 under fp16/bf16 (EMA/momentum copies: 0.995-weighted updates round away in half).
+    fp32_modules: list[nn.Module] = field(default_factory=list)
+    # Submodules that never change (frozen towers): an EMA teacher shares them instead of copying them.
+    frozen_modules: list[nn.Module] = field(default_factory=list)
+    # activation_bytes(micro_batch, precision) -> bytes kept for backward, for the pre-flight memory estimate.
+    activation_bytes: Optional[Callable[[int, str], int]] = None
+
+    def __post_init__(self) -> None:
+        if (self.decode is None) == (self.train_dataset is None):
+            raise ValueError("Task: give exactly one of decode (WebDataset shards from data.train) or "
+                             "train_dataset (a map-style dataset)")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe module's declaration: `RECIPE = Recipe(config=MyConfig, objectives=("a", "b"), build=build)`."""
+
+    config: type  # a dataclass subclassing framework.config.Config: the recipe's typed sections
+    objectives: tuple[str, ...]  # the names objectives.<name> may use
+    build: Callable[["Config", "DistInfo"], Task]

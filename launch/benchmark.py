@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from torch.utils.data import IterableDataset
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework.cli import run_cli  # noqa: E402
+from framework.gpu import PEAK_TFLOPS  # noqa: E402
 
-# Dense peak TFLOPS by GPU name fragment: (fp32, fp16/bf16 tensor or half rate). P100 has no tensor cores.
-PEAK_TFLOPS = {"P100": (9.3, 18.7), "T4": (8.1, 65.0), "V100": (15.7, 125.0), "A100": (19.5, 312.0),
-               "L4": (30.3, 121.0), "A10": (31.2, 125.0), "H100": (67.0, 989.0), "H200": (67.0, 989.0)}
 
 
 def sync(device: Any) -> None:
@@ -30,39 +30,37 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_flops(engine: Any, batch: dict) -> int:
+def measure_flops(run: Any, batch: dict) -> int:
     """FLOPs of one forward + backward on `batch` (torch's FlopCounterMode; gradients are discarded)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    module = engine.ds.module
     with FlopCounterMode(display=False) as counter:
-        out = module(batch)
-        loss, _ = engine.combine(out, 0)
-        loss.backward()
-    module.zero_grad(set_to_none=True)
+        loss, _ = run.combine(run.forward(batch), 0)
+        run.ds.backward(loss)
+    run.ds.module.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 
 
-def timed_split(engine: Any, batches: Callable[[], dict], steps: int) -> dict[str, float]:
+def timed_split(run: Any, batches: Callable[[], dict], steps: int) -> dict[str, float]:
     """Run `steps` optimizer steps timing data / forward / backward / optimizer separately (seconds per step)."""
-    dev = engine.dist.device
+    dev = run.dist.device
     split = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    for _ in range(steps * engine.accum):
+    for _ in range(steps * run.accum):
         t0 = time.perf_counter()
         batch = batches()
         sync(dev)
         t1 = time.perf_counter()
-        loss, _ = engine.combine(engine.ds(batch), engine.pos.step)
+        loss, _ = run.combine(run.forward(batch), run.position.step)
         sync(dev)
         t2 = time.perf_counter()
-        engine.ds.backward(loss)
+        run.ds.backward(loss)
         sync(dev)
         t3 = time.perf_counter()
-        boundary = engine.ds.is_gradient_accumulation_boundary()
-        engine.ds.step()
+        boundary = run.ds.is_gradient_accumulation_boundary()
+        run.ds.step()
         if boundary:
-            for plugin in engine.task.plugins:
-                plugin.after_optimizer_step(engine.pos.step)
+            for plugin in run.plugins:
+                plugin.after_optimizer_step(run.position.step)
         sync(dev)
         t4 = time.perf_counter()
         for k, a, b in (("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3), ("optimizer", t3, t4)):
@@ -70,12 +68,12 @@ def timed_split(engine: Any, batches: Callable[[], dict], steps: int) -> dict[st
     return {k: v / steps for k, v in split.items()}
 
 
-def minimal_loop(engine: Any, batch: dict, steps: int) -> float:
+def minimal_loop(run: Any, batch: dict, steps: int) -> float:
     """Seconds per optimizer step of a bare DeepSpeed loop on the same engine and batch (the yardstick)."""
-    ds, dev = engine.ds, engine.dist.device
+    ds, dev = run.ds, run.dist.device
     sync(dev)
     t0 = time.perf_counter()
-    for _ in range(steps * engine.accum):
+    for _ in range(steps * run.accum):
         loss = sum(ds(batch)["losses"].values())
         ds.backward(loss)
         ds.step()
@@ -83,34 +81,49 @@ def minimal_loop(engine: Any, batch: dict, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def engine_loop(engine: Any, batch: dict, steps: int) -> float:
-    """Seconds per optimizer step of the engine's own fit() on the same fixed batch (logging, plugins included)."""
-    engine.total_steps = engine.pos.step + steps
-    engine.cfg.run.save_every = "0"
-    engine.cfg.run.eval_every = "0"
-    engine._saved_step = engine.total_steps  # no final save inside the timed region
-    engine._epoch_batches = lambda: (batch for _ in range(steps * engine.accum + 1))
-    from framework.tracking import RunLogger
+class RepeatedBatch(IterableDataset):
+    """A stream (framework.data's interface: len, set_epoch, iteration) yielding one batch `n` times."""
 
-    engine.log = RunLogger(engine.run_dir, engine.dist.rank, engine.total_steps, engine.cfg.run.log_every)
-    sync(engine.dist.device)
+    def __init__(self, batch: dict, n: int):
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        pass
+
+    def __iter__(self):
+        return (dict(self.batch) for _ in range(self.n))
+
+
+def engine_loop(run: Any, batch: dict, steps: int) -> float:
+    """Seconds per optimizer step of the engine's own fit() on the same fixed batch (logging, plugins included)."""
+    from framework.engine import Trainer
+
+    run.stream = RepeatedBatch(batch, steps * run.accum)
+    run.steps_per_epoch = steps
+    run.position.epoch, run.position.batch_in_epoch = 0, 0
+    run.total_steps = run.position.step + steps
+    trainer = Trainer(run)
+    trainer.saved_step = run.total_steps  # no final save inside the timed region
+    sync(run.dist.device)
     t0 = time.perf_counter()
-    engine.fit()
-    sync(engine.dist.device)
+    trainer.fit()
+    sync(run.dist.device)
     return (time.perf_counter() - t0) / steps
 
 
 def estimate_only(cfg: Any, task: Any, precision: str) -> int:
     """Print the per-GPU memory estimate for the recipe as configured (what a P100 run would print first)."""
-    from framework.preflight import GIB, count_params, estimate_for_config
+    from framework.preflight import GIB, count_params, estimate_for_task
 
-    model = task.model
     if cfg.distill.enabled:
-        from framework.distill import with_self_distillation
+        from framework.distill import setup_distillation
 
-        model = with_self_distillation(task, cfg, 1).model
-    est = estimate_for_config(cfg, model, precision, world_size=1, cuda=True)
-    trainable, frozen = count_params(getattr(model, "student", model))
+        setup_distillation(task, cfg, 1)  # refuses what distillation cannot run (ZeRO-3) before estimating
+    est = estimate_for_task(cfg, task, precision, world_size=1, cuda=True)
+    trainable, frozen = count_params(task.model)
     print(f"{cfg.source}: {trainable / 1e6:.1f}M trainable, {frozen / 1e6:.1f}M frozen parameters")
     print(est.table())
     print(f"fits a 16 GB P100: {'yes' if est.total < 0.95 * 16e9 else 'NO'} ({est.total / GIB:.2f} GiB)")
@@ -134,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     def bench() -> int:
         import torch
 
+        from framework.build import build_run
         from framework.config import import_recipe, load_config
-        from framework.engine import Engine
+        from framework.data import make_loader
+        from framework.distributed import init_distributed
 
         tmp = tempfile.mkdtemp(prefix="bench-")
         cfg = load_config(args.recipe, [f"run.dir={tmp}", "run.resume=none", "run.save_every=0",
@@ -143,45 +158,50 @@ def main(argv: list[str] | None = None) -> int:
                                         # the estimate needs shapes only: no weights to load, no held-out data
                                         *(["run.init_from=null", "data.val=null"] if args.estimate_only else []),
                                         *args.overrides])
-        task = import_recipe(cfg.recipe, cfg.source).build(cfg)
+        dist = init_distributed()
+        task = import_recipe(cfg.recipe, cfg.source).build(cfg, dist)
         if args.estimate_only:
             return estimate_only(cfg, task, args.estimate_only)
-        engine = Engine(cfg, task)
-        dev = engine.dist.device
-        loader = iter(engine._epoch_batches())
+        run = build_run(cfg, task, dist)
+        dev = dist.device
+
+        def epochs():
+            while True:  # the recipe's own data, epoch after epoch
+                run.stream.set_epoch(run.position.epoch)
+                for b in make_loader(run.stream, cfg.data.num_workers):
+                    yield {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                run.position.epoch += 1
+
+        loader = epochs()
         first = next(loader)
+        first.pop("_skipped", None)
 
         def batches() -> dict:
-            nonlocal loader
-            try:
-                return next(loader)
-            except StopIteration:
-                engine.pos.epoch += 1
-                engine.pos.batch_in_epoch = 0
-                loader = iter(engine._epoch_batches())
-                return next(loader)
+            batch = next(loader)
+            batch.pop("_skipped", None)
+            return batch
 
-        flops = measure_flops(engine, first)
-        timed_split(engine, batches, args.warmup)
+        flops = measure_flops(run, first)
+        timed_split(run, batches, args.warmup)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        split = timed_split(engine, batches, args.steps)
+        split = timed_split(run, batches, args.steps)
         step_s = sum(split.values())
-        samples = cfg.data.batch_size * cfg.train.grad_accum * engine.dist.world_size
+        samples = cfg.data.batch_size * cfg.train.grad_accum * dist.world_size
         ratios = []
         for _ in range(args.repeats):  # alternate to cancel drift (thermal, caches, other load)
-            minimal = minimal_loop(engine, first, args.steps)
-            framework = engine_loop(engine, first, args.steps)
+            minimal = minimal_loop(run, first, args.steps)
+            framework = engine_loop(run, first, args.steps)
             ratios.append(framework / minimal)
         ratios.sort()
         fig: dict[str, Any] = {
             "recipe": cfg.source, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "precision": engine.precision.name, "world_size": engine.dist.world_size,
+            "precision": run.precision.name, "world_size": dist.world_size,
             "micro_batch": cfg.data.batch_size, "grad_accum": cfg.train.grad_accum,
             "samples_per_s": samples / step_s, "step_s": step_s,
             "split_s": split, "data_wait_frac": split["data"] / step_s,
             "gflop_per_sample": flops / cfg.data.batch_size / 1e9,
-            "memory_estimate_gib": engine.memory.total / 2**30,
+            "memory_estimate_gib": run.memory.total / 2**30,
             "overhead_ratio": ratios[len(ratios) // 2], "overhead_ratios": ratios,
         }
         if dev.type == "cuda":
@@ -200,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         elif "peak_tflops" in fig:
             fig["mfu_vs_fp32_peak"] = achieved / fig["peak_tflops"]["fp32"]
             fig["mfu_vs_half_peak"] = achieved / fig["peak_tflops"]["half"]
-        if engine.dist.rank == 0:
-            print(engine.memory.table())
+        if dist.is_main:
+            print(run.memory.table())
             for k, v in fig.items():
                 print(f"{k:>20}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
             if args.json:

@@ -86,14 +86,19 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict[
     """Build the engine for one variant and time `steps` optimizer steps on one fixed batch."""
     import torch
 
+    from framework.build import build_run
     from framework.config import import_recipe, load_config
-    from framework.engine import Engine
+    from framework.data import SKIPPED, make_loader
+    from framework.distributed import init_distributed
 
     cfg = load_config(recipe, overrides)
-    task = import_recipe(cfg.recipe, cfg.source).build(cfg)
-    engine = Engine(cfg, task)
-    ds, dev, plugins = engine.ds, engine.dist.device, engine.task.plugins
-    batch = next(iter(engine._epoch_batches()))
+    dist = init_distributed()
+    task = import_recipe(cfg.recipe, cfg.source).build(cfg, dist)
+    run = build_run(cfg, task, dist)
+    ds, dev, plugins = run.ds, dist.device, run.plugins
+    run.stream.set_epoch(0)
+    batch = next(iter(make_loader(run.stream, 0)))
+    batch.pop(SKIPPED, None)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     ema = next((p for p in plugins if p.name == "ema_teacher"), None)
     teacher = ForwardTimer(ema.teacher if ema else None, sync)
@@ -106,10 +111,10 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict[
             torch.cuda.reset_peak_memory_stats(dev)
         split = dict.fromkeys(parts, 0.0)
         teacher.seconds = 0.0
-        for _ in range(engine.accum):
+        for _ in range(run.accum):
             sync()
             t0 = time.perf_counter()
-            loss, _ = engine.combine(ds(batch), step)
+            loss, _ = run.combine(run.forward(batch), step)
             sync()
             t1 = time.perf_counter()
             ds.backward(loss)
@@ -129,9 +134,9 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict[
                 split[k] += b - a
         if i >= warmup:
             per_step.append({**split, "teacher": teacher.seconds, "step": sum(split.values())})
-    student = getattr(ds.module, "student", ds.module)
+    student = ds.module
     fig: dict[str, Any] = {
-        "distill": cfg.distill.enabled, "precision": engine.precision.name,
+        "distill": cfg.distill.enabled, "precision": run.precision.name,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "micro_batch": cfg.data.batch_size, "grad_accum": cfg.train.grad_accum,
         "student_params_m": sum(p.numel() for p in student.parameters()) / 1e6,
@@ -141,11 +146,10 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict[
         "teacher_forward_s": median(d["teacher"] for d in per_step), "step_times_s": [d["step"] for d in per_step],
         "rss_after_setup_gib": rss_setup,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-        "memory_estimate_gib": engine.memory.total / 2 ** 30,
+        "memory_estimate_gib": run.memory.total / 2 ** 30,
     }
     if dev.type == "cuda":
         fig["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
-    engine.log.close()
     return fig
 
 

@@ -19,7 +19,9 @@ from framework.cli import run_cli  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help="VQA recipe YAML (e.g. recipes/medblip/vqa.yaml)")
+    parser.add_argument("--recipe", default=None,
+                        help="VQA recipe YAML (e.g. recipes/medblip/vqa.yaml); default: the checkpoint run's own "
+                             "config.yaml. The model's shape always comes from the run's config.yaml when it has one")
     parser.add_argument("--checkpoint", default=None,
                         help="weights to evaluate: a run dir, a checkpoint tag dir, a .pth/.safetensors file or an "
                              "exported transformers dir (default: newest checkpoint of run.dir)")
@@ -31,13 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate() -> int:
         import torch
 
-        from framework.config import import_recipe, load_config
+        import importlib
+
         from recipes.medblip.vqa_metrics import format_table
 
-        cfg = load_config(args.recipe, args.overrides)
-        recipe = import_recipe(cfg.recipe, cfg.source)
+        from recipes.medblip.vqa import config_for_checkpoint
+
+        cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
+        recipe = importlib.import_module(cfg.recipe)  # a VQA recipe module: load_vqa, evaluate_model, ...
         if not hasattr(recipe, "evaluate_model"):
-            raise ValueError(f"{args.recipe}: recipe {cfg.recipe!r} is not a VQA recipe (use recipes.medblip.vqa)")
+            raise ValueError(f"{cfg.source}: recipe {cfg.recipe!r} is not a VQA recipe (use recipes.medblip.vqa)")
         checkpoint = recipe.trained_checkpoint(cfg, args.checkpoint)
         split = recipe.load_vqa(cfg)
         model = recipe.load_trained(cfg, checkpoint)

@@ -19,20 +19,20 @@ from framework.cli import run_cli  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help="the VQA recipe YAML the model was trained with")
+    parser.add_argument("--recipe", default=None, help="the VQA recipe YAML the model was trained with (default: the "
+                        "checkpoint run's own config.yaml, whose model shape is used in any case)")
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--checkpoint", default=None, help="weights (default: newest checkpoint of run.dir)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     def export() -> int:
-        from framework.config import load_config
         from recipes.medblip.export_hf import NOT_CARRIED, export_vqa
-        from recipes.medblip.vqa import load_trained, trained_checkpoint
+        from recipes.medblip.vqa import config_for_checkpoint, load_trained, trained_checkpoint
 
-        cfg = load_config(args.recipe, args.overrides)
-        if "vqa" not in cfg.sections:
-            raise ValueError(f"{args.recipe}: not a VQA recipe (recipe: recipes.medblip.vqa)")
+        cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
+        if not hasattr(cfg, "vqa"):
+            raise ValueError(f"{cfg.source}: not a VQA recipe (recipe: recipes.medblip.vqa)")
         model = load_trained(cfg, trained_checkpoint(cfg, args.checkpoint))
         out = export_vqa(model.eval(), args.out, cfg.image)
         print(f"exported BlipForQuestionAnswering to {out}\nnot carried: " + "; ".join(NOT_CARRIED), flush=True)

@@ -22,15 +22,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
     def train() -> int:
-        from framework.config import load_config, import_recipe
-        from framework.engine import Engine
+        from framework.build import build_run
+        from framework.config import import_recipe, load_config
+        from framework.distributed import init_distributed, say
+        from framework.engine import fit
 
         cfg = load_config(args.recipe, args.overrides)  # validated before anything is built
-        task = import_recipe(cfg.recipe, cfg.source).build(cfg)
-        result = Engine(cfg, task).fit()
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"done: {result.reason} at step {result.step} (epoch {result.epoch}); "
-                  f"checkpoint {result.last_checkpoint}", flush=True)
+        dist = init_distributed()
+        task = import_recipe(cfg.recipe, cfg.source).build(cfg, dist)
+        result = fit(build_run(cfg, task, dist))
+        say(f"done: {result.reason} at step {result.step} (epoch {result.epoch}); checkpoint {result.last_checkpoint}")
         return 0
 
     return run_cli(train)

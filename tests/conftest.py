@@ -23,6 +23,7 @@ def load_launch(script: str):
     """launch/<script>.py imported as a module (the entry points are plain files, not a package)."""
     spec = importlib.util.spec_from_file_location(f"launch_{script}", ROOT / "launch" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (and pickling) look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -61,6 +62,30 @@ def run_entry(script: str, *args: str, ranks: int = 0, timeout: int = 600, env: 
     else:
         cmd = [sys.executable, str(ROOT / "launch" / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+
+
+# Real devices as torch.cuda.get_device_properties describes them (name, capability, total memory in bytes).
+GPUS = {"P100": ("Tesla P100-PCIE-16GB", 6, 0, 17_071_734_784), "T4": ("Tesla T4", 7, 5, 15_655_829_504),
+        "V100": ("Tesla V100-SXM2-16GB", 7, 0, 16_935_682_048), "A100": ("NVIDIA A100-SXM4-40GB", 8, 0, 42_298_834_944),
+        "H200": ("NVIDIA H200", 9, 0, 150_110_011_392)}
+
+
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Make torch.cuda describe GPU `kind` (its properties and what torch answers about it), nothing else faked.
+
+    torch.cuda.is_bf16_supported() answers True on every GPU since torch 2.3 (bf16 tensors can be created, by
+    emulation on pre-Ampere GPUs): the fake answers the same, so code that trusts it picks bf16 on a P100.
+    """
+    import types
+
+    import torch
+
+    name, major, minor, memory = GPUS[kind]
+    props = types.SimpleNamespace(name=name, major=major, minor=minor, total_memory=memory)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (major, minor))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
 
 
 @pytest.fixture

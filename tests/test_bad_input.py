@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import traceback
@@ -72,6 +73,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "junk.pth").write_bytes(b"not a checkpoint" * 10)
     (root / "bad.yaml").write_text("train: [1\n")
     (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "binary.yaml").write_bytes(bytes(range(256)) * 4)  # e.g. a checkpoint passed as --recipe
     (root / "nomodule.yaml").write_text("recipe: recipes.nope\ntrain: {max_steps: 1}\n")
     # a checkpoint directory that looks complete but whose files are junk (e.g. a disk that filled up)
     tag = root / "broken_run" / "checkpoints" / "step_00000001"
@@ -111,7 +113,7 @@ TRAIN_CASES = [
      "unreadable or truncated checkpoint file"),
     ("malicious checkpoint on resume", lambda d: ["--recipe", TOY, f"run.dir={d / 'poisoned_run'}",
                                                   f"data.train={d / 'toy_shards'}", "train.epochs=null",
-                                                  "train.max_steps=2", "run.resume=auto"],
+                                                  "train.max_steps=1", "run.resume=auto"],  # its own settings
      "refused: it holds a pickled"),
     ("unknown tokenizer path", lambda d: ["--recipe", DAPT, *tiny(d, f"model.tokenizer={d / 'none'}")],
      "model.tokenizer="),
@@ -146,9 +148,12 @@ TRAIN_CASES = [
     ("accumulation > epoch", lambda d: ["--recipe", DAPT, *tiny(d, "train.grad_accum=8")],
      "fewer than train.grad_accum=8"),
     ("image size vs patch", lambda d: ["--recipe", DAPT, *tiny(d, "image.size=30")],
-     "model.vit.image_size=30 is not a multiple of model.vit.patch_size=8"),
+     "image.size=30 is not a multiple of model.vit.patch_size=8"),  # the size in effect, by the key set
     ("patch size vs image", lambda d: ["--recipe", DAPT, *tiny(d, "model.vit.patch_size=5")],
      "is not a multiple of model.vit.patch_size=5"),
+    ("patch size vs a larger image", lambda d: ["--recipe", DAPT, *tiny(d, "image.size=64", "model.vit.patch_size=7")],
+     "image.size=64 is not a multiple of model.vit.patch_size=7"),  # not the preset's 32
+    ("binary recipe file", lambda d: ["--recipe", str(d / "binary.yaml")], "binary.yaml: not a YAML text file"),
     ("ZeRO 3 with EMA teacher", lambda d: ["--recipe", PSD, *tiny(d, "deepspeed.zero_optimization.stage=3")],
      "use DeepSpeed ZeRO stage 0, 1 or 2"),
     ("fp16 on the CPU", lambda d: ["--recipe", DAPT, *tiny(d, "train.precision=fp16")], "fp16 needs a GPU"),
@@ -184,22 +189,23 @@ def test_train_bad_input_in_a_real_process(data, tmp_path):
 
 
 def test_bf16_on_a_gpu_without_it(monkeypatch, capsys):
-    """A P100 (no bf16) asked for bf16: unit level, the GPU simulated as in tests/test_preflight.py."""
+    """A P100 (no native bf16, though torch says bf16 is supported) asked for bf16: one line, use fp16."""
     from framework.build import resolve_precision
+    from tests.conftest import fake_gpu
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla P100-PCIE-16GB")
+    fake_gpu(monkeypatch, "P100")
     rc = run_cli(lambda: resolve_precision("bf16", torch.device("cuda", 0)) and 0)
-    assert_one_line_error(rc, capsys.readouterr().err, "Tesla P100-PCIE-16GB has no bf16 support; use fp16")
+    assert_one_line_error(rc, capsys.readouterr().err, "Tesla P100-PCIE-16GB (compute capability 6.0) has no "
+                                                       "native bf16 (needs >= 8.0); use train.precision=fp16")
 
 
 def test_gpu_the_pytorch_build_cannot_run(capsys):
     """A P100 on a CUDA 12.8 build (no sm_60 kernels): refused at start-up, naming the build to install."""
+    from framework.gpu import GpuFacts
     from framework.preflight import check_gpu_arch
 
-    gpu = dict(capability=lambda i: (6, 0), arch_list=lambda: ["sm_75", "sm_80", "sm_90"],
-               name=lambda i: "Tesla P100-PCIE-16GB")
-    rc = run_cli(lambda: check_gpu_arch(0, **gpu) or 0)
+    p100 = GpuFacts("Tesla P100-PCIE-16GB", (6, 0), 17_071_734_784)
+    rc = run_cli(lambda: check_gpu_arch(p100, ["sm_75", "sm_80", "sm_90"]) or 0)
     assert_one_line_error(rc, capsys.readouterr().err, "cu126")
 
 
@@ -344,6 +350,7 @@ def drive(data: Path, out: Path) -> None:
     for entry, cases in entry_cases().items():
         main = load_main(entry)
         for case in cases:
+            shutil.rmtree(data / "run", ignore_errors=True)  # every case starts afresh (a run dir is one run's)
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 try:

@@ -41,11 +41,12 @@ def test_medpix_dapt_steps_log_evaluate_and_resume(shared_data: Path, tmp_path: 
                  "model.embed_dim=16", "model.grad_checkpointing_vit=false", "data.batch_size=4",
                  "data.num_workers=0", "train.grad_accum=1", "train.precision=fp32", "train.lr=1e-4",
                  "train.warmup_steps=0", "run.save_every=2", "run.eval_every=2", "run.log_every=1",
-                 "validation.captions=2", "validation.caption_beams=1"]
+                 "validation.captions=2", "validation.caption_beams=1", "train.max_steps=5"]
 
-    first = run_entry("train.py", "--recipe", RECIPE, *overrides, "train.max_steps=3", timeout=300)
+    # a chunked run: stopped after step 3 (run.stop_at_step may change on a resume; train.max_steps may not)
+    first = run_entry("train.py", "--recipe", RECIPE, *overrides, "run.stop_at_step=3", timeout=300)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    assert "done: finished at step 3" in first.stdout
+    assert "done: preempted at step 3" in first.stdout
     assert (run / "checkpoints" / "step_00000003").is_dir()
     logged = scalars(run / "tb")
     for name in ("itc", "itm", "lm"):
@@ -57,7 +58,7 @@ def test_medpix_dapt_steps_log_evaluate_and_resume(shared_data: Path, tmp_path: 
     assert logged["eval/samples"][2] == 16  # the whole held-out set: 4 batches of 4
     assert any(t.startswith("eval/captions") for t in logged["_text"])
 
-    second = run_entry("train.py", "--recipe", RECIPE, *overrides, "train.max_steps=5", timeout=300)
+    second = run_entry("train.py", "--recipe", RECIPE, *overrides, timeout=300)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     assert "resumed from" in second.stderr and "step 3" in second.stderr
     assert "done: finished at step 5" in second.stdout

@@ -9,8 +9,8 @@ from torch import nn
 
 from framework.adaptive_weights import AdaptiveLossWeighter
 from framework.checkpoint import find_resume_tag
-from framework.config import Config, DistillConfig, ObjectiveConfig, load_config
-from framework.distill import SelfDistillation, kl_with_temperature, logits_kl, with_self_distillation
+from framework.config import Config, DistillConfig, ObjectiveConfig, RunConfig, TrainConfig, load_config
+from framework.distill import SelfDistillation, kl_with_temperature, logits_kl, setup_distillation
 from framework.ema import EMATeacher, tau_at
 from framework.task import Task
 from tests.conftest import ROOT, run_entry
@@ -245,43 +245,69 @@ def test_weighter_state_round_trip_and_non_finite_micro_batches():
 # ----------------------------------------------------------------------------- the Task and the engine
 
 
-def test_with_self_distillation_wires_the_task():
-    seen = {}
-
-    class Recorder:
-        name = "recorder"
-
-    def evaluate(module, step):
-        seen["eval"] = module
-        return {}
-
+def test_setup_distillation_wires_teacher_weighter_and_forward():
     student = Toy()
     cfg = Config(distill=DistillConfig(enabled=True, mode={"lm": "output_kl"}),
                  objectives={"cls": ObjectiveConfig(weight=2.0), "pair": ObjectiveConfig(), "lm": ObjectiveConfig()})
-    task = Task(model=student, decode=dict, collate=list, plugins=[Recorder()], evaluate=evaluate,
-                no_decay=lambda name, p: seen.setdefault("names", []).append(name) or name.startswith("cls"))
-    new = with_self_distillation(task, cfg, total_steps=8)
-    assert new.model.student is student and [p.name for p in new.plugins] == [
-        "recorder", "ema_teacher", "adaptive_loss_weights"]  # the recipe's plugins (momentum) run first
-    assert new.combine_losses is new.plugins[2] and new.plugins[1].tau_steps == 8
-    assert new.model.fp32_modules() == []  # the student has none ...
-    student.fp32_modules = lambda: [student.cls]  # ... or some (momentum encoders): the engine casts them back
-    assert new.model.fp32_modules() == [student.cls]
-    new.evaluate(new.model, 3)
-    assert seen["eval"] is student  # the recipe evaluates its own model
-    assert new.no_decay("student.cls.weight", None) and seen["names"] == ["cls.weight"]
-    _, logs = new.combine_losses(new.model(make_batch()), 0)
+    task = Task(model=student, decode=dict, collate=list)
+    d = setup_distillation(task, cfg, total_steps=8)
+    assert [p.name for p in d.plugins] == ["ema_teacher", "adaptive_loss_weights"]  # after the recipe's (build_run)
+    assert d.teacher.tau_steps == 8 and d.teacher.student is student and d.keywords == {"return_logits", "reuse"}
+    forward = d.forward(student)  # in training: the DeepSpeed engine around the recipe's own model
+    assert forward.student is student and forward.ema is d.teacher
+    out = forward(make_batch())
+    assert set(out["distill"]) == {"cls", "pair", "lm"}
+    _, logs = d.weighter(out, 0)
     assert logs["weight/cls"] == 2.0  # static objective weights still apply to the student losses
-    for bad, match in ((DistillConfig(enabled=True, mode={"itm": "output_kl"}), "distill.mode.itm: not an objective"),
-                       (DistillConfig(enabled=True, temperature=0.0), "distill.temperature must be > 0"),
-                       (DistillConfig(enabled=True, tau_schedule="exp"), "unknown schedule 'exp'"),
-                       (DistillConfig(enabled=True, ratio_momentum=1.5), "ratio_momentum must be in")):
-        with pytest.raises(ValueError, match=match):
-            with_self_distillation(Task(model=Toy(), decode=dict, collate=list), Config(distill=bad,
-                                   objectives=cfg.objectives), 8)
+    assert not any(k.startswith("student.") for k in student.state_dict())  # no wrapper: the recipe's own names
+    from framework.config import ConfigError, config_from_dict
+
+    for bad, match in (({"mode": {"itm": "output_kl"}}, "distill.mode.itm: not an objective"),
+                       ({"temperature": 0.0}, "distill.temperature must be > 0"),
+                       ({"tau_schedule": "exp"}, "unknown schedule 'exp'"),
+                       ({"ratio_momentum": 1.5}, "ratio_momentum must be in")):
+        with pytest.raises(ConfigError, match=match):  # refused when the recipe is read, naming the key
+            config_from_dict({"recipe": "recipes.toy", "train": {"max_steps": 1}, "objectives": {"mse": {}},
+                              "distill": {"enabled": True, **bad}}, "r.yaml")
     with pytest.raises(ValueError, match="sets its own combine_losses"):
-        with_self_distillation(Task(model=Toy(), decode=dict, collate=list, combine_losses=lambda o, s: None),
-                               cfg, 8)
+        setup_distillation(Task(model=Toy(), decode=dict, collate=list, combine_losses=lambda o, s: None), cfg, 8)
+
+
+def test_build_run_puts_the_recipes_plugins_first_and_shows_it_its_own_model(tmp_path):
+    """Through the builder: plugin order, the combiner, fp32 modules, evaluate and no_decay see the recipe's model."""
+    from framework.build import build_run
+    from framework.distributed import init_distributed
+
+    seen = {}
+
+    class Recorder:
+        name, per_rank_state = "recorder", False
+
+        def setup(self, module, dtype, device):
+            seen["setup"] = module
+
+        def after_optimizer_step(self, step):
+            return {}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    student = Toy()
+    cfg = Config(run=RunConfig(dir=str(tmp_path / "run")), train=TrainConfig(max_steps=2),
+                 distill=DistillConfig(enabled=True), objectives={"cls": ObjectiveConfig(), "pair": ObjectiveConfig(),
+                                                                   "lm": ObjectiveConfig()})
+    task = Task(model=student, collate=lambda rows: make_batch(), train_dataset=list(range(16)),
+                plugins=[Recorder()], fp32_modules=[student.cls],
+                no_decay=lambda name, p: seen.setdefault("names", []).append(name) or name.startswith("cls"))
+    run = build_run(cfg, task, init_distributed())
+    assert [p.name for p in run.plugins] == ["recorder", "ema_teacher", "adaptive_loss_weights"]
+    assert run.combine is run.plugins[2] and run.ds.module is student and seen["setup"] is student
+    assert seen["names"] == ["cls.weight", "tok.weight"]  # the recipe's names (matrices: 1-d are never decayed)
+    assert run.forward.student is run.ds and run.forward.ema is run.plugins[1]
+    assert student.cls.weight.dtype == torch.float32
 
 
 TOY = str(ROOT / "recipes" / "toy" / "toy.yaml")
@@ -302,7 +328,7 @@ def test_engine_resume_restores_teacher_ratios_and_tau_exactly(tmp_path):
     assert "resumed from" in proc.stderr
     full, cut = state(tmp_path / "full"), state(tmp_path / "cut")
     assert full["position"]["step"] == cut["position"]["step"] == 6
-    assert full["module"]["student.net.0.weight"].dtype == torch.bfloat16
+    assert full["module"]["net.0.weight"].dtype == torch.bfloat16  # the recipe's names: no wrapper prefix
     for name in ("ema_teacher", "adaptive_loss_weights"):
         a, b = full["plugins"][name], cut["plugins"][name]
         assert a.keys() == b.keys()
@@ -356,3 +382,30 @@ def test_psd_recipe_trains_tiny_medblip_on_real_pairs(tmp_path, shared_data):
     for obj in ("itc", "itm", "lm"):
         assert {f"loss/{obj}", f"teacher_loss/{obj}", f"distill_loss/{obj}", f"distill_weight/{obj}"} <= tags
     assert [e.step for e in acc.Scalars("distill/tau")] == [1, 2]
+
+
+def test_a_psd_run_saved_under_the_old_wrapper_resumes(tmp_path):
+    """tests/data/psd_run_2026_11: a toy PSD run written by the code of 2026-11-29 (model states under
+    "student.*", the wrapper module of that time), resumed by today's engine and trained on."""
+    import shutil
+
+    import yaml
+
+    from recipes.toy import make_shards
+
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "data" / "psd_run_2026_11", run)
+    make_shards(tmp_path / "shards", 32, 2)  # the very shards it trained on (make_shards is deterministic)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["data"]["train"] = str(tmp_path / "shards")  # the same run, moved to this machine
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    old = torch.load(run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert all(k.startswith("student.") for k in old["module"])
+    proc = run_entry("train.py", "--recipe", str(run / "config.yaml"), f"run.dir={run}", "run.stop_at_step=3")
+    # (the old run was stopped at step 2 of 4 with run.stop_at_step=2, which a resume may change)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "resumed from" in proc.stderr and "step 2" in proc.stderr
+    new = state(run)
+    assert new["position"]["step"] == 3 and set(new["module"]) == {k[len("student."):] for k in old["module"]}
+    assert not torch.equal(new["module"]["net.0.weight"], old["module"]["student.net.0.weight"])  # it trained on
+    assert new["plugins"]["ema_teacher"]["step"] == 3

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from framework.config import Config, DistillConfig
-from framework.distill import SelfDistillation, with_self_distillation
+from framework.distill import SelfDistillation, setup_distillation
 from framework.ema import EMATeacher, ZeroStage3Error, check_zero_stage, tau_at
 from framework.task import Task
 from tests.conftest import free_port
@@ -85,17 +85,35 @@ def test_tau_schedules_by_hand():
 def test_teacher_gets_no_gradients_and_is_invisible_to_the_wrapped_module():
     student = Tiny()
     ema = EMATeacher(student, tau_steps=5)
-    model = SelfDistillation(student, ema)
-    assert {id(p) for p in model.parameters()} == {id(p) for p in student.parameters()}
-    assert all(k.startswith("student.") for k in model.state_dict())
+    model = SelfDistillation(student, ema)  # DeepSpeed wraps `student` itself; the teacher is no part of it
+    assert not ({id(p) for p in ema.teacher.parameters()} & {id(p) for p in student.parameters()})
+    assert set(student.state_dict()) == {"lin.weight", "lin.bias", "forwards"}  # no teacher inside
     out = model(batch())
     loss = sum(out["losses"].values()) + sum(out["distill"].values())
     loss.backward()
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None and not p.requires_grad for p in ema.teacher.parameters())
     assert not any(v.requires_grad for v in out["teacher_losses"].values())
-    model.to(torch.bfloat16)  # what DeepSpeed's bf16 cast does: the teacher is out of its reach
+    student.to(torch.bfloat16)  # what DeepSpeed's bf16 cast does: the teacher is out of its reach
     assert all(p.dtype == torch.float32 for p in ema.teacher.parameters())
+
+
+def test_frozen_towers_are_shared_not_copied():
+    """Task.frozen_modules (towers that never change, e.g. BLIP-2's ViT and LLM): one tensor for both models."""
+    student = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).to(torch.bfloat16)
+    student[0].requires_grad_(False)
+    ema = EMATeacher(student, tau_start=0.5, tau_end=0.5, tau_steps=2, shared=[student[0]])
+    assert ema.teacher[0].weight is student[0].weight and ema.teacher[0].weight.dtype == torch.bfloat16
+    assert ema.teacher[1].weight is not student[1].weight and ema.teacher[1].weight.dtype == torch.float32
+    assert set(ema.state_dict()["teacher"]) == {"1.weight", "1.bias"}  # the shared tower is the student's to save
+    with torch.no_grad():
+        student[1].weight.fill_(1.0)
+    before = ema.teacher[1].weight.clone()
+    ema.after_optimizer_step(1)
+    torch.testing.assert_close(ema.teacher[1].weight, 0.5 * before + 0.5)
+    other = EMATeacher(student, tau_start=0.5, tau_end=0.5, tau_steps=2, shared=[student[0]])
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.teacher[1].weight, ema.teacher[1].weight)
 
 
 def test_state_dict_round_trip_is_exact():
@@ -129,7 +147,7 @@ def test_zero_stage_3_is_refused_in_one_line():
     assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
     cfg = Config(distill=DistillConfig(enabled=True), deepspeed={"zero_optimization": {"stage": 3}})
     with pytest.raises(ZeroStage3Error):
-        with_self_distillation(Task(model=Tiny(), decode=dict, collate=list), cfg, 10)
+        setup_distillation(Task(model=Tiny(), decode=dict, collate=list), cfg, 10)
     ema = EMATeacher(Tiny(), tau_steps=5)
     partitioned = Tiny()
     partitioned.lin.weight.ds_id = 0  # what ZeRO-3 puts on its partitioned parameters
@@ -157,24 +175,25 @@ def test_bf16_deepspeed_teacher_stays_fp32_and_tau_follows_optimizer_steps(singl
     torch.manual_seed(0)
     accum, steps = 3, 4
     cfg = Config(distill=DistillConfig(enabled=True, tau_start=0.6, tau_end=0.9, tau_schedule="linear"))
-    task = with_self_distillation(Task(model=Tiny(), decode=dict, collate=list), cfg, total_steps=steps)
-    initial = task.model.student.lin.weight.detach().clone()
+    student = Tiny()
+    d = setup_distillation(Task(model=student, decode=dict, collate=list), cfg, total_steps=steps)
+    initial = student.lin.weight.detach().clone()
     ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": accum,
                  "train_batch_size": 4 * accum, "bf16": {"enabled": True}, "zero_optimization": {"stage": 0},
                  "steps_per_print": 10 ** 9}
-    optimizer = torch.optim.AdamW(task.model.parameters(), lr=0.05)
-    engine, *_ = deepspeed.initialize(model=task.model, optimizer=optimizer, config=ds_config)
-    for plugin in task.plugins:
+    optimizer = torch.optim.AdamW(student.parameters(), lr=0.05)
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
+    for plugin in d.plugins:
         plugin.setup(engine.module, torch.bfloat16, torch.device("cpu"))
-    ema = task.plugins[0]
-    assert engine.module.student.lin.weight.dtype == torch.bfloat16  # DeepSpeed cast the student ...
+    ema, forward = d.teacher, d.forward(engine)
+    assert engine.module.lin.weight.dtype == torch.bfloat16  # DeepSpeed cast the student ...
     assert ema.teacher.lin.weight.dtype == torch.float32  # ... not the teacher
     assert torch.equal(ema.teacher.lin.weight, initial)  # same init as the student
     seen = set()
     ema.teacher.lin.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
     taus, step = [], 0
     for micro in range(accum * steps):
-        loss, _ = task.combine_losses(engine(batch(seed=micro)), step)
+        loss, _ = d.weighter(forward(batch(seed=micro)), step)
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()
         engine.step()
@@ -182,15 +201,15 @@ def test_bf16_deepspeed_teacher_stays_fp32_and_tau_follows_optimizer_steps(singl
             step += 1
             before = ema.teacher.lin.weight.detach().clone()
             logs = {}
-            for plugin in task.plugins:
+            for plugin in d.plugins:
                 logs |= plugin.after_optimizer_step(step)
             taus.append(logs["distill/tau"])
-            s = engine.module.student.lin.weight.detach().float()
+            s = engine.module.lin.weight.detach().float()
             tau = tau_at(step, start=0.6, end=0.9, steps=steps, schedule="linear")
             torch.testing.assert_close(ema.teacher.lin.weight, tau * before + (1 - tau) * s, rtol=0, atol=1e-7)
     assert taus == pytest.approx([0.675, 0.75, 0.825, 0.9])  # one update per optimizer step, not per micro-batch
     assert ema.teacher.lin.weight.dtype == torch.float32
     assert all(p.grad is None for p in ema.teacher.parameters())
     assert not torch.equal(ema.teacher.lin.weight, initial)  # it moved, and is not a rounded bf16 copy
-    assert not torch.equal(ema.teacher.lin.weight, engine.module.student.lin.weight.float())
+    assert not torch.equal(ema.teacher.lin.weight, engine.module.lin.weight.float())
     assert seen == {torch.bfloat16}  # the fp32 teacher computed in the training precision (autocast)

@@ -187,3 +187,37 @@ def test_run_cli_tears_the_process_group_down(mode: str) -> None:
     if mode == "fail":  # rank 0 finished its work but learns at the final barrier that rank 1 did not
         assert "error: bad input on rank 1" in outs[1][1]
         assert "error: another rank failed before the end" in outs[0][1]
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_training_on_the_cpu_needs_no_cpp_compiler(tmp_path, ranks):
+    """No compiler on PATH and an empty extension cache: nothing is compiled (DeepSpeed's shm all-reduce is for
+    inference only), the toy recipe trains on one process and on two gloo ranks."""
+    from recipes.toy import make_shards
+    from tests.conftest import run_entry
+
+    make_shards(tmp_path / "shards", 32, 2)
+    bin_dir = tmp_path / "bin"  # a PATH with python only: no c++, g++, gcc, cc
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {"PATH": str(bin_dir), "CXX": str(tmp_path / "no-compiler"), "CC": str(tmp_path / "no-compiler"),
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    proc = run_entry("train.py", "--recipe", str(ROOT / "recipes" / "toy" / "toy.yaml"),
+                     f"data.train={tmp_path / 'shards'}", f"run.dir={tmp_path / 'run'}", "train.epochs=1",
+                     ranks=ranks, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: finished" in proc.stdout
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").rglob("*.so"))
+
+
+def test_offload_without_a_compiler_is_refused_in_one_line(monkeypatch, capsys):
+    """Optimizer offload JIT-compiles DeepSpeed's cpu_adam: with no compiler the start stops before any build."""
+    from framework.build import check_can_build
+    from framework.cli import run_cli
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    rc = run_cli(lambda: check_can_build("cpu_adam", "deepspeed.zero_optimization.offload_optimizer") or 0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cpu_adam extension" in err[0] and "install g++" in err[0]
+    monkeypatch.setenv("CXX", sys.executable)  # any executable found on the path passes
+    check_can_build("cpu_adam", "offload")

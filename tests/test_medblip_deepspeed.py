@@ -8,6 +8,7 @@ import torch
 
 from framework.build import build_deepspeed, resolve_precision
 from framework.config import config_from_dict
+from framework.distributed import DistInfo
 from recipes.medblip import pretrain
 from recipes.medblip.checkpoint import load_pretrained
 from tests.conftest import DIST_ENV, free_port
@@ -51,7 +52,7 @@ def make_cfg(precision: str, zero: int):
     pytest.param("fp32", 2, marks=pytest.mark.slow), pytest.param("bf16", 0, marks=pytest.mark.slow)])
 def test_deepspeed_training_steps(one_rank, tmp_path, precision, zero):
     cfg = make_cfg(precision, zero)
-    task = pretrain.build(cfg)
+    task = pretrain.build(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
     model = task.model
     assert model.visual_encoder.grad_checkpointing
     assert model.text_encoder.encoder.layer[0].gradient_checkpointing

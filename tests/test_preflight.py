@@ -1,28 +1,83 @@
 """Start-up checks: GPU architecture vs the PyTorch build, memory estimate against hand-computed bytes."""
 import pytest
+import torch
 from torch import nn
 
 from framework.preflight import CUDA_CONTEXT_BYTES, PreflightError, check_gpu_arch, estimate_memory
+
+from framework.gpu import GpuFacts
+from tests.conftest import GPUS, fake_gpu
 
 CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "compute_90"]
 
 
-def arch(cap, archs, name="Tesla P100-PCIE-16GB"):
-    return dict(capability=lambda i: cap, arch_list=lambda: archs, name=lambda i: name)
+def gpu(kind: str = "P100", cap=None, name=None) -> GpuFacts:
+    n, major, minor, memory = GPUS[kind]
+    return GpuFacts(name or n, cap or (major, minor), memory)
 
 
 def test_p100_on_a_cuda128_build_is_refused_with_the_build_to_install():
     with pytest.raises(PreflightError) as e:
-        check_gpu_arch(0, **arch((6, 0), CU128))
+        check_gpu_arch(gpu("P100"), CU128)
     assert "Tesla P100-PCIE-16GB is sm_60" in str(e.value) and "cu126" in str(e.value)
 
 
 def test_supported_gpus_pass():
-    check_gpu_arch(0, **arch((6, 0), CU126))  # P100 on a CUDA 12.6 build
-    check_gpu_arch(0, **arch((7, 5), CU128, "Tesla T4"))
-    check_gpu_arch(0, **arch((8, 9), CU126, "L4"))  # sm_89 runs sm_86 binaries (same major)
-    check_gpu_arch(0, **arch((12, 1), CU128, "future"))  # PTX compute_120 JIT-compiles forward
+    check_gpu_arch(gpu("P100"), CU126)  # P100 on a CUDA 12.6 build
+    check_gpu_arch(gpu("T4"), CU128)
+    check_gpu_arch(gpu("A100", cap=(8, 9), name="L4"), CU126)  # sm_89 runs sm_86 binaries (same major)
+    check_gpu_arch(gpu("H200", cap=(12, 1), name="future"), CU128)  # PTX compute_120 JIT-compiles forward
+
+
+def test_gpu_facts_are_read_from_the_device_properties(monkeypatch):
+    from framework.gpu import gpu_facts
+
+    fake_gpu(monkeypatch, "P100")
+    facts = gpu_facts(torch.device("cuda", 0))
+    assert facts == GpuFacts("Tesla P100-PCIE-16GB", (6, 0), GPUS["P100"][3])
+    assert not facts.has_bf16 and not facts.has_tensor_cores and facts.arch == "6.0" and facts.sm == 60
+    assert gpu("T4").has_tensor_cores and not gpu("T4").has_bf16 and not gpu("V100").has_bf16
+    assert gpu("A100").has_bf16 and gpu("H200").has_bf16
+
+
+@pytest.mark.parametrize("kind, auto", [("P100", "fp16"), ("T4", "fp16"), ("V100", "fp16"), ("A100", "bf16"),
+                                        ("H200", "bf16")])
+def test_auto_precision_follows_compute_capability(monkeypatch, kind, auto):
+    """torch says bf16 is supported on every one of these GPUs; only capability >= 8.0 computes in bf16."""
+    from framework.build import PrecisionError, resolve_precision
+
+    fake_gpu(monkeypatch, kind)
+    cuda = torch.device("cuda", 0)
+    assert resolve_precision("auto", cuda).name == auto
+    assert resolve_precision("fp16", cuda).dtype == torch.float16  # fp16 runs everywhere (loss scaling)
+    if auto == "fp16":
+        with pytest.raises(PrecisionError, match=rf"{GPUS[kind][0]} \(compute capability \d\.\d\) has no native "
+                                                 "bf16 .*use train.precision=fp16 or auto"):
+            resolve_precision("bf16", cuda)
+    else:
+        assert resolve_precision("bf16", cuda).dtype == torch.bfloat16
+
+
+def test_extensions_are_built_for_the_gpu_in_use_unless_the_user_chose(monkeypatch):
+    from framework.gpu import set_extension_arch
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert set_extension_arch(gpu("P100")) == "6.0"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "6.0;7.0")
+    assert set_extension_arch(gpu("T4")) == "6.0;7.0"
+
+
+def test_memory_fits_against_the_device_or_the_cap():
+    from framework.preflight import GIB, MemoryEstimate, check_fits
+
+    est = MemoryEstimate({"weights": 20 * GIB})
+    check_fits(est, None)  # the CPU: nothing to check
+    check_fits(est, gpu("H200"))
+    with pytest.raises(PreflightError, match="exceeds 95% of the 16.0 GiB cap"):
+        check_fits(est, gpu("H200"), cap_bytes=16 * GIB)
+    with pytest.raises(PreflightError, match="this GPU's 15.9 GiB"):
+        check_fits(est, gpu("P100"))
 
 
 def test_memory_estimate_by_hand():
@@ -45,9 +100,7 @@ def test_memory_estimate_by_hand():
     assert "activations not estimated" in mixed.table()
 
 
-def test_precision_resolution(monkeypatch):
-    import torch
-
+def test_precision_on_the_cpu():
     from framework.build import PrecisionError, resolve_precision
 
     cpu = torch.device("cpu")
@@ -55,14 +108,6 @@ def test_precision_resolution(monkeypatch):
     assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
     with pytest.raises(PrecisionError, match="fp16 needs a GPU"):
         resolve_precision("fp16", cpu)
-    gpu = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla P100-PCIE-16GB")
-    assert resolve_precision("auto", gpu).name == "fp16"  # P100: fp16 with loss scaling
-    with pytest.raises(PrecisionError, match="Tesla P100-PCIE-16GB has no bf16 support"):
-        resolve_precision("bf16", gpu)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision("auto", gpu).name == "bf16"
 
 
 def test_deepspeed_config_derivation():

@@ -11,8 +11,8 @@ from framework.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-# Config fields the loader fills itself; they are not YAML keys (framework.config keeps them out of the YAML).
-NOT_YAML_KEYS = {"sections", "source"}
+# Config fields the loader fills itself; they are not YAML keys (metadata yaml=False keeps them out of the YAML).
+NOT_YAML_KEYS = {"source"}
 RECIPE_MODULES = ("recipes.medblip.pretrain", "recipes.medblip.vqa", "recipes.clip")
 
 
@@ -21,7 +21,7 @@ def dotted_keys(cls: type, prefix: str = "") -> set[str]:
     keys: set[str] = set()
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not prefix and cls is Config and f.name in NOT_YAML_KEYS:
+        if not prefix and issubclass(cls, Config) and f.name in NOT_YAML_KEYS:
             continue
         path, tp = f"{prefix}{f.name}", hints[f.name]
         args = typing.get_args(tp)
@@ -37,8 +37,7 @@ def dotted_keys(cls: type, prefix: str = "") -> set[str]:
 def all_config_keys() -> set[str]:
     keys = dotted_keys(Config)
     for name in RECIPE_MODULES:
-        for section, cls in getattr(importlib.import_module(name), "SECTIONS", {}).items():
-            keys |= dotted_keys(cls, f"{section}.")
+        keys |= dotted_keys(importlib.import_module(name).RECIPE.config)
     return keys
 
 

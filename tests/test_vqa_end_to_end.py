@@ -111,3 +111,39 @@ def test_table_rows_are_named_from_the_run(tmp_path):
         (tmp_path / name / "metrics.json").write_text(json.dumps({"metrics": {}, "scores": {}, "init_from": init}))
         spec_arg = f"{tmp_path / name}={label}" if label else str(tmp_path / name)
         assert table.read_run(spec_arg)[0] == expected, (name, init, label)
+
+
+@pytest.mark.slow
+def test_a_run_directory_alone_says_how_to_evaluate_it(tmp_path):
+    """evaluate.py takes the model's shape from the checkpoint run's config.yaml: --checkpoint RUN alone works, and
+    --recipe vqa.yaml (base sizes) with a tiny run no longer fails on shapes; a DAPT run is evaluated with a warning."""
+    from recipes.medblip.phantoms import PhantomSpec, write_caption_shards, write_vqa
+
+    spec = PhantomSpec(image_size=32, vqa_train_images=8, vqa_test_images=4, questions_per_image=2,
+                       samples_per_shard=8)
+    write_vqa(tmp_path / "vqa", spec)
+    write_caption_shards(tmp_path / "shards", spec, "train", 16)
+    run = tmp_path / "run"
+    train = run_entry("train.py", "--recipe", RECIPE, *tiny_overrides(run, tmp_path / "vqa"), "train.max_steps=2")
+    assert train.returncode == 0, train.stderr[-3000:]
+    alone = run_entry("evaluate.py", "--checkpoint", str(run), "--out", str(tmp_path / "alone"))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    shaped = run_entry("evaluate.py", "--recipe", RECIPE, "--checkpoint", str(run), f"vqa.root={tmp_path / 'vqa'}",
+                       "--out", str(tmp_path / "shaped"))
+    assert shaped.returncode == 0, shaped.stderr[-3000:]
+    assert f"model: the checkpoint's own shape from {run / 'config.yaml'}" in shaped.stdout
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["scores"] for d in ("alone", "shaped"))
+    assert a == b  # the same weights, the same model, the same answers
+
+    dapt = tmp_path / "dapt"
+    pre = run_entry("train.py", "--recipe", str(ROOT / "recipes" / "medblip" / "dapt.yaml"), f"run.dir={dapt}",
+                    "run.init_from=null", f"data.train={tmp_path / 'shards'}", "data.val=null", "model.preset=tiny",
+                    "image.size=32", "model.queue_size=8", "data.batch_size=4", "train.grad_accum=1",
+                    "train.epochs=null", "train.max_steps=1", "data.num_workers=0", "train.warmup_steps=0")
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    ev = run_entry("evaluate.py", "--recipe", RECIPE, "--checkpoint", str(dapt), f"vqa.root={tmp_path / 'vqa'}",
+                   "--out", str(tmp_path / "from_dapt"))
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "is a pretraining run (recipes.medblip.pretrain): its answer decoder was never fine-tuned" in ev.stdout
+    refused = run_entry("evaluate.py", "--checkpoint", str(dapt))
+    assert refused.returncode == 2 and "evaluate it with --recipe recipes/medblip/vqa.yaml" in refused.stderr

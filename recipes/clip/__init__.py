@@ -5,6 +5,7 @@ model (recipes/clip/model.py) and one objective. See docs/demo.md "Adding a reci
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +14,20 @@ from torch import nn
 
 from framework.config import Config, ConfigError
 from framework.data import SKIPPED, ShardStream, expand_shards
-from framework.registry import Registry
-from framework.task import Task
+from framework.distributed import DistInfo
+from framework.task import Recipe, Task
 from recipes.medblip.data import ImageConfig, make_collate, make_decode
 from recipes.medblip.tokenizer import load_tokenizer
 
-from .loss import contrastive_loss
 from .model import ClipModel, ClipModelConfig
 
-SECTIONS = {"model": ClipModelConfig, "image": ImageConfig}
-OBJECTIVES = Registry("objective", {"contrastive": contrastive_loss})
+@dataclass
+class ClipConfig(Config):
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
 
 
-def build(cfg: Config) -> Task:
+def build(cfg: ClipConfig, dist: DistInfo) -> Task:
     """Config -> Task: ClipModel, MedBLIP decode/collate, and retrieval evaluation on data.val when set."""
     enabled = [name for name, o in cfg.objectives.items() if o.enabled]
     if not enabled:
@@ -85,3 +87,6 @@ def load_weights(model: nn.Module, path: str) -> None:
     if missing or unexpected:
         raise ValueError(f"run.init_from: {path} does not fit the CLIP model: {len(missing)} missing keys "
                          f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+
+
+RECIPE = Recipe(config=ClipConfig, objectives=("contrastive",), build=build)

@@ -80,13 +80,12 @@ class ModelConfig:
             for k, v in defaults.items():
                 if getattr(section, k) is None:
                     setattr(section, k, v)
-        self._check()
+        self.check()
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """Sizes that fit together and settings in range. (The image size is checked where it is decided: the
+        recipes build the ViT for image.size, build_vit for model.vit.image_size.)"""
         v, t = self.vit, self.text
-        if v.image_size % v.patch_size:
-            raise ConfigError(f"model.vit.image_size={v.image_size} is not a multiple of "
-                              f"model.vit.patch_size={v.patch_size}")
         if v.width % v.heads:
             raise ConfigError(f"model.vit.width={v.width} is not a multiple of model.vit.heads={v.heads}")
         if t.hidden % t.heads:

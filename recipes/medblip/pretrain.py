@@ -8,14 +8,15 @@ start from (BLIP's model_base.pth path or URL, a transformers Blip* checkpoint, 
 from __future__ import annotations
 
 import dataclasses
-import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from framework.config import Config, ConfigError, load_config
-from framework.task import Task
+from framework.distributed import DistInfo, say
+from framework.task import Recipe, Task
 
 from .checkpoint import load_pretrained
 from .data import ImageConfig, make_collate, make_decode
@@ -25,16 +26,33 @@ from .objectives import OBJECTIVES
 from .pretrain_model import MedBlipPretrain
 from .validation import ValidationConfig, make_pretrain_evaluator
 
-SECTIONS = {"model": ModelConfig, "image": ImageConfig, "validation": ValidationConfig}
-__all__ = ["SECTIONS", "OBJECTIVES", "build", "build_model", "enabled_objectives", "from_recipe"]
 
 
-def _say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, flush=True)
+@dataclass
+class BlipConfig(Config):
+    """The sections of every MedBLIP recipe: the framework's, the BLIP model and the image pipeline."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+
+    def check(self) -> None:
+        if self.image.size % self.model.vit.patch_size:  # the ViT is built for the images it is fed
+            raise ConfigError(f"image.size={self.image.size} is not a multiple of model.vit.patch_size="
+                              f"{self.model.vit.patch_size}")
+        super().check()
 
 
-def enabled_objectives(cfg: Config) -> set[str]:
+@dataclass
+class PretrainConfig(BlipConfig):
+    """dapt.yaml / psd.yaml: BLIP's sections + held-out validation (used when data.val is set)."""
+
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+__all__ = ["BlipConfig", "PretrainConfig", "RECIPE", "build", "build_model", "enabled_objectives", "from_recipe"]
+
+
+def enabled_objectives(cfg: PretrainConfig) -> set[str]:
     """The objectives switched on in the YAML (all of BLIP's three when the section is empty)."""
     if not cfg.objectives:
         return set(OBJECTIVES)
@@ -45,17 +63,17 @@ def enabled_objectives(cfg: Config) -> set[str]:
     return enabled
 
 
-def model_config(cfg: Config) -> ModelConfig:
+def model_config(cfg: BlipConfig) -> ModelConfig:
     """cfg.model with the ViT built for image.size (the images it will be fed)."""
-    mc: ModelConfig = cfg.model
+    mc = cfg.model
     size = cfg.image.size
     if mc.vit.image_size != size:
-        _say(f"model: ViT built for image.size={size} (model.vit.image_size was {mc.vit.image_size})")
+        say(f"model: ViT built for image.size={size} (model.vit.image_size was {mc.vit.image_size})")
         mc = mc.replace(vit=dataclasses.replace(mc.vit, image_size=size))
     return mc
 
 
-def check_queue(cfg: Config, world_size: int) -> None:
+def check_queue(cfg: PretrainConfig, world_size: int) -> None:
     """Refuse, before any weights are built, a queue that cannot hold whole global batches (BLIP's queue)."""
     global_batch = cfg.data.batch_size * world_size
     if "itc" in enabled_objectives(cfg) and cfg.model.queue_size % global_batch:
@@ -64,19 +82,19 @@ def check_queue(cfg: Config, world_size: int) -> None:
                           "batches")
 
 
-def build_model(cfg: Config, *, load_weights: bool = True) -> MedBlipPretrain:
+def build_model(cfg: PretrainConfig, *, load_weights: bool = True) -> MedBlipPretrain:
     """The model with the enabled objectives, initialised identically on every rank, then run.init_from loaded."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights (and queue) on every rank
     model = MedBlipPretrain(model_config(cfg), enabled_objectives(cfg), seed=cfg.train.seed)
     if load_weights and cfg.run.init_from:
         report = load_pretrained(model, cfg.run.init_from)
-        _say(report.summary())
+        say(report.summary())
     return model
 
 
-def build(cfg: Config) -> Task:
+def build(cfg: PretrainConfig, dist: DistInfo) -> Task:
     """Config -> Task: MedBlipPretrain (forward returns the enabled losses), BLIP's data pipeline, momentum plugin."""
-    check_queue(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_queue(cfg, dist.world_size)
     model = build_model(cfg)
     max_words = 30  # BLIP's pre_caption word limit for pretraining captions (tokens are cut at max_text_len)
     return Task(model=model,
@@ -84,10 +102,14 @@ def build(cfg: Config) -> Task:
                 collate=make_collate(model.tokenizer, cfg.model.max_text_len),
                 plugins=[MomentumUpdate(model, seed=cfg.train.seed)],
                 # held-out ITC/ITM/LM losses, retrieval recall@k and sample captions on data.val (None without)
-                evaluate=make_pretrain_evaluator(cfg, model.tokenizer))
+                evaluate=make_pretrain_evaluator(cfg, model.tokenizer),
+                fp32_modules=model.fp32_modules(), activation_bytes=model.activation_bytes)
 
 
 def from_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, *,
                 load_weights: bool = True) -> MedBlipPretrain:
     """Python API: a recipe YAML (+ dotted overrides) -> MedBlipPretrain with run.init_from loaded (eval() it)."""
     return build_model(load_config(path, overrides), load_weights=load_weights)
+
+
+RECIPE = Recipe(config=PretrainConfig, objectives=tuple(OBJECTIVES), build=build)

@@ -44,6 +44,9 @@ PAD_ID, SEP_ID, DEC_ID, ENC_ID = 0, 102, 30522, 30523
 def build_vit(cfg: ModelConfig) -> VisionTransformer:
     """timm ViT as BLIP's create_vit: qkv bias, GELU, LayerNorm eps 1e-6, class token, no head."""
     v = cfg.vit
+    if v.image_size % v.patch_size:
+        raise ValueError(f"model.vit.image_size={v.image_size} is not a multiple of model.vit.patch_size="
+                         f"{v.patch_size}")
     vit = VisionTransformer(img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.depth,
                             num_heads=v.heads, mlp_ratio=v.mlp_ratio, qkv_bias=True, num_classes=0,
                             drop_path_rate=v.drop_path, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))

@@ -8,8 +8,7 @@ of our DAPT/PSD runs, a VQA run or a transformers BlipForQuestionAnswering direc
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -18,13 +17,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from framework.config import Config, ConfigError
-from framework.registry import Registry
-from framework.task import Task
+from framework.config import ConfigError
+from framework.distributed import DistInfo, rank, say
+from framework.task import Recipe, Task
 
-from .data import ImageConfig, open_image
-from .model_config import ModelConfig
-from .pretrain import model_config
+from .data import open_image
+from .pretrain import BlipConfig, model_config
 from .vqa_data import (
     ANSWER_TYPES,
     SPLITS,
@@ -36,7 +34,7 @@ from .vqa_data import (
     read_answer_list,
 )
 from .vqa_metrics import flatten, majority_baselines, score, score_one
-from .vqa_model import MedBlipVqa, answer_loss, load_vqa_weights
+from .vqa_model import MedBlipVqa, load_vqa_weights
 
 INFERENCE_MODES = ("rank", "generate")
 
@@ -61,7 +59,7 @@ class VqaConfig:
     eval_limit: Optional[int] = None  # evaluate only the first N test questions (quick checks); None = all
     save_predictions: bool = True  # write metrics.json + predictions.jsonl at every evaluation (rank 0)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.split not in SPLITS:
             raise ConfigError(f"vqa.split: unknown split {self.split!r}; known: {', '.join(SPLITS)}")
         if self.inference not in INFERENCE_MODES:
@@ -78,55 +76,50 @@ class VqaConfig:
             raise ConfigError(f"vqa.rank_label_smoothing must be in [0, 1), got {self.rank_label_smoothing}")
 
 
-SECTIONS = {"model": ModelConfig, "image": ImageConfig, "vqa": VqaConfig}
-OBJECTIVES = Registry("objective", {"vqa": answer_loss})
-__all__ = ["SECTIONS", "OBJECTIVES", "VqaConfig", "build", "build_model", "trained_checkpoint", "load_trained",
+@dataclass
+class VqaRecipeConfig(BlipConfig):
+    """vqa.yaml / baseline.yaml: BLIP's sections + the vqa: section."""
+
+    vqa: VqaConfig = field(default_factory=VqaConfig)
+
+__all__ = ["RECIPE", "VqaConfig", "VqaRecipeConfig", "build", "build_model", "trained_checkpoint", "load_trained",
            "load_vqa", "evaluate_model", "write_results", "candidate_answers"]
 
 
-def _rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _say(msg: str) -> None:
-    if _rank0():
-        print(msg, flush=True)
-
-
-def load_vqa(cfg: Config, announce: bool = True) -> VqaSplit:
+def load_vqa(cfg: VqaRecipeConfig, announce: bool = True) -> VqaSplit:
     """The configured split (printed, so every log names the split that was used)."""
-    v: VqaConfig = cfg.vqa
+    v = cfg.vqa
     split = load_split(v.root, v.split, v.max_question_words)
     if announce:
-        _say(split.describe())
+        say(split.describe())
         for note in split.notes:
-            _say(f"  note: {note}")
+            say(f"  note: {note}")
     return split
 
 
-def candidate_answers(cfg: Config, split: VqaSplit) -> list[str]:
+def candidate_answers(cfg: VqaRecipeConfig, split: VqaSplit) -> list[str]:
     """Rank candidates: the distinct training answers (most frequent first) or the answers of vqa.answer_list."""
     spec = cfg.vqa.answer_list
     return answer_list(split.train) if spec == "train" else read_answer_list(spec)
 
 
-def build_model(cfg: Config, *, load_weights: bool = True) -> MedBlipVqa:
+def build_model(cfg: VqaRecipeConfig, *, load_weights: bool = True) -> MedBlipVqa:
     """MedBlipVqa at the configured sizes, identical on every rank, then run.init_from loaded."""
     if cfg.objectives and not any(o.enabled for o in cfg.objectives.values()):
         raise ConfigError(f"{cfg.source}: objectives.vqa is disabled: there is nothing to train")
-    v: VqaConfig = cfg.vqa
+    v = cfg.vqa
     torch.manual_seed(cfg.train.seed)
     model = MedBlipVqa(model_config(cfg), freeze_vision=v.freeze_vision, max_question_len=v.max_question_len,
                        max_answer_len=v.max_answer_len)
     if load_weights:
         if cfg.run.init_from:
-            _say(load_vqa_weights(model, cfg.run.init_from).summary())
+            say(load_vqa_weights(model, cfg.run.init_from).summary())
         else:
-            _say("vqa: run.init_from is not set: the model starts from random weights")
+            say("vqa: run.init_from is not set: the model starts from random weights")
     return model
 
 
-def trained_checkpoint(cfg: Config, given: Optional[str] = None) -> str:
+def trained_checkpoint(cfg: VqaRecipeConfig, given: Optional[str] = None) -> str:
     """The weights to use after training: `given`, else run.dir (its newest complete checkpoint must exist)."""
     from framework.checkpoint import find_resume_tag
 
@@ -139,7 +132,44 @@ def trained_checkpoint(cfg: Config, given: Optional[str] = None) -> str:
     return str(run_dir)
 
 
-def load_trained(cfg: Config, checkpoint: str) -> MedBlipVqa:
+def config_for_checkpoint(recipe: Optional[str], checkpoint: Optional[str],
+                          overrides: list[str]) -> VqaRecipeConfig:
+    """The VQA config to evaluate or export `checkpoint` with: `recipe`, but with the model shape (model:,
+    image.size) of the checkpoint's own run (its config.yaml), said in one line; without `recipe`, the run's own
+    config. A pretraining (DAPT/PSD) run is evaluated with a warning: its answer decoder never saw VQA."""
+    import yaml
+
+    from framework.config import apply_overrides, config_from_dict, config_to_dict, load_config
+    from framework.rundir import run_dir_of
+
+    if checkpoint is None and recipe is not None:
+        checkpoint = load_config(recipe, overrides).run.dir  # what trained_checkpoint will take
+    run = run_dir_of(checkpoint) if checkpoint else None
+    saved = yaml.safe_load((run / "config.yaml").read_text()) if run else None
+    pretraining = saved is not None and "vqa" not in saved
+    if recipe is None:
+        if saved is None:
+            raise ValueError("give --recipe (a VQA recipe, e.g. recipes/medblip/vqa.yaml) or --checkpoint RUN "
+                             "of a run directory that holds its config.yaml")
+        if pretraining:
+            raise ValueError(f"{run} is a pretraining run ({saved.get('recipe')}): evaluate it with --recipe "
+                             "recipes/medblip/vqa.yaml (its answer decoder was never fine-tuned for VQA)")
+        return load_config(run / "config.yaml", overrides)
+    if saved is None:
+        return load_config(recipe, overrides)
+    data = config_to_dict(load_config(recipe))  # the recipe resolved (bases merged), validated: its errors name it
+    data["model"] = saved.get("model", data["model"])
+    data["image"] = {**data["image"], "size": saved.get("image", {}).get("size", data["image"]["size"])}
+    say(f"model: the checkpoint's own shape from {run / 'config.yaml'} (model: and image.size; "
+        f"the model: section of {recipe} is not used)")
+    if pretraining:
+        say(f"warning: {run} is a pretraining run ({saved.get('recipe')}): its answer decoder was never fine-tuned "
+            f"for VQA, so expect answers near chance; fine-tune first: launch/train.py --recipe {recipe} "
+            f"run.init_from={run}")
+    return config_from_dict(apply_overrides(data, overrides, recipe), recipe)
+
+
+def load_trained(cfg: VqaRecipeConfig, checkpoint: str) -> MedBlipVqa:
     """The recipe's model with the weights of `checkpoint`; refuses weights that leave model tensors missing."""
     model = build_model(cfg, load_weights=False)
     report = load_vqa_weights(model, checkpoint)
@@ -150,16 +180,11 @@ def load_trained(cfg: Config, checkpoint: str) -> MedBlipVqa:
     return model
 
 
-def passthrough(sample: dict) -> dict:
-    """Task.decode for a map-style dataset: items arrive decoded."""
-    return sample
-
-
-def build(cfg: Config) -> Task:
+def build(cfg: VqaRecipeConfig, dist: DistInfo) -> Task:
     """Config -> Task: MedBlipVqa, the training questions as a map-style dataset, evaluation on the test split."""
     split = load_vqa(cfg)
     model = build_model(cfg)
-    return Task(model=model, decode=passthrough, collate=model.collate_fn(),
+    return Task(model=model, collate=model.collate_fn(),
                 train_dataset=VqaDataset(split.train, split.image_dir, cfg.image, train=True),
                 evaluate=VqaEvaluator(cfg, split))
 
@@ -178,10 +203,10 @@ def rank_coverage(candidates: list[str], test: list[VqaRecord]) -> dict[str, Opt
 
 
 @torch.no_grad()
-def evaluate_model(model: MedBlipVqa, cfg: Config, split: VqaSplit, candidates: Optional[list[str]] = None,
+def evaluate_model(model: MedBlipVqa, cfg: VqaRecipeConfig, split: VqaSplit, candidates: Optional[list[str]] = None,
                    num_workers: int = 0) -> dict[str, Any]:
     """Answer the test questions -> {"predictions": [row per question], "scores": {...}, "inference": {...}}."""
-    v: VqaConfig = cfg.vqa
+    v = cfg.vqa
     test = split.test[: v.eval_limit] if v.eval_limit else split.test
     device = next(model.parameters()).device
     was_training = model.training
@@ -218,7 +243,7 @@ def evaluate_model(model: MedBlipVqa, cfg: Config, split: VqaSplit, candidates: 
     return {"predictions": rows, "scores": scores, "inference": inference}
 
 
-def results_document(cfg: Config, split: VqaSplit, result: dict[str, Any], *, step: Optional[int] = None,
+def results_document(cfg: VqaRecipeConfig, split: VqaSplit, result: dict[str, Any], *, step: Optional[int] = None,
                      checkpoint: Optional[str] = None) -> dict[str, Any]:
     """What metrics.json holds: the split used, the scores, flat metrics, majority baselines and provenance."""
     test = split.test[: cfg.vqa.eval_limit] if cfg.vqa.eval_limit else split.test
@@ -275,16 +300,19 @@ def sample_images(predictions: list[dict], image_dir: Union[str, Path], n: int =
 class VqaEvaluator:
     """Task.evaluate: scores the test split, returns flat metrics (+ sample predictions) and writes the files."""
 
-    def __init__(self, cfg: Config, split: VqaSplit):
+    def __init__(self, cfg: VqaRecipeConfig, split: VqaSplit):
         self.cfg, self.split = cfg, split
         self.candidates = candidate_answers(cfg, split) if cfg.vqa.inference == "rank" else None
 
     def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
         result = evaluate_model(model, self.cfg, self.split, self.candidates)
-        if self.cfg.vqa.save_predictions and _rank0():
+        if self.cfg.vqa.save_predictions and rank() == 0:
             doc = results_document(self.cfg, self.split, result, step=step, checkpoint=f"step {step} (in training)")
             run_dir = Path(self.cfg.run.dir)
             write_results(run_dir / "eval" / f"step_{step:08d}", doc, result["predictions"])
             write_results(run_dir, doc, result["predictions"])  # the latest result, for make_table
         return (flatten(result["scores"]) | {"samples": samples_markdown(result["predictions"])}
                 | sample_images(result["predictions"], self.split.image_dir))
+
+
+RECIPE = Recipe(config=VqaRecipeConfig, objectives=("vqa",), build=build)

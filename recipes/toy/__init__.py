@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,8 +14,9 @@ import webdataset as wds
 from torch import nn
 
 from framework.config import Config
+from framework.distributed import DistInfo
 from framework.registry import Registry
-from framework.task import Task
+from framework.task import Recipe, Task
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ToyModelConfig:
     # Fault injection for the reliability tests:
     step_sleep: float = 0.0  # seconds each forward sleeps (a slow model)
     nan_after: int = -1  # forwards after this many return a NaN "mse" loss (-1: never)
+    constant: bool = False  # predict one learned number (blind to x): a model that learns nothing, for the monitor
 
 
 def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -37,8 +39,12 @@ def _l1(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (pred - y).abs().mean()
 
 
-OBJECTIVES = Registry("objective", {"mse": _mse, "l1": _l1})
-SECTIONS = {"model": ToyModelConfig}
+LOSSES = Registry("objective", {"mse": _mse, "l1": _l1})  # looked up by name in the forward
+
+
+@dataclass
+class ToyConfig(Config):
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)
 
 
 class ToyRegressor(nn.Module):
@@ -57,12 +63,16 @@ class ToyRegressor(nn.Module):
             time.sleep(self.cfg.step_sleep)
         self.forwards += 1
         dtype = self.net[0].weight.dtype
-        pred = self.net(batch["x"].to(dtype)).squeeze(-1).float()
+        x = batch["x"].to(dtype)
+        pred = self.net(x * 0 if self.cfg.constant else x).squeeze(-1).float()
         y = batch["y"].float()
-        losses = {name: OBJECTIVES[name](pred, y) for name in self.objectives}
+        losses = {name: LOSSES[name](pred, y) for name in self.objectives}
         if 0 <= self.cfg.nan_after < self.forwards and "mse" in losses:
             losses["mse"] = losses["mse"] * float("nan")
-        return {"losses": losses, "metrics": {"pred_mean": pred.detach().mean()}}
+        out = {"losses": losses, "metrics": {"pred_mean": pred.detach().mean()}}
+        if self.cfg.constant:  # the best a blind model can do: predict the mean (mse = variance of y)
+            out["chance"] = {"mse": float(((y - y.mean()) ** 2).mean())}
+        return out
 
 
 def decode(sample: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -81,6 +91,7 @@ class StepCounter:
     """A plugin that records the optimizer steps it saw (state survives resume): proves the plugin contract."""
 
     name = "step_counter"
+    per_rank_state = False
 
     def __init__(self) -> None:
         self.calls: list[int] = []
@@ -114,12 +125,15 @@ class ToyDataset(torch.utils.data.Dataset):
         return {"x": self.x[i], "y": float(self.y[i]), "key": f"s{i:06d}"}
 
 
-def build(cfg: Config) -> Task:
+def build(cfg: ToyConfig, dist: DistInfo) -> Task:
     enabled = [n for n, o in cfg.objectives.items() if o.enabled] or ["mse"]
     torch.manual_seed(cfg.train.seed)  # same init on every rank and every run
     dataset = ToyDataset(cfg.model.dataset_size, cfg.model.in_dim) if cfg.model.dataset_size else None
-    return Task(model=ToyRegressor(cfg.model, enabled), decode=decode, collate=collate,
+    return Task(model=ToyRegressor(cfg.model, enabled), decode=None if dataset else decode, collate=collate,
                 plugins=[StepCounter()], train_dataset=dataset)
+
+
+RECIPE = Recipe(config=ToyConfig, objectives=tuple(LOSSES), build=build)
 
 
 def make_shards(out_dir: Path, n_samples: int = 64, n_shards: int = 4, in_dim: int = 8, seed: int = 0) -> list[Path]:

@@ -1,0 +1,93 @@
+"""Training health: objectives stuck at their chance level, a collapsing fp16 loss scale, zero gradients,
+non-finite losses.
+
+BLIP's most reported failure is a pre-training that learns nothing while its losses look settled (salesforce/BLIP
+#51: the ITM loss flat at ~0.6365, the entropy of the 1 positive : 2 negatives label prior). A model declares, per
+batch, the loss of a model that learned nothing (ModelOutput "chance"); an objective whose step losses all stay
+within run.health_tolerance of it for run.health_window steps is flagged in the console and in TensorBoard
+(health/at_chance/<objective> = 1).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Optional
+
+import torch
+
+from .config import RunConfig
+
+ZERO_GRAD_STEPS = 3  # consecutive optimizer steps with a gradient norm of exactly 0 before it is flagged
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself for a reason the user must see (non-finite losses, loss-scale collapse)."""
+
+
+class HealthMonitor:
+    """Watches every optimizer step's scalars; warns once per episode, stops on runaway non-finite losses."""
+
+    def __init__(self, run: RunConfig):
+        self.window, self.tolerance, self.max_nonfinite = run.health_window, run.health_tolerance, run.max_nonfinite
+        self.losses: dict[str, deque[float]] = {}
+        self.flagged: set[str] = set()
+        self.nonfinite_run = self.nonfinite_total = 0
+        self.zero_grad_run = self.low_scale_run = 0
+        self.min_scale: Optional[float] = None
+
+    def nonfinite(self, loss: torch.Tensor, output: dict[str, Any], step: int, log: Any) -> bool:
+        """True if this micro-batch's total loss is not finite (it is then skipped); stops after too many in a row.
+
+        One host sync per micro-batch: the decision to run backward needs the value. (Under fp16 a non-finite
+        gradient is also caught by DeepSpeed's loss scaler, which skips the step.)
+        """
+        if torch.isfinite(loss):  # a non-finite objective makes the total non-finite (even at weight 0)
+            self.nonfinite_run = 0
+            return False
+        bad = [k for k, v in output["losses"].items() if not torch.isfinite(v.detach()).all()] or ["total"]
+        self.nonfinite_run += 1
+        self.nonfinite_total += 1
+        log.scalars(step, {"train/nonfinite_losses": self.nonfinite_total})
+        log.message(f"step {step}: non-finite loss in {', '.join(bad)}; micro-batch skipped")
+        if self.nonfinite_run > self.max_nonfinite:
+            raise TrainingStopped(f"{self.nonfinite_run} non-finite losses in a row (objective: {', '.join(bad)})"
+                                  f" > run.max_nonfinite={self.max_nonfinite}; lower the learning rate or check the "
+                                  "data")
+        return True
+
+    def check(self, step: int, scalars: dict[str, float], output: dict[str, Any], log: Any,
+              min_loss_scale: float = 1.0) -> None:
+        """After an optimizer step: chance levels, gradient norm, loss scale; adds health/* to `scalars` first."""
+        health: dict[str, float] = {}
+        for name, chance in (output.get("chance") or {}).items():
+            loss = scalars.get(f"loss/{name}")
+            if loss is None:
+                continue
+            recent = self.losses.setdefault(name, deque(maxlen=self.window))
+            recent.append(loss)
+            stuck = len(recent) == self.window and all(abs(v - chance) <= self.tolerance * abs(chance)
+                                                       for v in recent)
+            health[f"health/at_chance/{name}"] = float(stuck)
+            if stuck and name not in self.flagged:
+                log.message(f"health: step {step}: {name} has stayed at its chance level for {self.window} steps "
+                            f"(loss {loss:.4f}, a model that learned nothing: {chance:.4f}): {name} is not learning")
+            (self.flagged.add if stuck else self.flagged.discard)(name)
+        norm = scalars.get("train/grad_norm")
+        if norm is not None:
+            self.zero_grad_run = self.zero_grad_run + 1 if norm == 0.0 else 0
+            if self.zero_grad_run == ZERO_GRAD_STEPS:
+                log.message(f"health: step {step}: the gradient norm has been 0 for {ZERO_GRAD_STEPS} steps: nothing "
+                            "trains (every parameter frozen, or the losses detached from them)")
+            health["health/zero_grad"] = float(self.zero_grad_run >= ZERO_GRAD_STEPS)
+        scale = scalars.get("fp16/loss_scale")
+        if scale is not None:
+            self.low_scale_run = self.low_scale_run + 1 if scale <= min_loss_scale else 0
+            if self.low_scale_run == 1:
+                log.message(f"health: step {step}: the fp16 loss scale fell to {scale:g}, its minimum: gradients "
+                            "overflow even unscaled")
+            health["health/loss_scale_collapsed"] = float(self.low_scale_run > 0)
+            if self.low_scale_run > self.max_nonfinite:
+                raise TrainingStopped(f"fp16 loss scale collapsed to {scale} for {self.low_scale_run} steps: "
+                                      "gradients overflow even at the minimum scale; lower the learning rate or use "
+                                      "fp32/bf16")
+        scalars |= health
+        log.scalars(step, health)

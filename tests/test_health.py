@@ -1,0 +1,80 @@
+"""The training-health monitor: chance levels, zero gradients, loss-scale collapse; by hand and in a real run."""
+import math
+
+import pytest
+import torch
+
+from framework.config import RunConfig
+from framework.health import HealthMonitor, TrainingStopped
+from tests.conftest import ROOT, run_entry
+
+ITM_CHANCE = math.log(3) - 2 / 3 * math.log(2)  # entropy of the 1 positive : 2 negatives prior
+
+
+class Log:
+    def __init__(self):
+        self.messages, self.scalars_seen = [], {}
+
+    def message(self, text):
+        self.messages.append(text)
+
+    def scalars(self, step, values):
+        self.scalars_seen.setdefault(step, {}).update(values)
+
+
+def test_itm_at_its_prior_entropy_is_flagged_after_the_window_and_cleared_when_it_learns():
+    assert ITM_CHANCE == pytest.approx(0.6365, abs=1e-4)
+    monitor, log = HealthMonitor(RunConfig(health_window=5, health_tolerance=0.02)), Log()
+    out = {"chance": {"itm": ITM_CHANCE, "lm": 10.0}}
+    for step in range(1, 5):  # 4 steps at chance: not yet a whole window
+        monitor.check(step, {"loss/itm": 0.6366, "loss/lm": 6.0}, out, log)
+    assert not log.messages and log.scalars_seen[4]["health/at_chance/itm"] == 0.0
+    monitor.check(5, {"loss/itm": 0.6360, "loss/lm": 5.0}, out, log)
+    assert len(log.messages) == 1 and "itm has stayed at its chance level for 5 steps" in log.messages[0]
+    assert log.scalars_seen[5]["health/at_chance/itm"] == 1.0 and log.scalars_seen[5]["health/at_chance/lm"] == 0.0
+    monitor.check(6, {"loss/itm": 0.6364, "loss/lm": 5.0}, out, log)
+    assert len(log.messages) == 1  # once per episode
+    monitor.check(7, {"loss/itm": 0.50, "loss/lm": 5.0}, out, log)  # it learns: cleared
+    assert log.scalars_seen[7]["health/at_chance/itm"] == 0.0
+
+
+def test_zero_gradient_norm_and_a_collapsed_loss_scale():
+    monitor, log = HealthMonitor(RunConfig(max_nonfinite=2)), Log()
+    for step in (1, 2, 3):
+        monitor.check(step, {"train/grad_norm": 0.0}, {}, log)
+    assert any("gradient norm has been 0 for 3 steps" in m for m in log.messages)
+    assert log.scalars_seen[3]["health/zero_grad"] == 1.0
+    monitor.check(4, {"train/grad_norm": 0.5, "fp16/loss_scale": 1.0}, {}, log, min_loss_scale=1.0)
+    assert log.scalars_seen[4]["health/zero_grad"] == 0.0 and any("loss scale fell to 1" in m for m in log.messages)
+    monitor.check(5, {"fp16/loss_scale": 1.0}, {}, log, min_loss_scale=1.0)
+    with pytest.raises(TrainingStopped, match="loss scale collapsed"):
+        monitor.check(6, {"fp16/loss_scale": 1.0}, {}, log, min_loss_scale=1.0)
+
+
+def test_nonfinite_micro_batches_are_skipped_then_stop_the_run():
+    monitor, log = HealthMonitor(RunConfig(max_nonfinite=1)), Log()
+    good, bad = torch.tensor(1.0), torch.tensor(float("nan"))
+    assert not monitor.nonfinite(good, {"losses": {"a": good}}, 1, log)
+    assert monitor.nonfinite(bad, {"losses": {"a": bad}}, 1, log) and "non-finite loss in a" in log.messages[-1]
+    with pytest.raises(TrainingStopped, match="2 non-finite losses in a row"):
+        monitor.nonfinite(bad, {"losses": {"a": bad}}, 1, log)
+
+
+def test_a_model_that_learns_nothing_is_flagged_in_a_real_run(tmp_path):
+    """The toy regressor blind to its input (model.constant) sits at its chance level: console line + TensorBoard."""
+    from recipes.toy import make_shards
+
+    make_shards(tmp_path / "shards", 64, 2)
+    proc = run_entry("train.py", "--recipe", str(ROOT / "recipes" / "toy" / "toy.yaml"), "model.constant=true",
+                     f"data.train={tmp_path / 'shards'}", f"run.dir={tmp_path / 'run'}", "train.epochs=null",
+                     "train.max_steps=12", "train.lr=1e-6", "train.warmup_steps=0", "run.health_window=4",
+                     "run.health_tolerance=0.05", "data.shuffle_buffer=0", "train.grad_accum=8", "data.batch_size=8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "health: step 4: mse has stayed at its chance level for 4 steps" in proc.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    flags = [e.value for e in acc.Scalars("health/at_chance/mse")]
+    assert flags[:3] == [0.0, 0.0, 0.0] and flags[3] == 1.0
+    assert "train/grad_norm" in acc.Tags()["scalars"]
