@@ -2,7 +2,7 @@
 
 BLIP's training step is written out below as its blip_pretrain.py / pretrain.py have it: `_momentum_update()` first,
 momentum features, ITC against the queues with soft targets, the enqueue, ITM with hard negatives drawn row by row,
-LM, `loss_ita + loss_itm + loss_lm`, AdamW over model.parameters(). It runs beside framework.engine.Engine (real
+LM, `loss_ita + loss_itm + loss_lm`, AdamW over model.parameters(). It runs beside framework.engine.fit (real
 DeepSpeed on the CPU, fp32, grad_accum 1, dropout off) from the same initial weights, on the batches the engine
 drew, with the ITM-negative stream of the engine's generator; after every optimizer step every parameter, momentum
 parameter, queue and the queue pointer must agree.
@@ -16,8 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from framework.build import build_run
 from framework.config import load_config
-from framework.engine import Engine
+from framework.distributed import init_distributed
+from framework.engine import fit
 from recipes.medblip import pretrain
 from recipes.medblip.checkpoint import save_weights
 from recipes.medblip.phantoms import PhantomSpec, write_caption_shards
@@ -87,6 +89,7 @@ class Snapshots:
     """A plugin that keeps a copy of the model's state after every optimizer step."""
 
     name = "test_snapshots"
+    per_rank_state = False
 
     def __init__(self, model: torch.nn.Module):
         self.model, self.states = model, []
@@ -107,7 +110,8 @@ class Snapshots:
 
 def train_with_engine(cfg) -> tuple[dict, torch.Tensor, list[dict], Snapshots]:
     """Our run: (initial state, ITM generator state at the start, per-forward records, per-step snapshots)."""
-    task = pretrain.build(cfg)
+    dist = init_distributed()
+    task = pretrain.build(cfg, dist)
     model = task.model
     snapshots = Snapshots(model)
     task.plugins.append(snapshots)
@@ -121,10 +125,10 @@ def train_with_engine(cfg) -> tuple[dict, torch.Tensor, list[dict], Snapshots]:
 
     model.register_forward_hook(record)
     zero_key_bias_gradients(model)
-    engine = Engine(cfg, task)
+    run = build_run(cfg, task, dist)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     generator = model.itm_generator.get_state()
-    result = engine.fit()
+    result = fit(run)
     assert result.step == STEPS and len(snapshots.states) == STEPS
     return initial, generator, forwards, snapshots
 
@@ -281,7 +285,8 @@ def test_one_momentum_update_per_step_at_its_first_micro_batch(one_rank, tmp_pat
     """Under gradient accumulation the update runs once per optimizer step, in the step's first forward."""
     write_caption_shards(tmp_path / "shards", PhantomSpec(image_size=32, samples_per_shard=8), "train", 32)
     cfg = config(tmp_path / "run", tmp_path / "shards", grad_accum=2)
-    task = pretrain.build(cfg)
+    dist = init_distributed()
+    task = pretrain.build(cfg, dist)
     model = task.model
     events: list[str] = []
     update = model.momentum_update
@@ -291,6 +296,6 @@ def test_one_momentum_update_per_step_at_its_first_micro_batch(one_rank, tmp_pat
     steps = Snapshots(model)
     steps.after_optimizer_step = lambda step: events.append(f"step {step}") or {}
     task.plugins.append(steps)
-    Engine(cfg, task).fit()
+    fit(build_run(cfg, task, dist))
     per_step = ["forward", "update", "end", "forward", "end"]
     assert events == [*per_step, "step 1", *per_step, "step 2", *per_step, "step 3"]
