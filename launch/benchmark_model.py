@@ -5,7 +5,7 @@
                                      [--queue-size 256] [--grad-ckpt] [--objectives itc,itm,lm]
                                      [--compare-share-kv]
 
-A plain PyTorch step (forward with all objectives, backward, AdamW, momentum update), no DeepSpeed: the
+A plain PyTorch step (momentum update, forward with all objectives, backward, AdamW), no DeepSpeed: the
 model's own cost. Runs on a GPU when one is visible (peak allocated memory), else on the CPU (peak RSS).
 """
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            model.momentum_update()
+            model.step += 1  # the next forward applies this step's momentum update first, as BLIP's does
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return {k: float(v.detach()) for k, v in out["losses"].items()}

@@ -81,10 +81,56 @@ def test_blip_layout_loads_clean_with_ties(tmp_path):
     # weight tying survives loading: the decoder still uses the encoder's tensors
     enc_q = dst.text_encoder.encoder.layer[1].crossattention.self.query.weight
     assert dst.text_decoder.bert.encoder.layer[1].crossattention.self.query.weight is enc_q
-    assert dst.text_decoder.bert.embeddings.word_embeddings.weight is dst.text_encoder.embeddings.word_embeddings.weight
+    emb = dst.text_encoder.embeddings.word_embeddings.weight
+    assert dst.text_decoder.bert.embeddings.word_embeddings.weight is emb
+    assert dst.text_decoder.cls.predictions.decoder.weight is emb  # BLIP HEAD: the LM head is the same Parameter
+    assert not any("kept apart" in n for n in report.notes)
     assert torch.equal(enc_q, sd["text_decoder.bert.encoder.layer.1.crossattention.self.query.weight"])
     unique = len({id(t) for t in dst.state_dict(keep_vars=True).values()})
     assert report.loaded == unique
+
+
+LM_HEAD = "text_decoder.cls.predictions.decoder.weight"
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_lm_head_tied_as_the_file_ties_it(tmp_path, suffix):
+    """A file whose LM head differs from its word embeddings (BLIP's first commit, model.tie_lm_head=false, our runs
+    before BLIP HEAD's tying) loads with the head kept apart, and says so; a tied file stays one Parameter."""
+    untied = tiny_model(seed=1, tie_lm_head=False)
+    head = untied.text_decoder.cls.predictions.decoder.weight
+    assert not torch.equal(head, untied.text_encoder.embeddings.word_embeddings.weight)
+    if suffix == ".pth":
+        blip_checkpoint(untied, tmp_path / f"untied{suffix}")
+    else:
+        save_weights(untied, tmp_path / f"untied{suffix}")
+    dst = tiny_model(seed=2)  # tie_lm_head: true (the default)
+    trainable_tied = sum(p.numel() for p in dst.parameters() if p.requires_grad)
+    report = load_pretrained(dst, tmp_path / f"untied{suffix}")
+    assert report.missing == [] and report.unexpected == []
+    assert any(LM_HEAD in n and "kept apart" in n for n in report.notes), report.notes
+    assert not any("different values" in n for n in report.notes)
+    assert_same_state(dst, untied)  # nothing of the file was overwritten by a tie
+    dst_head = dst.text_decoder.cls.predictions.decoder.weight
+    assert dst_head is not dst.text_encoder.embeddings.word_embeddings.weight and dst_head.requires_grad
+    assert dst.text_decoder.cls.predictions.decoder.bias is dst.text_decoder.cls.predictions.bias
+    vocab, hidden = dst_head.shape
+    assert sum(p.numel() for p in dst.parameters() if p.requires_grad) == trainable_tied + vocab * hidden
+    assert dst_head in set(dst.parameters())  # the optimizer (built after loading) sees the separate head
+
+    save_weights(dst, tmp_path / f"again{suffix}")  # and it stays apart through our own files
+    again = tiny_model(seed=3)
+    report = load_pretrained(again, tmp_path / f"again{suffix}")
+    assert any("kept apart" in n for n in report.notes) and report.missing == []
+    assert_same_state(again, untied)
+
+    tied_src = tiny_model(seed=4)  # a tied file into a model told not to tie: equal values, separate weights
+    save_weights(tied_src, tmp_path / f"tied{suffix}")
+    apart = tiny_model(seed=5, tie_lm_head=False)
+    report = load_pretrained(apart, tmp_path / f"tied{suffix}")
+    assert report.missing == [] and not any("kept apart" in n for n in report.notes)
+    assert_same_state(apart, tied_src)
+    assert apart.text_decoder.cls.predictions.decoder.weight is not apart.text_encoder.embeddings.word_embeddings.weight
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -103,6 +149,7 @@ def test_round_trip_is_exact(tmp_path, suffix):
     assert int(second.queue_ptr) == 4
     assert second.text_decoder.bert.encoder.layer[0].output.dense.weight is \
         second.text_encoder.encoder.layer[0].output.dense.weight
+    assert second.text_decoder.cls.predictions.decoder.weight is second.text_encoder.embeddings.word_embeddings.weight
     if suffix == ".pth":  # readable by BLIP's own loader: {'model': ...} with a 0-dim temp
         raw = torch.load(tmp_path / "ours.pth", weights_only=True)
         assert raw["model"]["temp"].shape == torch.Size([])
@@ -220,7 +267,14 @@ def test_transformers_layout(tmp_path):
     report = load_pretrained(model, tmp_path / "itm")
     assert report.layout == "transformers" and report.unexpected == []
     assert any("visual_encoder_m: not in the checkpoint, copied" in n for n in report.notes)
-    assert "text_decoder.cls.predictions.decoder.weight" in report.missing  # a retrieval model has no decoder
+    # a retrieval model has no decoder: its self-attention and LM-head transform stay as initialised, while the LM
+    # head's output weight is the (tied, BLIP HEAD) word embedding the retrieval encoder brings
+    assert {"text_decoder.bert.encoder.layer.0.attention.self.query.weight",
+            "text_decoder.cls.predictions.transform.dense.weight"} <= set(report.missing)
+    assert not any(m.startswith("text_decoder.cls.predictions.decoder") for m in report.missing)
+    assert model.text_decoder.cls.predictions.decoder.weight is model.text_encoder.embeddings.word_embeddings.weight
+    assert torch.equal(model.text_encoder.embeddings.word_embeddings.weight,
+                       hf.text_encoder.embeddings.word_embeddings.weight)
     assert not any(m.startswith(("visual_encoder", "text_encoder", "vision_proj", "itm_head")) for m in report.missing)
     assert torch.equal(model.visual_encoder.blocks[1].attn.proj.weight,
                        hf.vision_model.encoder.layers[1].self_attn.projection.weight)

@@ -12,8 +12,8 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT
-from recipes.medblip.data import (MEAN, RANDAUGMENT_OPS, STD, ImageConfig, apply_op, make_collate, make_decode,
-                                  open_image)
+from recipes.medblip.data import (MEAN, RANDAUGMENT_OPS, STD, ImageConfig, apply_op, draft_side, make_collate,
+                                  make_decode, open_image)
 from recipes.medblip.text import pre_caption, pre_question
 
 
@@ -139,15 +139,31 @@ def test_eval_decode_is_deterministic_and_train_decode_follows_the_torch_seed() 
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (3, 48, 48)
 
 
-def test_draft_decode_is_close_to_full_decode() -> None:
+def _blip_test_transform(data: bytes, size: int) -> torch.Tensor:
+    """BLIP's evaluation pixels by hand: the whole JPEG decoded, bicubic resize, BLIP's normalisation."""
+    img = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BICUBIC)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (arr - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+def test_evaluation_decodes_whole_jpegs_and_only_training_drafts() -> None:
     data = _jpeg(_smooth(600, 800))
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (64, 64))
-    assert img.size == (100, 75)  # decoded at 1/8 scale, both sides still >= 64
+    assert img.size == (100, 75)  # a draft decode would be at 1/8 scale, both sides still >= 64
     sample = {"__key__": "d", "jpg": data, "txt": "x"}
-    fast = make_decode(ImageConfig(size=64, augment=False, draft=True), train=False)(sample)["image"]
-    full = make_decode(ImageConfig(size=64, augment=False, draft=False), train=False)(sample)["image"]
-    assert (fast - full).abs().mean() < 0.02  # normalised units (~1/255 of a pixel value on average)
+    exact = _blip_test_transform(data, 64)
+    for draft in (True, False):  # evaluation ignores image.draft: BLIP's pixels (to float rounding)
+        ev = make_decode(ImageConfig(size=64, draft=draft), train=False)(sample)["image"]
+        torch.testing.assert_close(ev, exact, rtol=0, atol=1e-6)
+    fast = make_decode(ImageConfig(size=64, augment=False, draft=True), train=True)(sample)["image"]
+    full = make_decode(ImageConfig(size=64, augment=False, draft=False), train=True)(sample)["image"]
+    torch.testing.assert_close(full, exact, rtol=0, atol=1e-6)
+    assert (fast - exact).abs().max() > 0.05 and (fast - exact).abs().mean() < 0.02  # drafted, and close
+    assert draft_side(ImageConfig(size=224, scale_min=0.5), train=True) == 317  # 224 / sqrt(0.5), rounded up
+    assert draft_side(ImageConfig(size=224, augment=False), train=True) == 224
+    assert draft_side(ImageConfig(size=224), train=False) == 0
+    assert draft_side(ImageConfig(size=224, draft=False), train=True) == 0
 
 
 def test_empty_caption_is_none_and_bad_image_raises() -> None:

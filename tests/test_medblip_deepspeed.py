@@ -67,6 +67,7 @@ def test_deepspeed_training_steps(one_rank, tmp_path, precision, zero):
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(4, 3, 32, 32, generator=g), **model.tokenize(CAPTIONS)}
     momentum_before = model.text_encoder_m.encoder.layer[0].crossattention.self.query.weight.clone()
+    emb_before = model.text_encoder.embeddings.word_embeddings.weight.detach().float().clone()
     history = []
     for step in range(1, STEPS + 1):
         out = engine(batch)
@@ -92,6 +93,11 @@ def test_deepspeed_training_steps(one_rank, tmp_path, precision, zero):
     dec = model.text_decoder.bert.encoder.layer[1]
     assert dec.crossattention.self.value.weight is model.text_encoder.encoder.layer[1].crossattention.self.value.weight
     assert dec.output.dense.weight is model.text_encoder.encoder.layer[1].output.dense.weight
+    # BLIP HEAD: one Parameter serves as encoder and decoder word embeddings and LM head, and it trained
+    emb = model.text_encoder.embeddings.word_embeddings.weight
+    assert model.text_decoder.cls.predictions.decoder.weight is emb
+    assert model.text_decoder.bert.embeddings.word_embeddings.weight is emb
+    assert not torch.equal(emb.detach().float(), emb_before)
 
     if (precision, zero) == ("bf16", 2):  # a DeepSpeed checkpoint of ours loads back (the DAPT -> PSD/VQA path)
         engine.save_checkpoint(str(tmp_path / "checkpoints"), tag="step_00000006")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from recipes.medblip.objectives import (
 )
 from recipes.medblip.pretrain_model import MedBlipPretrain
 from recipes.medblip.tokenizer import TokenizerNotFound, load_tokenizer
-from recipes.medblip.towers import build_text_decoder, build_text_encoder, build_vit, tie_decoder_to_encoder
+from recipes.medblip.towers import (build_text_decoder, build_text_encoder, build_vit, lm_head_is_tied,
+                                   tie_text_towers)
 
 CAPTIONS = ["a chest x ray with a small nodule", "ct of the head", "mri of the brain showing a lesion on the left",
             "abdominal ultrasound"]
@@ -98,20 +100,30 @@ def test_cross_attention_mask_fix(which):
                                rtol=0, atol=2e-6)
 
 
-def test_decoder_shares_all_but_self_attention():
+@pytest.mark.parametrize("lm_head", [True, False])
+def test_decoder_shares_all_but_self_attention(lm_head):
     torch.manual_seed(0)
     cfg = tiny_cfg()
     enc, dec = build_text_encoder(cfg, 30524), build_text_decoder(cfg, 30524)
-    tie_decoder_to_encoder(enc, dec)
+    enc_before = {n: p for n, p in enc.named_parameters()}
+    dec_before = {n: p for n, p in dec.bert.named_parameters()}
+    head_before = dec.cls.predictions.decoder.weight
+    tie_text_towers(enc, dec, lm_head=lm_head)
     enc_params = {n: p for n, p in enc.named_parameters()}
     for name, p in dec.bert.named_parameters():
         shared = p is enc_params[name]
         is_self_attention = ".attention." in name
         assert shared != is_self_attention, name
+        if shared:  # BLIP HEAD: the encoder takes the decoder's tensors; its first commit: the other way round
+            assert p is (dec_before[name] if lm_head else enc_before[name]), name
     assert enc_params["encoder.layer.0.crossattention.self.key.weight"] is \
         dec.bert.encoder.layer[0].crossattention.self.key.weight
-    # BLIP's tie replaces the decoder's word embeddings; its LM head keeps the decoder's own weight
-    assert dec.cls.predictions.decoder.weight is not dec.bert.embeddings.word_embeddings.weight
+    head, emb = dec.cls.predictions.decoder.weight, enc.embeddings.word_embeddings.weight
+    assert head is head_before  # the LM head keeps the decoder's tensor either way
+    if lm_head:  # BLIP HEAD: encoder embeddings = decoder embeddings = LM head, one Parameter
+        assert head is emb and dec.bert.embeddings.word_embeddings.weight is emb and lm_head_is_tied(dec)
+    else:  # BLIP's first commit: the decoder's embeddings are replaced by the encoder's; the head stays its own
+        assert head is not emb and dec.bert.embeddings.word_embeddings.weight is emb and not lm_head_is_tied(dec)
     assert dec.cls.predictions.decoder.bias is dec.cls.predictions.bias
     assert dec.config.label_smoothing == 0.1 and dec.config.layer_norm_eps == 1e-12
     assert dec.config.hidden_dropout_prob == 0.1 and dec.config.attention_probs_dropout_prob == 0.1
@@ -330,31 +342,112 @@ def test_temp_clamping(value, clamped):
     torch.testing.assert_close(out["logits"]["itc"]["i2t"], image_feat @ text_all / clamped)
 
 
-def test_momentum_update_formula_and_plugin_state():
-    model = tiny_model(momentum=0.9)
-    with torch.no_grad():
+def _moved_online(model: MedBlipPretrain) -> None:
+    with torch.no_grad():  # online weights away from the momentum copies, so that an update shows
         for p in model.visual_encoder.parameters():
             p.add_(1.0)
+
+
+def test_momentum_update_once_per_step_at_its_first_training_forward():
+    """BLIP's forward starts with _momentum_update(): the momentum features of a step already use that step's update,
+    made with the weights the step starts from; later micro-batches of the step and eval forwards do not update."""
+    model = tiny_model(momentum=0.9).train()
+    _moved_online(model)
     p = model.visual_encoder.blocks[0].mlp.fc1.weight
     p_m = model.visual_encoder_m.blocks[0].mlp.fc1.weight
-    old = p_m.detach().clone()
     plugin = MomentumUpdate(model, seed=3)
     plugin.setup(model, torch.float32, torch.device("cpu"))
-    logs = plugin.after_optimizer_step(1)
-    torch.testing.assert_close(p_m, 0.9 * old + 0.1 * p.detach(), rtol=0, atol=1e-7)
-    assert not torch.equal(p_m, old) and model.step == 1 and logs["medblip/alpha"] == pytest.approx(0.4)
+    seen = []  # the momentum weight as the momentum ViT runs
+    model.visual_encoder_m.patch_embed.register_forward_pre_hook(lambda *a: seen.append(p_m.detach().clone()))
+    batch = tiny_batch(model)
+
+    expected = 0.9 * p_m.detach() + 0.1 * p.detach()
+    out = model(batch)  # step 1, micro-batch 1
+    torch.testing.assert_close(seen[-1], expected, rtol=0, atol=1e-7)
+    assert not torch.equal(seen[-1], p.detach()) and model.momentum_updates == 1
+    model(batch)  # step 1, micro-batch 2 (gradient accumulation): no second update
+    assert torch.equal(seen[-1], seen[-2])
+    logs = plugin.after_optimizer_step(1)  # the plugin only counts; the update waits for step 2's first forward
+    assert model.step == 1 and torch.equal(p_m, seen[-1]) and logs["medblip/alpha"] == pytest.approx(0.4)
+    with torch.no_grad():
+        p.add_(0.5)  # what the optimizer step did
+    model.eval()
+    model(batch)  # held-out evaluation between steps: no update
+    assert torch.equal(seen[-1], seen[-2])
+    model.train()
+    expected = 0.9 * p_m.detach() + 0.1 * p.detach()
+    model(batch)
+    torch.testing.assert_close(seen[-1], expected, rtol=0, atol=1e-7)
+    assert model.momentum_updates == 2 and set(out["losses"]) == {"itc", "itm", "lm"}
     # text_proj_m moves too; itm_head and the decoder have no momentum copy
     assert {id(m) for m in model.fp32_modules()} == {id(model.visual_encoder_m), id(model.vision_proj_m),
                                                      id(model.text_encoder_m), id(model.text_proj_m)}
+
+
+@pytest.mark.parametrize("old_checkpoint", [False, True])
+def test_momentum_plugin_state_resumes_without_a_double_update(old_checkpoint):
+    """Saved after step k (the update of step k+1 pending), a resumed run updates once at its first forward; a
+    state saved before the update moved into the forward (no count) already holds that update: none then."""
+    model = tiny_model(momentum=0.9).train()
+    plugin = MomentumUpdate(model, seed=3)
+    plugin.setup(model, torch.float32, torch.device("cpu"))
+    batch = tiny_batch(model)
+    for step in (1, 2):
+        model(batch)
+        plugin.after_optimizer_step(step)
     state = copy.deepcopy(plugin.state_dict())
+    assert state["step"] == 2 and state["momentum_updates"] == 2
+    if old_checkpoint:
+        del state["momentum_updates"]
     w = torch.randn(4, 4)
     draws = sample_itm_negatives(w, w.t(), model.itm_generator)
-    other = tiny_model(seed=1)
+
+    other = tiny_model(seed=1, momentum=0.9).train()
+    _moved_online(other)
     restored = MomentumUpdate(other)
-    restored.load_state_dict(state)  # a resumed run draws the very same ITM negatives
-    assert other.step == 1 and restored.step == 1
-    again = sample_itm_negatives(w, w.t(), other.itm_generator)
+    restored.load_state_dict(state)
+    assert other.step == 2 and restored.step == 2
+    again = sample_itm_negatives(w, w.t(), other.itm_generator)  # a resumed run draws the very same ITM negatives
     assert all(torch.equal(a, b) for a, b in zip(draws, again))
+    p, p_m = other.vision_proj.weight, other.vision_proj_m.weight
+    before = p_m.detach().clone()
+    other(tiny_batch(other))
+    if old_checkpoint:
+        assert torch.equal(p_m, before)  # step 3's update is in the old checkpoint already
+    else:
+        torch.testing.assert_close(p_m, 0.9 * before + 0.1 * p.detach(), rtol=0, atol=1e-7)
+    restored.after_optimizer_step(3)
+    updated = p_m.detach().clone()
+    other(tiny_batch(other))
+    assert not torch.equal(p_m, updated)  # and from then on, one update per step again
+
+
+def test_chance_levels_by_hand():
+    """output["chance"]: the loss of a model that learned nothing, per enabled objective, as plain floats."""
+    model = tiny_model(queue_size=8).train()
+    batch = tiny_batch(model)
+    out = model(batch)
+    chance = out["chance"]
+    assert set(chance) == {"itc", "itm", "lm"} and all(type(v) is float for v in chance.values())
+    prior = torch.tensor([1 / 3, 2 / 3])  # ITM: 1 positive for 2 negatives
+    assert chance["itm"] == pytest.approx(float(-(prior * prior.log()).sum()), abs=1e-7)
+    assert chance["itm"] == pytest.approx(0.6365141682948128, abs=1e-12)  # ln 3 - (2/3) ln 2
+    assert chance["itc"] == pytest.approx(math.log(4 + 8))  # B in-batch texts + Q queued ones per image
+    assert chance["lm"] == pytest.approx(math.log(30524))
+    # ... and they are the losses of predictions that ignore the inputs, computed with our loss functions
+    itm_prior = prior.flip(0).log().expand(12, 2)  # logit index 1 = match, predicted with probability 1/3
+    assert float(F.cross_entropy(itm_prior, itm_labels(4))) == pytest.approx(chance["itm"], abs=1e-6)
+    flat = torch.zeros(4, 12)  # equal similarities; soft targets (alpha 0.4) sum to one like hard ones
+    soft_i2t, soft_t2i = itc_targets(torch.randn(4, 12), torch.randn(4, 12), alpha=0.4)
+    assert float(itc_loss(flat, flat, soft_i2t, soft_t2i)) == pytest.approx(chance["itc"], abs=1e-6)
+    labels = lm_targets(batch["input_ids"], PAD)
+    uniform = torch.zeros(*labels.shape, 30524)
+    assert float(lm_loss(uniform, labels, label_smoothing=0.1)) == pytest.approx(chance["lm"], abs=1e-5)
+    assert float(lm_loss(uniform, labels, label_smoothing=0.0)) == pytest.approx(chance["lm"], abs=1e-5)
+    only = tiny_model(objectives=("itm", "lm"), queue_size=8)
+    assert set(only(tiny_batch(only, n=2))["chance"]) == {"itm", "lm"}
+    assert tiny_model(objectives=("itc",), queue_size=8)(tiny_batch(model, n=2))["chance"] == \
+        {"itc": pytest.approx(math.log(2 + 8))}
 
 
 def test_gradients_reach_trainable_weights_never_momentum():
@@ -423,3 +516,15 @@ def test_python_api_features_and_itm_scores():
     assert img.shape == txt.shape == (4, 16)
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
     assert scores.shape == (4,) and ((scores >= 0) & (scores <= 1)).all()
+
+
+@pytest.mark.slow
+def test_base_parameter_counts_are_blip_pretrains():
+    """BLIP_Pretrain (ViT-B/16 + BERT-base, BLIP HEAD's tying): 252,441,919 trainable, 475,892,799 in all."""
+    torch.manual_seed(0)
+    model = MedBlipPretrain(ModelConfig(preset="base", queue_size=256))
+    momentum = {id(p) for m in model.fp32_modules() for p in m.parameters()}
+    params = list(model.parameters())  # each shared tensor once
+    assert sum(p.numel() for p in params if id(p) not in momentum and p.requires_grad) == 252_441_919
+    assert sum(p.numel() for p in params if id(p) in momentum) == 223_450_880
+    assert sum(p.numel() for p in params) == 475_892_799

@@ -86,6 +86,28 @@ def test_dataset_items(tmp_path):
     assert torch.equal(test[0]["image"], test[0]["image"])  # evaluation decoding is deterministic
 
 
+def test_evaluation_images_are_decoded_whole(tmp_path):
+    """image.draft speeds up training only: a VQA test image is BLIP's full decode + bicubic resize."""
+    import io
+
+    import numpy as np
+
+    y, x = np.mgrid[0:480, 0:640]
+    arr = np.stack([x % 256, y % 256, (x * y) % 256], -1).astype(np.uint8)  # detail a reduced decode loses
+    _write_release(tmp_path, ROWS, ["b.jpg"])
+    Image.fromarray(arr).save(tmp_path / "VQA_RAD Image Folder" / "a.jpg", quality=95)
+    split = load_split(tmp_path)
+    test = VqaDataset(split.test, split.image_dir, ImageConfig(size=48, draft=True), train=False)
+    train = VqaDataset(split.train, split.image_dir, ImageConfig(size=48, draft=True), train=True)
+    data = (tmp_path / "VQA_RAD Image Folder" / "a.jpg").read_bytes()
+    img = Image.open(io.BytesIO(data)).convert("RGB").resize((48, 48), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    torch.testing.assert_close(test.load_image("a.jpg"), (pixels - mean[:, None, None]) / std[:, None, None],
+                               rtol=0, atol=1e-6)
+    assert test.min_side == 0 and train.min_side == 68  # 48 / sqrt(0.5), rounded up
+
+
 def test_errors_name_what_to_fix(tmp_path):
     with pytest.raises(VqaDataNotFound, match="vqa.root"):
         load_split(tmp_path / "absent")

@@ -57,6 +57,28 @@ def test_loss_is_blips_weighted_sum_over_questions(tokenizer):
     assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
 
 
+def test_chance_level_is_the_uniform_predictions_loss(tokenizer):
+    import math
+
+    from recipes.medblip.vqa_model import answer_loss
+
+    model = tiny(tokenizer)
+    samples = [{"image": torch.randn(3, 32, 32), "question": QUESTIONS[0], "answers": ["yes", "no"],
+                "weights": [0.75, 0.25]},
+               {"image": torch.randn(3, 32, 32), "question": QUESTIONS[1], "answers": ["the chest"],
+                "weights": [1.0]}]
+    batch = VqaCollate(tokenizer, 35, 32)(samples)
+    # scored tokens: "yes [SEP]", "no [SEP]", "the chest [SEP]" -> (0.75 * 2 + 0.25 * 2 + 1 * 3) / 2 questions
+    assert batch["answer_tokens"] == pytest.approx(2.5)
+    chance = model(batch)["chance"]
+    assert chance == {"vqa": pytest.approx(2.5 * math.log(30524))} and type(chance["vqa"]) is float
+    ids = batch["answer_ids"].clone()
+    ids[:, 0] = tokenizer.bos_token_id
+    uniform = torch.zeros(*ids.shape, 30524)
+    assert answer_loss(uniform, lm_targets(ids, 0), batch["answer_weights"], 2).item() == \
+        pytest.approx(chance["vqa"], rel=1e-6)
+
+
 def test_rank_returns_the_best_scoring_candidate(tokenizer):
     model = tiny(tokenizer)
     image = torch.randn(len(QUESTIONS), 3, 32, 32)
@@ -146,17 +168,21 @@ def test_half_precision_module_gives_fp32_loss(tokenizer):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
-def test_init_from_pretraining_checkpoint(tokenizer, tmp_path):
-    """BLIP_VQA's rule: text_encoder -> question encoder, text_decoder -> answer decoder; heads dropped."""
+@pytest.mark.parametrize("tie_lm_head", [True, False])
+def test_init_from_pretraining_checkpoint(tokenizer, tmp_path, tie_lm_head):
+    """BLIP_VQA's rule: text_encoder -> question encoder, text_decoder -> answer decoder; heads dropped. A file
+    whose LM head is apart from the word embeddings (tie_lm_head=false) gives the answer decoder the head."""
     from recipes.medblip.checkpoint import save_weights
     from recipes.medblip.pretrain_model import MedBlipPretrain
 
     torch.manual_seed(1)
-    pre = MedBlipPretrain(ModelConfig(preset="tiny", queue_size=8), tokenizer=tokenizer)
+    pre = MedBlipPretrain(ModelConfig(preset="tiny", queue_size=8, tie_lm_head=tie_lm_head), tokenizer=tokenizer)
     path = save_weights(pre, tmp_path / "pretrain.pth")  # BLIP's {'model': state_dict} layout
     vqa = tiny(tokenizer)
     report = load_vqa_weights(vqa, str(path))
     assert not report.missing and any("pretraining-only" in n for n in report.notes)
+    assert any("tied to the pretraining LM head" in n for n in report.notes) == (not tie_lm_head)
+    assert vqa.text_decoder.cls.predictions.decoder.weight is vqa.text_decoder.bert.embeddings.word_embeddings.weight
     pre_sd, sd = pre.state_dict(), vqa.state_dict()
     for k, v in sd.items():
         if k == "text_decoder.bert.embeddings.word_embeddings.weight":  # tied to the head, as BLIP_VQA loads it

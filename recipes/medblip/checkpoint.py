@@ -2,8 +2,9 @@
 our DeepSpeed checkpoints and our own files; every missing or unexpected key reported, nothing executed on load.
 
 Tensors shared under several names (BLIP's tied encoder/decoder weights) count as one: a tensor is missing
-only when none of its names is in the checkpoint. Files are read with torch.load(weights_only=True) or
-safetensors, never by unpickling arbitrary objects.
+only when none of its names is in the checkpoint. The LM head is tied as the file ties it: a file whose LM head
+differs from its word embeddings (BLIP's first commit, our runs before BLIP HEAD's tying) gets a separate head.
+Files are read with torch.load(weights_only=True) or safetensors, never by unpickling arbitrary objects.
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ from torch import nn
 
 from framework.checkpoint import CheckpointReadError, safe_load
 
-from .towers import interpolate_pos_embed
+from .towers import interpolate_pos_embed, lm_head_is_tied, untie_lm_head
 
 QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr")
+LM_HEAD = "text_decoder.cls.predictions.decoder.weight"
+WORD_EMBEDDINGS = ("text_decoder.bert.embeddings.word_embeddings.weight",  # the head's own first, as the decoder ties
+                   "text_encoder.embeddings.word_embeddings.weight")
 _MODULE_PREFIXES = ("visual_encoder.", "text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.",
                     "visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
 _IGNORED = re.compile(r"(^|\.)embeddings\.position_ids$")  # med.py's persistent buffer; transformers' is not saved
@@ -242,6 +246,19 @@ def _strip_prefix(sd: dict[str, torch.Tensor], model_keys: set[str]) -> tuple[di
     return {k[len(best):]: v for k, v in sd.items() if k.startswith(best)}, best
 
 
+def _follow_lm_head_tie(model: nn.Module, sd: dict[str, torch.Tensor]) -> Optional[str]:
+    """Untie the model's LM head from its word embeddings when the file holds them apart; returns the note."""
+    decoder = getattr(model, "text_decoder", None)
+    emb = next((k for k in WORD_EMBEDDINGS if k in sd), None)
+    if decoder is None or LM_HEAD not in sd or emb is None or not lm_head_is_tied(decoder):
+        return None
+    if torch.equal(sd[LM_HEAD], sd[emb].to(sd[LM_HEAD].dtype)):
+        return None
+    untie_lm_head(decoder)
+    return (f"{LM_HEAD} differs from {emb} in this file (written by code that does not tie them, e.g. BLIP's first "
+            "commit): kept apart, the LM head is a parameter of its own")
+
+
 def _shared_groups(model: nn.Module) -> list[list[str]]:
     """state_dict names grouped by the tensor they name (tied weights form one group), in model order."""
     groups: dict[int, list[str]] = {}
@@ -301,6 +318,9 @@ def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], *, sourc
         raise CheckpointError(f"{source} does not fit this architecture: it has {len(extra_layers)} tensors the model "
                               f"lacks (e.g. {', '.join(extra_layers[:3])}); check model depth/layers")
 
+    note = _follow_lm_head_tie(model, sd)
+    if note:
+        report.notes.append(note)
     final: dict[str, torch.Tensor] = {}
     for group in _shared_groups(model):
         given = [k for k in group if k in sd]

@@ -2,7 +2,8 @@
 
 Training images follow BLIP's pretraining transform (RandomResizedCrop bicubic, horizontal flip,
 RandomAugment(2, 5) over BLIP's ten ops, normalisation); evaluation images are a bicubic resize to
-size x size. All randomness comes from torch's global generator, which framework.data.ShardStream seeds
+size x size from the full decode, exactly as BLIP's test transform (reduced-size JPEG decoding, `image.draft`,
+speeds up training only). All randomness comes from torch's global generator, which framework.data.ShardStream seeds
 per (seed, epoch, rank, worker), so augmented batches are reproducible and resumable.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ class ImageConfig:
     randaugment: bool = True  # BLIP's RandomAugment
     randaugment_n: int = 2  # ops per image
     randaugment_m: int = 5  # level out of 10 (BLIP: 5)
-    draft: bool = True  # reduced-size JPEG decode (DCT scaling), never below what the crop/resize needs
+    draft: bool = True  # training: reduced-size JPEG decode (DCT scaling), never below what the crop needs
 
 
 def _rand_sign(value: float) -> float:
@@ -130,6 +131,15 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value or "")
 
 
+def draft_side(cfg: ImageConfig, train: bool) -> int:
+    """Smallest side a JPEG may be decoded at (0: full size). Training with image.draft decodes no smaller than the
+    largest region the transform may take (a crop of area scale_min spans ~sqrt(scale_min) of each side);
+    evaluation always decodes at full size, so its pixels are BLIP's (full decode + bicubic resize)."""
+    if not (train and cfg.draft):
+        return 0
+    return math.ceil(cfg.size / math.sqrt(cfg.scale_min)) if cfg.augment else cfg.size
+
+
 def make_decode(cfg: ImageConfig, train: bool, max_words: int = 30) -> Callable[[dict], Optional[dict]]:
     """Raw WebDataset sample -> {"image": Tensor[3,size,size], "caption": pre_caption'd str, "key": str}.
 
@@ -137,11 +147,7 @@ def make_decode(cfg: ImageConfig, train: bool, max_words: int = 30) -> Callable[
     (skipped and counted by the stream); raises for a missing or undecodable image.
     """
     tf = image_transform(cfg, train)
-    # Decode no smaller than the largest region the transform may take: a crop of area scale_min is
-    # ~sqrt(scale_min) of each side, so training decodes at size / sqrt(scale_min).
-    min_side = 0
-    if cfg.draft:
-        min_side = math.ceil(cfg.size / math.sqrt(cfg.scale_min)) if train and cfg.augment else cfg.size
+    min_side = draft_side(cfg, train)
 
     def decode(sample: dict) -> Optional[dict]:
         caption = pre_caption(_text(sample.get("txt")), max_words)

@@ -58,6 +58,10 @@ class ModelConfig:
     alpha_ramp_steps: int = 0  # BLIP ramps alpha from 0 over its first 2 epochs; 0 = constant alpha
     temp: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
     label_smoothing: float = 0.1  # LM loss; BLIP's med.py hard-codes 0.1
+    # BLIP at HEAD: text-encoder and decoder word embeddings and the LM head's output weight are one Parameter;
+    # false: BLIP's first commit, the LM head a weight of its own (+vocab x hidden parameters). Loading a file
+    # whose LM head differs from its word embeddings keeps them apart either way (said in the load report).
+    tie_lm_head: bool = True
     max_text_len: int = 30  # tokens per caption (BLIP pretraining: 30)
     grad_checkpointing_vit: bool = False  # non-reentrant activation checkpointing per ViT block
     grad_checkpointing_text: bool = False  # ... per text encoder/decoder layer

@@ -1,4 +1,4 @@
-"""The momentum-encoder update as a plugin: once per optimizer step, the right place under gradient accumulation."""
+"""The momentum-encoder bookkeeping as a plugin: the optimizer step count that times BLIP's momentum update."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,10 +10,12 @@ from .pretrain_model import MedBlipPretrain
 
 
 class MomentumUpdate:
-    """After each optimizer step: p_m <- m*p_m + (1-m)*p (fp32 copies); owns the step count and ITM-negative RNG.
+    """After each optimizer step: model.step = step, so that the next training forward applies that step's update.
 
-    BLIP updates at the start of every forward, i.e. with the weights of the previous optimizer step; this is the
-    same update when train.grad_accum = 1, and once per step (not per micro-batch) when accumulating.
+    BLIP's forward starts with `_momentum_update()` (p_m <- m*p_m + (1-m)*p, fp32 copies) before computing its
+    momentum features; `MedBlipPretrain.momentum_update_for_step` does the same at the first forward of each
+    optimizer step, so the sequence is BLIP's at grad_accum 1 and one update per step under accumulation. The plugin
+    also owns the ITM-negative generator and the count of updates applied, both saved per rank.
     """
 
     name = "medblip_momentum"
@@ -34,13 +36,15 @@ class MomentumUpdate:
         self.model.seed_negatives(self.seed + 1_000_003 * rank)  # distinct negative streams per rank
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:
-        self.model.momentum_update()
         self.step = self.model.step = step
         return {"medblip/alpha": self.model.alpha, "medblip/temp": float(self.model.temp.detach()[0])}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "itm_rng": self.model.rng_state()}
+        return {"step": self.step, "itm_rng": self.model.rng_state(), "momentum_updates": self.model.momentum_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = self.model.step = int(state["step"])
+        # Checkpoints from before the update moved into the forward hold no count: their momentum encoders already
+        # took, right after step `step`, the very update the next forward would apply (same weights): not twice.
+        self.model.momentum_updates = int(state.get("momentum_updates", self.step + 1))
         self.model.set_rng_state(state["itm_rng"])

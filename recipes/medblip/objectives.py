@@ -1,8 +1,13 @@
-"""BLIP's three pretraining losses as pure functions (fp32), and the objective registry of the MedBLIP recipes.
+"""BLIP's three pretraining losses as pure functions (fp32), their chance levels, and the objective registry.
 
 Shapes: B = local batch, Q = queue size, L = text length, V = vocabulary.
+Chance level = the loss of a model that learned nothing: the best prediction that ignores the inputs where the
+label prior is fixed by construction (ITM: 1 positive to 2 negatives; ITC: no candidate preferred), the uniform
+prediction otherwise (LM: the token prior depends on the data).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +84,24 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float =
     if reduction == "none":
         loss = loss.view(logits.shape[0], -1).sum(1)
     return loss
+
+
+# ITM predicting the label prior (1/3 match): its entropy, ln 3 - (2/3) ln 2 = 0.6365 (salesforce/BLIP #51's flat loss)
+ITM_CHANCE = -(1 / 3) * math.log(1 / 3) - (2 / 3) * math.log(2 / 3)
+
+
+def itc_chance(candidates: int) -> float:
+    """ITC of equal similarities to all B+Q candidates: ln(B+Q), whatever alpha (soft targets also sum to one).
+
+    A collapsed model scores about ln B instead while the queue still holds its random initial columns (the first
+    Q / global batch steps of a run from scratch), as its batch columns then stand out from the random ones.
+    """
+    return math.log(candidates)
+
+
+def lm_chance(vocab_size: int) -> float:
+    """LM of the uniform prediction: ln V, with any label smoothing (the smoothed target also sums to one)."""
+    return math.log(vocab_size)
 
 
 # The objectives a MedBLIP recipe can switch on, weight and schedule from the YAML (objectives.<name>).

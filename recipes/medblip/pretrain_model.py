@@ -2,12 +2,14 @@
 
 Parameter and buffer names are BLIP's checkpoint keys: visual_encoder.*, text_encoder.*, text_decoder.bert.*,
 text_decoder.cls.*, vision_proj, text_proj, itm_head, temp, the momentum copies (*_m) and image_queue,
-text_queue, queue_ptr. Differences from BLIP, all equivalent for training:
-- the momentum update runs once per optimizer step in the `MomentumUpdate` plugin (BLIP: at the start of every
-  forward, i.e. after every optimizer step when there is no gradient accumulation);
+text_queue, queue_ptr. As BLIP at HEAD, text-encoder and decoder word embeddings and the LM head are one Parameter
+(`model.tie_lm_head`), and the momentum update runs at the start of the training forward, before that step's
+momentum features: once per optimizer step (at its first micro-batch under gradient accumulation; BLIP updates in
+every forward, which is the same without accumulation). Differences from BLIP, all equivalent for training:
 - ITM negatives are drawn from the same distribution as BLIP's (torch.multinomial per row of the masked
   softmax) with the model's own CPU generator, saved with the plugin state, so a resumed run draws the same;
-- the queue is only written in training mode, so evaluating held-out losses leaves it untouched.
+- the queue is only written, and the momentum encoders only updated, in training mode, so evaluating held-out
+  losses leaves them untouched.
 """
 from __future__ import annotations
 
@@ -23,20 +25,23 @@ from framework.preflight import transformer_activation_bytes
 
 from .model_config import ModelConfig
 from .objectives import (
+    ITM_CHANCE,
     OBJECTIVES,
     TEMP_MAX,
     TEMP_MIN,
+    itc_chance,
     itc_loss,
     itc_targets,
     itm_labels,
     itm_loss,
+    lm_chance,
     lm_loss,
     lm_targets,
     sample_itm_negatives,
 )
 from .shared_kv import enable_shared_image_kv, share_image_kv
 from .tokenizer import load_tokenizer
-from .towers import build_text_decoder, build_text_encoder, build_vit, tie_decoder_to_encoder
+from .towers import build_text_decoder, build_text_encoder, build_vit, tie_text_towers
 
 _QUEUES = ("image_queue", "text_queue")
 
@@ -83,7 +88,6 @@ class MedBlipPretrain(nn.Module):
         self.vision_proj_m = nn.Linear(width, cfg.embed_dim)
         self.text_encoder_m = build_text_encoder(no_ckpt, vocab)
         self.text_proj_m = nn.Linear(hidden, cfg.embed_dim)
-        self.copy_params()
 
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
@@ -93,14 +97,16 @@ class MedBlipPretrain(nn.Module):
         self.temp = nn.Parameter(cfg.temp * torch.ones(1))
 
         self.text_decoder = build_text_decoder(cfg, vocab)
-        tie_decoder_to_encoder(self.text_encoder, self.text_decoder)
+        tie_text_towers(self.text_encoder, self.text_decoder, lm_head=cfg.tie_lm_head)
+        self.copy_params()  # after the tie: the online encoder now holds the decoder's tensors
         enable_shared_image_kv(self.text_encoder, self.text_decoder)
         # Non-reentrant checkpointing recomputes each text layer alone, where a gather from projections done in
         # another layer call would not match the recorded graph: share only without text checkpointing.
         self.share_image_kv = cfg.share_image_kv and not cfg.grad_checkpointing_text
 
         self.itm_generator = torch.Generator().manual_seed(seed)
-        self.step = 0  # optimizer steps done; set by MomentumUpdate (drives the alpha ramp)
+        self.step = 0  # optimizer steps done; set by MomentumUpdate (drives the alpha ramp and the momentum update)
+        self.momentum_updates = 0  # steps whose momentum update is applied (step + 1 once this step's is done)
 
     # ------------------------------------------------------------------ momentum encoders and queue
 
@@ -135,6 +141,19 @@ class MedBlipPretrain(nn.Module):
         m = self.cfg.momentum if momentum is None else momentum
         for p, p_m in self._param_pairs():
             p_m.mul_(m).add_(p.detach().to(p_m.dtype), alpha=1.0 - m)
+
+    @torch.no_grad()
+    def momentum_update_for_step(self) -> bool:
+        """BLIP's `_momentum_update()` for the current step, unless done: True when it ran.
+
+        Runs at the first training forward of each optimizer step (self.step = steps done), with the weights that
+        step starts from, as BLIP's forward does; later micro-batches of the same step do not update again.
+        """
+        if self.momentum_updates > self.step:
+            return False
+        self.momentum_update()
+        self.momentum_updates = self.step + 1
+        return True
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
@@ -177,6 +196,12 @@ class MedBlipPretrain(nn.Module):
         """ITC distillation weight at the current optimizer step (BLIP's ramp when alpha_ramp_steps > 0)."""
         ramp = self.cfg.alpha_ramp_steps
         return self.cfg.alpha * (min(1.0, self.step / ramp) if ramp > 0 else 1.0)
+
+    def chance_levels(self, batch_size: int) -> dict[str, float]:
+        """Per enabled objective, the loss of a model that learned nothing on a local batch of `batch_size` pairs."""
+        levels = {"itc": itc_chance(batch_size + self.image_queue.shape[1]), "itm": ITM_CHANCE,
+                  "lm": lm_chance(self.text_decoder.config.vocab_size)}
+        return {name: level for name, level in levels.items() if name in self.objectives}
 
     def activation_bytes(self, batch_size: int, precision: str) -> int:
         """Estimated activation memory of one training micro-batch (for the start-up memory check).
@@ -267,13 +292,17 @@ class MedBlipPretrain(nn.Module):
         "itm_neg_text": [B]} (when ITM runs)}, plus with return_logits {"logits": {"itc": {"i2t", "t2i"}
         [B, B+Q], "itm": [3B, 2], "lm": {"logits": [B, L-1, V], "labels": [B, L-1]} (aligned, -100 ignored)}}.
         `reuse` (a previous output's "reuse") makes ITM use those negatives instead of drawing new ones.
+        "chance": {name: float} is each loss as a model that learned nothing would have it (`chance_levels`).
+        In training mode the momentum encoders first take this optimizer step's update (momentum_update_for_step).
         """
         image, ids, att = batch["image"], batch["input_ids"], batch["attention_mask"]
         bs = ids.shape[0]
         obj = self.objectives
         losses: dict[str, torch.Tensor] = {}
         logits: dict[str, Any] = {}
-        out: dict[str, Any] = {"losses": losses}
+        out: dict[str, Any] = {"losses": losses, "chance": self.chance_levels(bs)}
+        if self.training:
+            self.momentum_update_for_step()
 
         with torch.no_grad():
             self.temp.clamp_(TEMP_MIN, TEMP_MAX)

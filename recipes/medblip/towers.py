@@ -6,7 +6,8 @@
   layers) / `BlipTextLMHeadModel`, configured as BLIP's bert_config.json (dropout 0.1, LayerNorm eps 1e-12).
 - `fix_cross_attention_mask`: transformers drops the cross-attention padding mask (DESIGN.md section 3);
   applied by both builders, so padded encoder states + mask give the unpadded result.
-- `tie_decoder_to_encoder`: BLIP's tie_encoder_decoder_weights(decoder.bert, encoder, '', '/attention').
+- `tie_text_towers`: BLIP's tie_encoder_decoder_weights(text_encoder, text_decoder.bert, '', '/attention') at
+  HEAD (one word-embedding/LM-head Parameter), or its first commit's argument order (the LM head its own).
 - `interpolate_pos_embed`: BLIP's bicubic resize of ViT position embeddings for another image size.
 """
 from __future__ import annotations
@@ -160,13 +161,24 @@ def fix_cross_attention_mask(model: nn.Module) -> int:
 _SELF_ATTENTION = re.compile(r"(^|\.)attention(\.|$)")  # BLIP's skip key '/attention' ('crossattention' is tied)
 
 
-def tie_decoder_to_encoder(encoder: BlipTextModel, decoder: BlipTextLMHeadModel) -> list[str]:
-    """Share every decoder.bert weight with the encoder except self-attention, as BLIP's pretraining model does.
+def lm_head_is_tied(decoder: BlipTextLMHeadModel) -> bool:
+    """Whether the decoder's LM head output weight is its word-embedding Parameter (BertLMHeadModel's tie)."""
+    return decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
 
-    The decoder's modules get the encoder's Parameters (BLIP: tie_encoder_decoder_weights(text_decoder.bert,
-    text_encoder, '', '/attention')). The LM head's output weight stays the decoder's own Parameter: in BLIP it
-    is tied to the decoder's *original* word embeddings, which this replaces. Returns the tied module names.
+
+def tie_text_towers(encoder: BlipTextModel, decoder: BlipTextLMHeadModel, *, lm_head: bool = True) -> list[str]:
+    """Share every weight of encoder and decoder.bert except self-attention, as BLIP's pretraining model.
+
+    lm_head=True, BLIP at HEAD (tie_encoder_decoder_weights(text_encoder, text_decoder.bert, '', '/attention')): the
+    encoder takes the decoder's Parameters, and as the decoder's word embeddings are its LM head's output weight,
+    encoder embeddings = decoder embeddings = LM head: one Parameter. lm_head=False, BLIP's first commit (the
+    arguments the other way round): the decoder takes the encoder's Parameters and the LM head keeps the decoder's
+    original embedding tensor, a weight of its own. The LM bias (cls.predictions.bias) is decoder.bias either way.
+    Returns the tied module names (decoder.bert names).
     """
+    if lm_head and not lm_head_is_tied(decoder):  # transformers ties them unless tie_word_embeddings is off
+        decoder.cls.predictions.decoder.weight = decoder.bert.embeddings.word_embeddings.weight
+    decoder.cls.predictions.decoder.bias = decoder.cls.predictions.bias
     tied = []
     enc_modules = dict(encoder.named_modules())
     for name, dec_mod in decoder.bert.named_modules():
@@ -175,12 +187,19 @@ def tie_decoder_to_encoder(encoder: BlipTextModel, decoder: BlipTextLMHeadModel)
         enc_mod = enc_modules.get(name)
         if enc_mod is None or "weight" not in enc_mod._parameters:
             raise ValueError(f"cannot tie decoder module {name!r}: the encoder has no such module")
+        source, target = (dec_mod, enc_mod) if lm_head else (enc_mod, dec_mod)
         for attr in ("weight", "bias"):
             d, e = dec_mod._parameters.get(attr), enc_mod._parameters.get(attr)
             if d is None and e is None:
                 continue
             if d is None or e is None or d.shape != e.shape:
                 raise ValueError(f"cannot tie {name}.{attr}: shapes differ between encoder and decoder")
-            setattr(dec_mod, attr, e)
+            setattr(target, attr, source._parameters[attr])
         tied.append(name)
     return tied
+
+
+def untie_lm_head(decoder: BlipTextLMHeadModel) -> None:
+    """Give the LM head an output weight of its own (a copy of the shared one), as BLIP's first commit has it."""
+    head = decoder.cls.predictions.decoder
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)

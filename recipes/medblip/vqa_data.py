@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
-from .data import ImageConfig, image_transform, open_image
+from .data import ImageConfig, draft_side, image_transform, open_image
 
 OFFICIAL_JSON = "VQA_RAD Dataset Public.json"
 IMAGE_DIRS = ("VQA_RAD Image Folder", "images")  # the OSF release's name, the MUMC/MEVF repositories' name
@@ -258,9 +258,8 @@ class VqaDataset(Dataset):
         self.records = list(records)
         self.image_dir = Path(image_dir)
         self.transform: Callable = image_transform(image, train)
-        # decode no smaller than the crop needs (see data.make_decode); VQA-RAD images are up to 2321 px
-        scale = image.scale_min if train and image.augment else 1.0
-        self.min_side = int(image.size / scale ** 0.5 + 0.999) if image.draft else 0
+        # training may decode JPEGs at reduced size, never below what the crop needs; evaluation decodes them whole
+        self.min_side = draft_side(image, train)  # VQA-RAD images are up to 2321 px
         self._bytes: dict[str, bytes] = {}  # the whole release is ~16 MB: read each file once
 
     def __len__(self) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import LoadReport, load_state_dict_into, read_state_dict
 from .model_config import ModelConfig
-from .objectives import lm_loss, lm_targets
+from .objectives import lm_chance, lm_loss, lm_targets
 from .tokenizer import load_tokenizer
 from .towers import build_text_decoder, build_text_encoder, build_vit
 
@@ -39,7 +39,8 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: Optional[to
 
 class VqaCollate:
     """Dataset items -> batch: {"image" [B,3,H,W], "question_ids"/"question_mask" [B,Lq], "answer_ids"/"answer_mask"
-    [N,La] (N = all answers of the batch), "answer_weights" [N], "answer_counts" [B], and the texts as lists}."""
+    [N,La] (N = all answers of the batch), "answer_weights" [N], "answer_counts" [B], the texts as lists, and
+    "answer_tokens" (float: sum over answers of weight x scored tokens, per question; for the chance level)}."""
 
     def __init__(self, tokenizer: Any, max_question_len: int, max_answer_len: int):
         self.tokenizer, self.max_question_len, self.max_answer_len = tokenizer, max_question_len, max_answer_len
@@ -51,10 +52,13 @@ class VqaCollate:
                            return_tensors="pt")
         a = self.tokenizer(answers, padding="longest", truncation=True, max_length=self.max_answer_len,
                            return_tensors="pt")
+        weights = [w for s in samples for w in s["weights"]]
+        scored = (a["attention_mask"].sum(1) - 1).tolist()  # every answer token after [DEC] is predicted
         return {"image": torch.stack([s["image"] for s in samples]),
                 "question_ids": q["input_ids"], "question_mask": q["attention_mask"],
                 "answer_ids": a["input_ids"], "answer_mask": a["attention_mask"],
-                "answer_weights": torch.tensor([w for s in samples for w in s["weights"]], dtype=torch.float32),
+                "answer_weights": torch.tensor(weights, dtype=torch.float32),
+                "answer_tokens": sum(w * n for w, n in zip(weights, scored)) / len(samples),
                 "answer_counts": torch.tensor([len(s["answers"]) for s in samples], dtype=torch.long),
                 "questions": questions, "answers": [s["answers"][0] for s in samples],
                 "answer_types": [s.get("answer_type", "") for s in samples],
@@ -62,7 +66,7 @@ class VqaCollate:
 
 
 class MedBlipVqa(nn.Module):
-    """BLIP_VQA: forward(batch) -> {"losses": {"vqa": fp32 scalar}, "metrics": {"answer_token_acc"}}."""
+    """BLIP_VQA: forward(batch) -> {"losses": {"vqa": fp32 scalar}, "metrics": {"answer_token_acc"}, "chance"}."""
 
     def __init__(self, cfg: ModelConfig, *, freeze_vision: bool = True, max_question_len: int = 35,
                  max_answer_len: int = 32, tokenizer: Any = None):
@@ -142,7 +146,9 @@ class MedBlipVqa(nn.Module):
     # ------------------------------------------------------------------ training
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """batch from VqaCollate -> {"losses": {"vqa": sum_a w_a * CE_sum(answer a) / B}, "metrics": {...}}."""
+        """batch from VqaCollate -> {"losses": {"vqa": sum_a w_a * CE_sum(answer a) / B}, "metrics": {...}} and,
+        when the batch has "answer_tokens", "chance": {"vqa": answer_tokens * ln V}: the uniform prediction's loss
+        (label smoothing does not change it), a model that learned nothing."""
         image_embeds = self.image_embeddings(batch["image"])
         q_mask = batch["question_mask"]
         states = self.encode_question(image_embeds, batch["question_ids"], q_mask)
@@ -160,7 +166,10 @@ class MedBlipVqa(nn.Module):
             pred, target = out.logits[:, :-1].argmax(-1), labels[:, 1:]
             valid = target != -100
             acc = ((pred == target) & valid).sum().float() / valid.sum().clamp(min=1)
-        return {"losses": {"vqa": loss}, "metrics": {"answer_token_acc": acc}}
+        out = {"losses": {"vqa": loss}, "metrics": {"answer_token_acc": acc}}
+        if "answer_tokens" in batch:
+            out["chance"] = {"vqa": float(batch["answer_tokens"]) * lm_chance(self.text_decoder.config.vocab_size)}
+        return out
 
     # ------------------------------------------------------------------ inference
 
@@ -276,8 +285,9 @@ def load_vqa_weights(model: MedBlipVqa, spec: str, sha256: Optional[str] = None)
     for head in [k for k in sd if k.endswith(_HEAD)]:
         emb = head[: -len(_HEAD)] + _DEC_EMB
         if emb in sd and not torch.equal(sd[emb], sd[head]):
-            # A pretraining checkpoint holds the LM head apart from the (encoder-shared) decoder input embedding.
-            # BLIP_VQA's decoder ties the two, and BLIP's load_state_dict writes the head last: the head wins.
+            # A pretraining checkpoint written without BLIP HEAD's tying (BLIP's first commit, model.tie_lm_head=false,
+            # our runs before it) holds the LM head apart from the decoder's input embedding. BLIP_VQA's decoder ties
+            # the two, and BLIP's load_state_dict writes the head last: the head wins.
             sd[emb] = sd[head]
             notes.append("answer decoder: word embeddings tied to the pretraining LM head weights (as BLIP_VQA's "
                          "load_checkpoint leaves them)")
