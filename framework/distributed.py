@@ -37,13 +37,16 @@ def say(message: str, err: bool = False) -> None:
         print(message, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-@torch.no_grad()
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """[b, ...] on each rank -> [world*b, ...] in rank order (identity in a world of one); no gradient."""
+def all_gather_cat(t: torch.Tensor, keep_local_grad: bool = False) -> torch.Tensor:
+    """[b, ...] on each rank -> [world*b, ...] in rank order (t itself in a world of one). No gradient flows to
+    other ranks' rows; with keep_local_grad this rank's own rows keep theirs (LAVIS's BLIP-2 ITC)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
+    with torch.no_grad():
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+    if keep_local_grad:
+        parts[dist.get_rank()] = t
     return torch.cat(parts, dim=0)
 
 

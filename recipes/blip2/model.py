@@ -24,6 +24,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2QFor
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
+from framework.distributed import all_gather_cat
 from framework.preflight import transformer_activation_bytes
 
 from .config import Blip2ModelConfig, hf_config
@@ -33,18 +34,6 @@ from .objectives import (TEMP_MAX, TEMP_MIN, hard_negatives, itc_loss, itc_simil
 
 STAGE1 = ("itc", "itm", "itg")
 RANK_CHUNK_ROWS = 256  # (question, candidate) rows scored per language-model call in rank_answers
-
-
-def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows of t (no gradient through other ranks, as LAVIS); t itself when not distributed."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    parts[dist.get_rank()] = t
-    return torch.cat(parts)
 
 
 class _ParameterView(nn.Module):
@@ -243,16 +232,18 @@ class Blip2(nn.Module):
                 image_feats, text_feats = self.itc_features(self.query_output(image_embeds),
                                                             self.text_output(input_ids, attention_mask))
                 temp = self.temperature()
-                sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats, temp, concat_all_gather(image_feats),
-                                                    concat_all_gather(text_feats))
+                sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats, temp,
+                                                    all_gather_cat(image_feats, keep_local_grad=True),
+                                                    all_gather_cat(text_feats, keep_local_grad=True))
             offset = _rank() * b
             if "itc" in self.objectives:
                 losses["itc"] = itc_loss(sim_i2t, sim_t2i, offset, self.mc.itc_label_smoothing)
                 logits["itc"] = [sim_i2t, sim_t2i]
                 metrics["temp"] = float(temp.detach()[0])
         if "itm" in self.objectives:
-            ids_all, mask_all, embeds_all = (concat_all_gather(input_ids), concat_all_gather(attention_mask),
-                                             concat_all_gather(image_embeds))
+            ids_all, mask_all, embeds_all = (all_gather_cat(input_ids, keep_local_grad=True),
+                                             all_gather_cat(attention_mask, keep_local_grad=True),
+                                             all_gather_cat(image_embeds, keep_local_grad=True))
             if negatives is None:
                 negatives = hard_negatives(sim_i2t, sim_t2i, offset)
             neg_image, neg_text = negatives

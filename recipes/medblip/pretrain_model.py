@@ -17,10 +17,11 @@ from contextlib import nullcontext
 from typing import Any, Iterable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from framework.distributed import all_gather_cat
+from framework.ema import ema_update_
 from framework.preflight import transformer_activation_bytes
 
 from .model_config import ModelConfig
@@ -44,16 +45,6 @@ from .tokenizer import load_tokenizer
 from .towers import build_text_decoder, build_text_encoder, build_vit, tie_text_towers
 
 _QUEUES = ("image_queue", "text_queue")
-
-
-@torch.no_grad()
-def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
-    """[b, ...] on each rank -> [world*b, ...] in rank order (identity without a process group); no gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=0)
 
 
 class MedBlipPretrain(nn.Module):
@@ -139,8 +130,8 @@ class MedBlipPretrain(nn.Module):
     def momentum_update(self, momentum: Optional[float] = None) -> None:
         """p_m <- m * p_m + (1 - m) * p for every momentum parameter (in the momentum copy's dtype, fp32)."""
         m = self.cfg.momentum if momentum is None else momentum
-        for p, p_m in self._param_pairs():
-            p_m.mul_(m).add_(p.detach().to(p_m.dtype), alpha=1.0 - m)
+        pairs = self._param_pairs()
+        ema_update_([p_m for _, p_m in pairs], [p for p, _ in pairs], m)
 
     @torch.no_grad()
     def momentum_update_for_step(self) -> bool:
@@ -158,7 +149,7 @@ class MedBlipPretrain(nn.Module):
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
         """Write the global batch of momentum features [world*B, E] at queue_ptr; the pointer wraps."""
-        image_feats, text_feats = concat_all_gather(image_feat), concat_all_gather(text_feat)
+        image_feats, text_feats = all_gather_cat(image_feat), all_gather_cat(text_feat)
         n = image_feats.shape[0]
         size = self.image_queue.shape[1]
         if size % n:
