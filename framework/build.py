@@ -151,3 +151,152 @@ def _keep_fp32_grad_norm(engine: Any) -> None:
 
     if hasattr(engine, "clip_fp32_gradients") and engine.mpu is None:
         engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+# ----------------------------------------------------------------------------- building a run
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+
+
+@dataclass
+class Run:
+    """Everything one training run needs, built by build_run(); framework.engine.fit(run) trains it."""
+
+    cfg: Config
+    dist: DistInfo
+    task: Task  # the recipe's Task; task.model is what DeepSpeed wraps (ds.module)
+    ds: Any  # the DeepSpeed engine
+    forward: Callable[[Batch], ModelOutput]  # ds, or self-distillation's student-then-teacher step around it
+    combine: Combine  # ModelOutput -> (total loss, logs)
+    plugins: list[Plugin]  # the recipe's, then the framework's (EMA teacher, adaptive weighter)
+    stream: Union[ShardStream, MapStream]
+    precision: Precision
+    gpu: Optional[GpuFacts]
+    memory: MemoryEstimate
+    total_steps: int
+    steps_per_epoch: int
+    position: Position = field(default_factory=Position)
+    skipped_samples: int = 0  # undecodable samples so far (restored on resume)
+    resumed_from: Optional[str] = None  # the checkpoint tag this run continues from
+
+    @property
+    def accum(self) -> int:
+        return self.cfg.train.grad_accum
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.dir)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
+    """Check the run directory, the GPU and the data; set up distillation, DeepSpeed and plugins; resume.
+
+    Writes nothing: a start that fails here leaves the run directory as it was (fit() writes config and logs).
+    """
+    run_dir = Path(cfg.run.dir)
+    check_writable(run_dir)
+    check_same_run(cfg, checkpoint.find_resume_tag(run_dir / "checkpoints") is not None)
+    checkpoint.seed_host_rngs(cfg.train.seed, dist.rank)  # Python/NumPy streams from the config (resume restores)
+    gpu = _check_gpu(cfg, dist)
+    precision = resolve_precision(cfg.train.precision, dist.device, gpu)
+    stream = build_stream(cfg, task, dist)
+    steps_per_epoch = len(stream) // cfg.train.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"an epoch has {len(stream)} batches per rank, fewer than train.grad_accum="
+                         f"{cfg.train.grad_accum}: use more data, a smaller batch or less accumulation")
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    if cfg.train.warmup_steps > total_steps:
+        say(f"warning: train.warmup_steps={cfg.train.warmup_steps} exceeds this run's {total_steps} optimizer "
+            f"steps: the learning rate stays in warmup and never reaches train.lr={cfg.train.lr:g}")
+    plugins, combine = list(task.plugins), task.combine_losses or StaticLossWeights(cfg.objectives, total_steps)
+    distillation = setup_distillation(task, cfg, total_steps) if cfg.distill.enabled else None
+    if distillation:
+        plugins += distillation.plugins
+        combine = distillation.weighter
+    memory = preflight_memory(cfg, task, precision, dist, gpu)
+    ds = build_deepspeed(cfg, task, precision, total_steps, dist.world_size)
+    for module in task.fp32_modules:
+        module.float()  # DeepSpeed cast everything to half; momentum/EMA copies must stay fp32 to move
+    for plugin in plugins:
+        plugin.setup(ds.module, precision.dtype, dist.device)
+    run = Run(cfg, dist, task, ds, distillation.forward(ds) if distillation else ds, combine, plugins, stream,
+              precision, gpu, memory, total_steps, steps_per_epoch)
+    restore(run)
+    return run
+
+
+def _check_gpu(cfg: Config, dist: DistInfo) -> Optional[GpuFacts]:
+    """Before any kernel runs: the build has kernels for this GPU; extensions target it; the memory cap applies."""
+    if dist.device.type != "cuda":
+        return None
+    gpu = gpu_facts(dist.device)
+    check_gpu_arch(gpu)
+    set_extension_arch(gpu)
+    cap = cfg.run.memory_cap_gib
+    if cap:  # behave like a smaller GPU (e.g. a 16 GB P100 on an 80 GB card): the allocator refuses beyond it
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / gpu.total_memory), dist.device)
+    return gpu
+
+
+def build_stream(cfg: Config, task: Task, dist: DistInfo) -> Union[ShardStream, MapStream]:
+    """The training batches: the task's map-style dataset, or data.train's shards through task.decode."""
+    if task.train_dataset is not None:
+        return MapStream(task.train_dataset, task.collate, cfg.data.batch_size, seed=cfg.train.seed,
+                         rank=dist.rank, world_size=dist.world_size)
+    if cfg.data.train is None:
+        raise ValueError(f"{cfg.source}: data.train is not set (a shard directory, pattern or list)")
+    urls = expand_shards(cfg.data.train)
+    if cfg.data.verify_checksums:
+        verify_checksums(urls)
+    return ShardStream(urls, task.decode, task.collate, cfg.data.batch_size, seed=cfg.train.seed,
+                       shuffle_buffer=cfg.data.shuffle_buffer, rank=dist.rank, world_size=dist.world_size,
+                       samples_per_epoch=cfg.data.samples_per_epoch)
+
+
+def preflight_memory(cfg: Config, task: Task, precision: Precision, dist: DistInfo,
+                     gpu: Optional[GpuFacts]) -> MemoryEstimate:
+    """Print the per-GPU memory estimate before anything is allocated; refuse a run that cannot fit."""
+    est = estimate_for_task(cfg, task, precision.name, dist.world_size, cuda=gpu is not None)
+    say(f"precision {precision.name}, {dist.world_size} rank(s)\n{est.table()}")
+    cap = cfg.run.memory_cap_gib
+    check_fits(est, gpu, cap_bytes=int(cap * GIB) if cap else None)
+    return est
+
+
+def restore(run: Run) -> None:
+    """Resume per run.resume: module, optimizer, schedule and loss scale (DeepSpeed), position, plugins, RNGs."""
+    mode = run.cfg.run.resume
+    if mode == "none":
+        return
+    if mode == "auto":
+        tag, ckpt_dir = checkpoint.find_resume_tag(run.ckpt_dir), run.ckpt_dir
+        if tag is None:
+            return
+    else:
+        path = Path(mode)
+        if not (path / checkpoint.COMPLETE).is_file():
+            raise FileNotFoundError(f"run.resume: {mode} is not a complete checkpoint directory")
+        tag, ckpt_dir = path.name, path.parent
+    client, rank_state = checkpoint.load(run.ds, ckpt_dir, tag, run.dist.rank)
+    run.position = Position(**client["position"])
+    run.skipped_samples = client.get("skipped_samples", 0)
+    states = {**client.get("plugins", {}), **rank_state.get("plugins", {})}
+    for plugin in run.plugins:
+        if plugin.name in states:
+            plugin.load_state_dict(states[plugin.name])
+    if "rng" in rank_state:
+        checkpoint.set_rng_state(rank_state["rng"])
+    run.resumed_from = tag
+    p = run.position
+    say(f"resumed from {ckpt_dir / tag}: step {p.step}, epoch {p.epoch}, batch {p.batch_in_epoch}", err=True)
