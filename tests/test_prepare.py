@@ -294,7 +294,8 @@ def test_rerun_is_idempotent_and_other_options_refused(tmp_path: Path) -> None:
     (lambda t: ["--input", str(write_table(t / "tb", _items(), "csv")), "--split", "train"], "split column"),
     (lambda t: ["--input", str(write_table(t / "tb", _items(), "csv")), "--split", "all",
                 "--caption-column", "text"], "no column 'text'"),
-    (lambda t: ["--input", str(_no_cui_table(t)), "--split", "all", "--modality", "CT"], "needs UMLS concepts"),
+    (lambda t: ["--input", str(_no_cui_table(t)), "--split", "all", "--modality", OTHER], "needs UMLS concepts"),
+    (lambda t: ["--input", str(_no_cui_table(t)), "--split", "all", "--modality", "CT"], "no samples left"),
 ])
 def test_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture, make_args, needle: str) -> None:
     rc = cli_main([*make_args(tmp_path), "--out", str(tmp_path / "out")])
