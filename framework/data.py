@@ -72,15 +72,20 @@ def read_manifest(urls: list[str]) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e})") from None
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); re-run the data preparation or delete it") from None
+    shards = doc.get("shards", []) if isinstance(doc, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(e, dict) for e in shards):
+        raise DataError(f"{path} is not a shard manifest (expected {{\"shards\": [{{\"name\": ..., \"samples\": ...}}, "
+                        "...]}); re-run the data preparation or delete it")
+    return doc
 
 
 def _manifest_entries(manifest: Optional[dict]) -> dict[str, dict]:
     if not manifest:
         return {}
-    return {Path(e.get("name", e.get("file", ""))).name: e for e in manifest.get("shards", [])}
+    return {Path(str(e.get("name", e.get("file", "")))).name: e for e in manifest.get("shards", [])}
 
 
 def manifest_counts(urls: list[str]) -> dict[str, int]:
@@ -93,7 +98,11 @@ def manifest_counts(urls: list[str]) -> dict[str, int]:
             by_dir[folder] = _manifest_entries(read_manifest([url]))
         entry = by_dir[folder].get(Path(url).name)
         if entry is not None and "samples" in entry:
-            counts[url] = int(entry["samples"])
+            n = entry["samples"]
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise DataError(f"{folder / 'manifest.json'}: {Path(url).name} has samples={n!r}, not a count; "
+                                "re-run the data preparation or delete the manifest")
+            counts[url] = n
     return counts
 
 

@@ -290,3 +290,18 @@ def test_medblip_decode_names_the_keys_it_expects(tmp_path, sample, found):
     with pytest.raises(DataError) as e:
         ShardStream([str(path)], make_decode(ImageConfig(size=16), train=True), collate, 2)
     assert f"has keys {found}; the recipe's decode expects jpg|jpeg|png|webp and txt" in str(e.value)
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ("[1, 2]", "is not a shard manifest"),
+    ('{"shards": 3}', "is not a shard manifest"),
+    ('{"shards": ["toy-0000.tar"]}', "is not a shard manifest"),
+    ('{"shards": [{"name": "toy-0000.tar", "samples": "4"}]}', "toy-0000.tar has samples='4', not a count"),
+    ('{"shards": [', "is not valid JSON"),
+])
+def test_a_malformed_manifest_is_one_data_error(tmp_path, doc, needle):
+    urls = [str(p) for p in make_shards(tmp_path, 8, 2)]
+    (tmp_path / "manifest.json").write_text(doc)
+    with pytest.raises(DataError, match=needle) as e:
+        ShardStream(urls, decode, collate, 2)
+    assert str(tmp_path / "manifest.json") in str(e.value) and "re-run the data preparation" in str(e.value)

@@ -538,3 +538,35 @@ def test_default_shard_size_leaves_small_inputs_eight_shards(tmp_path):
                 log=lambda s: None)
     assert [s["samples"] for s in m["shards"]] == [2] * 10  # 20 // 8 = 2 per shard: 10 shards, not 1 of 1000
     assert m["options"]["samples_per_shard"] == 2
+
+
+def test_files_no_conversion_wrote_are_never_deleted(tmp_path):
+    table, out = _table_input(tmp_path), tmp_path / "out"
+    out.mkdir()
+    (out / "notes.tmp").write_text("mine")
+    (out / "backup.tar").write_bytes(b"mine too")
+    for overwrite in (False, True):
+        with pytest.raises(PrepareError, match="holds backup.tar, which no conversion wrote"):
+            prepare(opts(table, out, split="all", overwrite=overwrite), log=lambda s: None)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".prepare") == ["backup.tar", "notes.tmp"]
+    (out / "backup.tar").unlink()
+    prepare(opts(table, out, split="all"), log=lambda s: None)
+    assert (out / "notes.tmp").read_text() == "mine"  # only a conversion's own .tmp files are cleaned up
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--limit", "-1"], "--limit and --workers must be >= 1"),
+    (["--workers", "0"], "--limit and --workers must be >= 1"),
+])
+def test_counts_below_one_are_refused(tmp_path, capsys, extra, needle):
+    rc = cli_main(["--input", str(_table_input(tmp_path)), "--split", "all", "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_jsonl_lines_that_are_not_objects_are_named(tmp_path):
+    path = tmp_path / "t" / "pairs.jsonl"
+    (tmp_path / "t" / "images").mkdir(parents=True)
+    path.write_text('{"image": "a.jpg", "caption": "x"}\n[1, 2]\n')
+    with pytest.raises(PrepareError, match=r"pairs.jsonl:2: expected one JSON object per line"):
+        prepare(opts(path, tmp_path / "o", split="all"), log=lambda s: None)

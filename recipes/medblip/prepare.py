@@ -75,6 +75,7 @@ _KEYWORD_RES = {name: re.compile(r"\b(?:" + "|".join(words) + r")\b", re.IGNOREC
                 for name, words in CAPTION_KEYWORDS.items()}
 _KEEP_MODES = ("L", "RGB", "RGBA", "LA", "P", "1", "CMYK", "YCbCr")  # 8-bit images every reader decodes alike
 _CUI_RE = re.compile(r"^C\d{7}$")
+_SHARD_NAME = re.compile(r"^(train|valid|test|all)-\d{5}\.tar$")  # the names prepare() gives its shards
 _SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "validation", "val", "dev"),
                   "test": ("test",)}
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -400,6 +401,9 @@ def _table_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise PrepareError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                if not isinstance(rows[-1], dict):
+                    raise PrepareError(f"{path}:{n}: expected one JSON object per line ({{\"image\": ..., "
+                                       f"\"caption\": ...}}), got {type(rows[-1]).__name__}")
         cols = sorted({k for r in rows for k in r})
         return rows, cols
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -752,9 +756,28 @@ def _complete(out: Path, name: str, fp: str) -> Optional[dict]:
     return report
 
 
+def _ours(path: Path) -> bool:
+    """A file a conversion writes: <split>-NNNNN.tar (or its .tmp), or a manifest.json with our fingerprint."""
+    name = path.name[:-len(".tmp")] if path.name.endswith(".tmp") else path.name
+    if name == "manifest.json":
+        try:
+            return path.name.endswith(".tmp") or "fingerprint" in json.loads(path.read_text())
+        except (OSError, ValueError, TypeError):
+            return False
+    return _SHARD_NAME.match(name) is not None
+
+
 def _clean(out: Path, fp: str, planned: set[str], overwrite: bool) -> None:
-    """Delete leftovers of interrupted runs; refuse to mix with shards from other inputs unless overwrite."""
-    for tmp in list(out.glob("*.tmp")) + list((out / STATE_DIR).glob("*.tmp")):
+    """Delete leftovers of interrupted runs; refuse to mix with shards from other inputs unless overwrite.
+
+    Only files a conversion writes are ever deleted; any other .tar or manifest.json in `out` is refused.
+    """
+    manifest = out / "manifest.json"
+    strangers = [p for p in sorted(out.glob("*.tar")) + [manifest] if p.is_file() and not _ours(p)]
+    if strangers:
+        raise PrepareError(f"{out} holds {strangers[0].name}, which no conversion wrote; choose an empty or new "
+                           "--out (nothing was changed)")
+    for tmp in [p for p in out.glob("*.tmp") if _ours(p)] + list((out / STATE_DIR).glob("*.tmp")):
         tmp.unlink()
     foreign = []
     for tar in out.glob("*.tar"):
@@ -765,13 +788,8 @@ def _clean(out: Path, fp: str, planned: set[str], overwrite: bool) -> None:
             same = tar.name in planned  # finished but unreported (killed between rename and report): redone
         if not same or tar.name not in planned:
             foreign.append(tar)
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        try:
-            if json.loads(manifest.read_text()).get("fingerprint") != fp:
-                foreign.append(manifest)
-        except json.JSONDecodeError:
-            foreign.append(manifest)
+    if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") != fp:
+        foreign.append(manifest)
     if foreign and not overwrite:
         raise PrepareError(f"{out} holds shards from other inputs or options ({foreign[0].name}...); "
                            "use another --out or pass --overwrite")
@@ -838,10 +856,14 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda s: print(s
         raise PrepareError(f"--samples-per-shard must be >= 1, got {opts.samples_per_shard}")
     if opts.max_side < 0 or not 1 <= opts.jpeg_quality <= 100:
         raise PrepareError("--max-side must be >= 0 and --jpeg-quality in 1..100")
+    if opts.limit is not None and opts.limit < 1 or opts.workers < 1:
+        raise PrepareError(f"--limit and --workers must be >= 1 (got --limit {opts.limit}, --workers {opts.workers})")
     resolve_modalities(opts.modality)  # unknown names fail before any listing work
     t0 = time.time()
     out = check_out(opts)
     listing = list_records(opts)
+    if not listing.records and not listing.filtered.get("missing_image"):
+        raise PrepareError(f"{opts.input} lists no image-caption pairs for split {opts.split!r}")
     if not listing.records:
         raise PrepareError(f"no images matched in {opts.input} (split {opts.split!r}; "
                            f"{len(listing.filtered.get('missing_image', []))} captions without an image file"
