@@ -2,12 +2,14 @@
 -> deterministic, resumable WebDataset tar shards with a manifest.
 
 Every sample is `<key>.jpg|png` (image bytes), `<key>.txt` (raw caption, UTF-8) and `<key>.json`
-({"image_id", "cui", "modality", "source"}). Shard i holds planned samples [i*N, (i+1)*N) of the filtered
-listing, so the same inputs and options always give the same shards, byte for byte: tar headers carry no
-times or owners, images are either copied as they are or re-encoded once with fixed settings.
-Shards are written to `<name>.tmp`, fsynced and renamed; a per-shard report goes to `.prepare/` after the
-rename, and manifest.json is written last. A re-run skips shards whose report matches; an interrupted
-run leaves only `.tmp` files behind, which the next run deletes and rewrites.
+({"image_id", "cui", "modality", "modality_source", "source"}); the modality comes from the sample's modality
+concept, else from its caption's first modality keyword (CAPTION_KEYWORDS). Shard i holds planned samples
+[i*N, (i+1)*N) of the filtered listing, so the same inputs and options always give the same shards, byte for
+byte: tar headers carry no times or owners, images are either copied as they are or re-encoded once with fixed
+settings. Shards are written to `<name>.tmp`, fsynced and renamed; a per-shard report goes to `.prepare/` after
+the rename, and manifest.json is written last. A re-run skips shards whose report matches; an interrupted
+run leaves only `.tmp` files behind, which the next run deletes and rewrites. One conversion at a time writes
+into an output folder (.prepare/lock), and only files a conversion writes are ever deleted there.
 """
 from __future__ import annotations
 
@@ -814,8 +816,9 @@ def check_out(opts: PrepareOptions) -> Path:
         images = Path(opts.images).expanduser() if opts.images else inp.parent / "images"
         data = images.resolve() if images.is_dir() else inp.parent
     if data is not None and (target == data or data in target.parents):
-        raise PrepareError(f"--out {out} is inside the input folder {data}: the shards would be written into the "
-                           "data; choose an --out outside it")
+        what = "input folder" if inp.is_dir() else f"image folder of {inp.name}"
+        raise PrepareError(f"--out {out} is inside the {what} {data}: the shards would be written into the data; "
+                           "choose an --out outside it")
     if inp.is_file() and target == inp.parent:
         raise PrepareError(f"--out {out} is the folder of the input {inp.name}: the shards would be written into "
                            "the data; choose an --out outside it")
