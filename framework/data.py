@@ -295,8 +295,9 @@ class ShardStream(IterableDataset):
             tally.skipped += lost
             what = f"{read} of its {listed} samples" if listed is not None else f"{read} samples, then {errors[0]}"
             cause = f" ({errors[0]})" if errors and listed is not None else ""
-            tally.notes.append((f"damaged {url}", f"warning: shard {url} is damaged: read {what}{cause}; the rest is skipped "
-                                     "and counted in data/skipped_samples; re-run the data preparation to repair it"))
+            note = (f"warning: shard {url} is damaged: read {what}{cause}; the rest is skipped and counted in "
+                    "data/skipped_samples; re-run the data preparation to repair it")
+            tally.notes.append((f"damaged {url}", note))
 
     def _passes(self, shards: list[str], worker: int, tally: _Tally) -> Iterator[dict]:
         """Raw samples: whole passes over this worker's shards, each shuffled then flushed, repeated as needed."""
@@ -337,8 +338,9 @@ class ShardStream(IterableDataset):
             url = str(sample.get("__url__"))
             if url not in tally.noted:  # one line per shard with rejected samples (most shards have none)
                 tally.noted.add(url)
-                tally.notes.append((f"rejected {url}", f"warning: shard {url}: samples that decode rejects are skipped and "
-                                         f"counted in data/skipped_samples (first: {self._why(sample, error)})"))
+                note = (f"warning: shard {url}: samples that decode rejects are skipped and counted in "
+                        f"data/skipped_samples (first: {self._why(sample, error)})")
+                tally.notes.append((f"rejected {url}", note))
 
     @staticmethod
     def _why(sample: dict, error: Optional[BaseException]) -> str:

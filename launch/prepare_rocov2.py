@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None) -> PrepareOptions:
                    help="re-encode images whose longer side exceeds this once, as JPEG (0: keep all as they are)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--samples-per-shard", type=int, default=None,
-                   help=f"default {DEFAULT_SAMPLES_PER_SHARD}, or fewer for inputs under {MIN_SHARDS * DEFAULT_SAMPLES_PER_SHARD} "
-                        f"samples so that there are at least {MIN_SHARDS} shards")
+                   help=f"default {DEFAULT_SAMPLES_PER_SHARD}, or samples // {MIN_SHARDS} for smaller inputs: at least "
+                        f"{MIN_SHARDS} shards")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="writer processes")
     p.add_argument("--limit", type=int, default=None, help="keep only the first N samples after filtering")
     p.add_argument("--images", default=None, help="image folder for a table input (default: <table dir>/images)")
