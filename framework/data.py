@@ -424,11 +424,20 @@ class _Loader(DataLoader):
     """A DataLoader that prints the notes its workers attach to batches (once each) and drops them."""
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in super().__iter__():
-            notes = batch.pop(NOTES, None)
-            if notes:
-                self.dataset.print_once(notes)
-            yield batch
+        batches, message = super().__iter__(), None
+        try:
+            for batch in batches:
+                notes = batch.pop(NOTES, None)
+                if notes:
+                    self.dataset.print_once(notes)
+                yield batch
+        except DataError as e:
+            # torch re-raises a worker's error from a frame that holds the error and the iterator: a cycle that the
+            # garbage collector frees late, and then waits 5 s for each worker. Cut it and free the iterator now.
+            message, e.__traceback__ = str(e), None
+        if message is not None:
+            del batches
+            raise DataError(message)
 
 
 def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
