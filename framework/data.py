@@ -7,20 +7,41 @@ import itertools
 import json
 import os
 import random
+import sys
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-SKIPPED = "_skipped"  # batch key: samples skipped (corrupt/undecodable) since this worker's previous batch
+SKIPPED = "_skipped"  # batch key: samples skipped (undecodable, or lost in a damaged shard) since the previous batch
+NOTES = "_notes"  # batch key: one-line warnings from a DataLoader worker; make_loader's loader prints each once
+FAILURES_IN_A_ROW = 100  # this many samples in a row that decode rejects: the data is wrong, not a few samples
 
 
 class DataError(ValueError):
-    """A data problem a user must fix (no shards, corrupt shard, too few shards for ranks x workers)."""
+    """A data problem a user must fix (no shards, corrupt shard, undecodable samples); one line."""
+
+    def __init__(self, message: str = ""):
+        # A DataLoader worker's DataError reaches the main process re-raised as DataError("Caught DataError in
+        # DataLoader worker process N.\nOriginal Traceback ...\nframework.data.DataError: <message>"): keep <message>.
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+class DecodeError(ValueError):
+    """Raised by a recipe's decode for a sample it cannot use; `expected` names the keys it needs.
+
+    Alternatives are written with |, e.g. DecodeError("no image", expected=("jpg|png", "txt")).
+    """
+
+    def __init__(self, message: str, expected: Sequence[str] = ()):
+        super().__init__(message)
+        self.expected = tuple(expected)
 
 
 def expand_shards(spec: Union[str, list[str]]) -> list[str]:
@@ -46,30 +67,52 @@ def expand_shards(spec: Union[str, list[str]]) -> list[str]:
 
 
 def read_manifest(urls: list[str]) -> Optional[dict]:
-    """The manifest.json beside the shards, if there is one."""
+    """The manifest.json beside the (first) shards, if there is one."""
     path = Path(urls[0]).parent / "manifest.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e})") from None
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); re-run the data preparation or delete it") from None
+    shards = doc.get("shards", []) if isinstance(doc, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(e, dict) for e in shards):
+        raise DataError(f"{path} is not a shard manifest (expected {{\"shards\": [{{\"name\": ..., \"samples\": ...}}, "
+                        "...]}); re-run the data preparation or delete it")
+    return doc
 
 
 def _manifest_entries(manifest: Optional[dict]) -> dict[str, dict]:
     if not manifest:
         return {}
-    return {Path(e.get("name", e.get("file", ""))).name: e for e in manifest.get("shards", [])}
+    return {Path(str(e.get("name", e.get("file", "")))).name: e for e in manifest.get("shards", [])}
+
+
+def manifest_counts(urls: list[str]) -> dict[str, int]:
+    """{shard: samples} for the shards that the manifest.json of their folder lists with a count."""
+    by_dir: dict[Path, dict[str, dict]] = {}
+    counts = {}
+    for url in urls:
+        folder = Path(url).parent
+        if folder not in by_dir:
+            by_dir[folder] = _manifest_entries(read_manifest([url]))
+        entry = by_dir[folder].get(Path(url).name)
+        if entry is not None and "samples" in entry:
+            n = entry["samples"]
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise DataError(f"{folder / 'manifest.json'}: {Path(url).name} has samples={n!r}, not a count; "
+                                "re-run the data preparation or delete the manifest")
+            counts[url] = n
+    return counts
 
 
 def count_samples(urls: list[str]) -> int:
-    """Samples in the shards: from manifest.json when it lists them all, else by reading the tar headers."""
-    entries = _manifest_entries(read_manifest(urls))
+    """Samples in the shards: from manifest.json where it lists them, else by reading the tar headers."""
+    listed = manifest_counts(urls)
     total = 0
     for url in urls:
-        entry = entries.get(Path(url).name)
-        if entry is not None and "samples" in entry:
-            total += int(entry["samples"])
+        if url in listed:
+            total += listed[url]
             continue
         try:
             with tarfile.open(url) as tar:
@@ -154,6 +197,18 @@ def _share(total: int, index: int, parts: int) -> int:
     return len(range(index, total, parts))
 
 
+class _Tally:
+    """One reader's account of what it skipped and why (handed on with its batches)."""
+
+    def __init__(self) -> None:
+        self.skipped = 0  # samples skipped so far: rejected by decode, or missing from a damaged shard
+        self.decoded = 0
+        self.in_a_row = 0  # decode failures since the last decoded sample
+        self.last: tuple[dict, Optional[BaseException]] = ({}, None)  # the last rejected sample and its error
+        self.notes: list[tuple[str, str]] = []  # (what it is about, one-line warning) not yet handed to a batch
+        self.noted: set[str] = set()
+
+
 class ShardStream(IterableDataset):
     """Batches from WebDataset shards; every rank yields exactly `len(self)` batches per epoch.
 
@@ -164,22 +219,31 @@ class ShardStream(IterableDataset):
     starting at worker 0, so on a resume at batch k worker w plays logical worker (w + k) % W: the
     remaining batches then arrive in exactly the uninterrupted order. Decode randomness comes from
     streams seeded by (seed, epoch, rank, logical worker), so resumed batches are identical too.
+
+    Data that cannot work is a DataError, never a hang: `failures_in_a_row` samples rejected by decode in a
+    row, or a whole pass over a worker's shards without one decoded sample, names the shard, the sample's keys
+    and the keys decode expects (from a DecodeError). The constructor already decodes the first usable sample,
+    so wrong shards fail before training starts. A shard that yields fewer samples than its manifest.json
+    lists is damaged: the missing samples are counted as skipped and a one-line warning names the shard.
     """
 
     def __init__(self, urls: list[str], decode: Callable[[dict], Optional[dict]], collate: Callable[[list], dict],
                  batch_size: int, *, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1,
-                 samples_per_epoch: Optional[int] = None):
+                 samples_per_epoch: Optional[int] = None, failures_in_a_row: int = FAILURES_IN_A_ROW):
         if len(urls) < world_size:
             raise DataError(f"{len(urls)} shard(s) for {world_size} ranks: each rank needs at least one shard; "
                             "write more, smaller shards (prepare with a lower --samples-per-shard)")
         self.urls, self.decode, self.collate = list(urls), decode, collate
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.failures_in_a_row = rank, world_size, failures_in_a_row
+        self.listed = manifest_counts(self.urls)  # shard -> samples it should hold
         self.samples = samples_per_epoch or count_samples(self.urls)
         self.batches = self.samples // (batch_size * world_size)
         if self.batches == 0:
             raise DataError(f"{self.samples} samples cannot fill one batch of {batch_size} on {world_size} rank(s)")
         self.epoch, self.skip = 0, 0
+        self.printed: set[str] = set()  # what this process printed notes about (a shard, a setting)
+        self._probe()
 
     def __len__(self) -> int:
         return self.batches
@@ -188,66 +252,137 @@ class ShardStream(IterableDataset):
         """Select the epoch (re-seeds the shuffles) and how many of its batches were already consumed."""
         self.epoch, self.skip = epoch, skip_batches
 
+    def print_once(self, notes: list[tuple[str, str]]) -> None:
+        """Print each (subject, one-line note) unless this process already printed a note about the subject."""
+        for subject, note in notes:
+            if subject not in self.printed:
+                self.printed.add(subject)
+                print(note, file=sys.stderr, flush=True)
+
+    def _probe(self) -> None:
+        """Decode samples from the first shards until one works (under private RNG streams)."""
+        tally = _Tally()
+        raw = (s for url in sorted(self.urls) for s in self._shard_samples(url, tally))
+        for _ in _PrivateRng(_seed(self.seed, "probe")).wrap(self._decoded(raw, tally)):
+            return
+        raise DataError(self._undecodable(tally) if tally.in_a_row else
+                        f"no readable samples in shard(s) {', '.join(self.urls[:3])}{'...' * (len(self.urls) > 3)}")
+
     def _worker_shards(self, worker: int, workers: int) -> list[str]:
         order = list(self.urls)
         random.Random(_seed(self.seed, self.epoch, "order")).shuffle(order)
         mine = order[self.rank::self.world_size][worker::workers]
-        if not mine:
+        if not mine:  # make_loader never starts more workers than a rank has shards
             raise DataError(f"{len(self.urls)} shards < {self.world_size} ranks x {workers} workers: "
                             "lower data.num_workers or write more shards")
         return mine
 
-    def _passes(self, shards: list[str], worker: int, count: Callable[[Exception], bool]) -> Iterator[dict]:
+    def _shard_samples(self, url: str, tally: _Tally) -> Iterator[dict]:
+        """One shard's raw samples; a shard that ends short of its manifest count is counted and reported."""
+        errors: list[str] = []
+
+        def handler(exn: Exception) -> bool:  # webdataset handler: count and continue, never sleep
+            errors.append(str(exn).split(" @ ")[0].replace("\n", " ")[:120] or type(exn).__name__)
+            return True
+
+        read = 0
+        for sample in wds.tarfile_to_samples(handler=handler)(iter([{"url": url}])):
+            read += 1
+            yield sample
+        listed = self.listed.get(url)
+        lost = max(0, listed - read) if listed is not None else len(errors)
+        if lost:
+            tally.skipped += lost
+            what = f"{read} of its {listed} samples" if listed is not None else f"{read} samples, then {errors[0]}"
+            cause = f" ({errors[0]})" if errors and listed is not None else ""
+            note = (f"warning: shard {url} is damaged: read {what}{cause}; the rest is skipped and counted in "
+                    "data/skipped_samples; re-run the data preparation to repair it")
+            tally.notes.append((f"damaged {url}", note))
+
+    def _passes(self, shards: list[str], worker: int, tally: _Tally) -> Iterator[dict]:
         """Raw samples: whole passes over this worker's shards, each shuffled then flushed, repeated as needed."""
         for n in itertools.count():
             order = list(shards)
             if n:  # later passes (only when this worker's share is short) visit shards in a new order
                 random.Random(_seed(self.seed, self.epoch, self.rank, worker, n)).shuffle(order)
-            shuffle = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                  seed=_seed(self.seed, self.epoch, self.rank, worker, n, "samples"))
-            stages = [wds.SimpleShardList(order), wds.tarfile_to_samples(handler=count)]
-            seen = 0
-            for sample in wds.DataPipeline(*stages, *([shuffle] if self.shuffle_buffer > 1 else [])):
+            raw: Iterator[dict] = (s for url in order for s in self._shard_samples(url, tally))
+            if self.shuffle_buffer > 1:
+                raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                  seed=_seed(self.seed, self.epoch, self.rank, worker, n, "samples"))(raw)
+            seen, decoded = 0, tally.decoded
+            for sample in raw:  # the consumer decodes each sample before asking for the next
                 seen += 1
                 yield sample
             if seen == 0:  # cycling again would spin forever
                 raise DataError(f"no readable samples in shard(s) {', '.join(shards)}")
+            if tally.decoded == decoded:  # a whole pass and not one sample decoded: the same
+                raise DataError(self._undecodable(tally))
+
+    def _decoded(self, samples: Iterator[dict], tally: _Tally) -> Iterator[dict]:
+        """decode() of each sample; rejected ones are counted and skipped, too many in a row raise DataError."""
+        for sample in samples:
+            try:
+                out, error = self.decode(sample), None
+            except Exception as e:  # a corrupt sample must not stop a run
+                out, error = None, e
+            if out is not None:
+                tally.decoded += 1
+                tally.in_a_row = 0
+                yield out
+                continue
+            tally.skipped += 1
+            tally.in_a_row += 1
+            tally.last = (sample, error)
+            if tally.in_a_row >= self.failures_in_a_row:
+                raise DataError(self._undecodable(tally))
+            url = str(sample.get("__url__"))
+            if url not in tally.noted:  # one line per shard with rejected samples (most shards have none)
+                tally.noted.add(url)
+                note = (f"warning: shard {url}: samples that decode rejects are skipped and counted in "
+                        f"data/skipped_samples (first: {self._why(sample, error)})")
+                tally.notes.append((f"rejected {url}", note))
+
+    @staticmethod
+    def _why(sample: dict, error: Optional[BaseException]) -> str:
+        """'sample K has keys A, B; the recipe's decode expects X and Y' (or what it raised / returned None)."""
+        keys = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "none"
+        if isinstance(error, DecodeError) and error.expected:
+            why = f"expects {' and '.join(error.expected)}"
+        elif error is not None:
+            why = f"raised {type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+        else:
+            why = "returned None"
+        return f"sample {sample.get('__key__')!r} has keys {keys}; the recipe's decode {why}"
+
+    def _undecodable(self, tally: _Tally) -> str:
+        sample, error = tally.last
+        return (f"{tally.in_a_row} sample(s) in a row could not be decoded, the last in shard "
+                f"{sample.get('__url__')}: {self._why(sample, error)}; check that these shards were written for "
+                "this recipe")
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker_role(self.skip)
         quota = _share(self.batches, worker, workers)
         skip = _share(self.skip, worker, workers)
-        skipped = [0]
-
-        def count(exn: Exception) -> bool:  # webdataset handler: count and continue, never sleep
-            skipped[0] += 1
-            return True
-
-        def decoded(samples: Iterator[dict]) -> Iterator[dict]:
-            for sample in samples:
-                try:
-                    out = self.decode(sample)
-                except Exception:  # a corrupt sample must not stop a run
-                    out = None
-                if out is None:
-                    skipped[0] += 1
-                else:
-                    yield out
-
-        pipeline = wds.DataPipeline(
-            lambda: self._passes(self._worker_shards(worker, workers), worker, count),
-            decoded,
-            wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
-        )
+        in_worker = torch.utils.data.get_worker_info() is not None
+        tally = _Tally()
+        samples = self._decoded(self._passes(self._worker_shards(worker, workers), worker, tally), tally)
+        batches = wds.batched(self.batch_size, collation_fn=self.collate, partial=False)(samples)
         reported = 0
         rng = _PrivateRng(_seed(self.seed, self.epoch, self.rank, worker, "decode"))
-        for i, batch in enumerate(rng.wrap(iter(pipeline))):
+        for i, batch in enumerate(rng.wrap(batches)):
             if i >= quota:
                 break
             if i < skip:
                 continue
-            batch[SKIPPED] = skipped[0] - reported
-            reported = skipped[0]
+            batch[SKIPPED] = tally.skipped - reported
+            reported = tally.skipped
+            if tally.notes:
+                notes, tally.notes = tally.notes, []
+                if in_worker:  # the main process prints them (make_loader), once per run and not per worker
+                    batch[NOTES] = notes
+                else:
+                    self.print_once(notes)
             yield batch
 
 
@@ -285,16 +420,42 @@ class MapStream(IterableDataset):
             yield batch
 
 
+class _Loader(DataLoader):
+    """A DataLoader that prints the notes its workers attach to batches (once each) and drops them."""
+
+    def __iter__(self) -> Iterator[dict]:
+        batches, message = super().__iter__(), None
+        try:
+            for batch in batches:
+                notes = batch.pop(NOTES, None)
+                if notes:
+                    self.dataset.print_once(notes)
+                yield batch
+        except DataError as e:
+            # torch re-raises a worker's error from a frame that holds the error and the iterator: a cycle that the
+            # garbage collector frees late, and then waits 5 s for each worker. Cut it and free the iterator now.
+            message, e.__traceback__ = str(e), None
+        if message is not None:
+            del batches
+            raise DataError(message)
+
+
 def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
-    """A DataLoader over a stream that already batches (batch_size=None); workers keep their order."""
+    """A DataLoader over a stream that already batches (batch_size=None); workers keep their order.
+
+    A ShardStream gets at most as many workers as each rank has shards (a one-line note says so).
+    """
     workers = max(0, min(num_workers, len(stream)))
     if isinstance(stream, ShardStream) and workers > 0:
         per_rank = len(stream.urls) // stream.world_size
         if per_rank < workers:
-            raise DataError(f"{len(stream.urls)} shards < {stream.world_size} ranks x {workers} workers: "
-                            "lower data.num_workers or write more shards")
-    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+            if stream.rank == 0:
+                stream.print_once([("workers", f"note: {len(stream.urls)} shard(s) for {stream.world_size} rank(s): "
+                                   f"using {per_rank} DataLoader worker(s) per rank instead of data.num_workers="
+                                   f"{workers} (prepare more shards to use more)")])
+            workers = per_rank
+    return _Loader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                   prefetch_factor=4 if workers else None)
 
 
 def batch_size_of(batch: dict[str, Any]) -> int:

@@ -75,6 +75,16 @@ def read_run(spec: str) -> tuple[str, Optional[str], dict[str, Any]]:
     return name, key, doc
 
 
+def check_distinct(specs: list[str], runs: list[tuple[str, Optional[str], dict[str, Any]]]) -> None:
+    """Two runs under one row name (e.g. both labelled dapt) would be two rows nobody can tell apart: refuse."""
+    first: dict[str, str] = {}
+    for spec, (name, _, _) in zip(specs, runs):
+        if name in first:
+            raise TableError(f"{first[name]} and {spec} both make the row {name!r}: give each run its own label "
+                             "(DIR=baseline|dapt|psd|scratch) or leave one out")
+        first[name] = spec
+
+
 def _fmt(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = [read_run(spec) for spec in args.runs]
+        check_distinct(args.runs, runs)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

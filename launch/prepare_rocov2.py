@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from recipes.medblip.prepare import MODALITY_CUIS, PrepareError, PrepareOptions, prepare  # noqa: E402
+from recipes.medblip.prepare import (DEFAULT_SAMPLES_PER_SHARD, MIN_SHARDS, MODALITY_CUIS, PrepareError,  # noqa: E402
+                                     PrepareOptions, prepare)
 
 
 def parse_args(argv: list[str] | None) -> PrepareOptions:
@@ -31,11 +32,14 @@ def parse_args(argv: list[str] | None) -> PrepareOptions:
     p.add_argument("--split", default="train", help="train | valid | test | all (all: parquet and tables only)")
     p.add_argument("--modality", action="append", default=[],
                    help=f"keep only these modalities (repeat or comma-separate): {modalities}; "
-                        "'all' = the six; or any UMLS CUI. Default: keep everything")
+                        "'all' = the six; or any UMLS CUI. A sample without a modality concept is judged by its "
+                        "caption's keywords (docs/data.md). Default: keep everything")
     p.add_argument("--max-side", type=int, default=512,
                    help="re-encode images whose longer side exceeds this once, as JPEG (0: keep all as they are)")
     p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=int, default=None,
+                   help=f"default {DEFAULT_SAMPLES_PER_SHARD}, or samples // {MIN_SHARDS} for smaller inputs: at least "
+                        f"{MIN_SHARDS} shards")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="writer processes")
     p.add_argument("--limit", type=int, default=None, help="keep only the first N samples after filtering")
     p.add_argument("--images", default=None, help="image folder for a table input (default: <table dir>/images)")
@@ -54,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     try:
         prepare(opts)
-    except (PrepareError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except PrepareError as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an input file that cannot be read: which one and why
+        print(f"error: {e.filename or 'input'}: {e.strerror or e}; check the file and its permissions",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; re-run the same command to continue", file=sys.stderr)

@@ -1,14 +1,16 @@
 """Shard streaming: shard expansion, equal batches per rank, exact resume position, corrupt samples counted."""
+import gc
 import io
 import json
 import tarfile
+import time
 
 import numpy as np
 import pytest
 import webdataset as wds
 
-from framework.data import SKIPPED, DataError, ShardStream, count_samples, expand_shards, make_loader, \
-    verify_checksums
+from framework.data import FAILURES_IN_A_ROW, NOTES, SKIPPED, DataError, DecodeError, ShardStream, count_samples, \
+    expand_shards, make_loader, verify_checksums
 from recipes.toy import collate, decode, make_shards
 
 
@@ -151,7 +153,161 @@ def test_empty_shards_are_an_error_not_a_hang(tmp_path):
     empty = tmp_path / "empty-0000.tar"
     with wds.TarWriter(str(empty)):
         pass
-    s = ShardStream([str(empty)], decode, collate, 2, shuffle_buffer=0, samples_per_epoch=4)
+    with pytest.raises(DataError, match="no readable samples"):  # found before training starts
+        ShardStream([str(empty)], decode, collate, 2, shuffle_buffer=0, samples_per_epoch=4)
+
+
+def _other_kind(path, n):
+    """A shard whose samples lack the toy decode's "npy" (e.g. shards written for another recipe)."""
+    with wds.TarWriter(str(path)) as tar:
+        for i in range(n):
+            tar.write({"__key__": f"o{i:06d}", "jpg": b"x", "txt": b"a caption"})
+    return str(path)
+
+
+def strict_decode(sample):
+    """The toy decode, saying which keys it needs (what recipes do with DecodeError)."""
+    if "npy" not in sample or "json" not in sample:
+        raise DecodeError("no npy/json", expected=("npy", "json"))
+    return decode(sample)
+
+
+def test_shards_of_another_kind_fail_at_construction_naming_shard_and_keys(tmp_path):
+    urls = [_other_kind(tmp_path / f"o-{i:04d}.tar", 30) for i in range(2)]
+    with pytest.raises(DataError) as e:
+        ShardStream(urls, strict_decode, collate, 4, shuffle_buffer=0)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("60 sample(s) in a row") and "o-0001.tar" in msg
+    assert "has keys jpg, txt" in msg and "expects npy and json" in msg
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_worker_whose_samples_all_fail_raises_one_line_instead_of_spinning(tmp_path, capsys, workers):
+    """One good shard (the start-up probe passes), one undecodable shard."""
+    good = [str(p) for p in make_shards(tmp_path / "good", 16, 1)]
+    bad = _other_kind(tmp_path / "z-0001.tar", 16)
+    s = ShardStream(good + [bad], strict_decode, collate, 2, shuffle_buffer=4)
     s.set_epoch(0)
-    with pytest.raises(DataError, match="no readable samples"):
+    if workers == 0:  # one reader of both shards: half its samples decode; it warns once and carries on
+        batches = list(make_loader(s, workers))
+        assert len(batches) == len(s) == 16 and sum(b[SKIPPED] for b in batches) >= 16
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and warnings[0].startswith(f"warning: shard {bad}: samples that decode rejects")
+        assert "has keys jpg, txt; the recipe's decode expects npy and json" in warnings[0]
+        return
+    with pytest.raises(DataError) as e:  # the bad shard's worker: a whole pass without one decoded sample
+        list(make_loader(s, workers))
+    msg = str(e.value)  # a worker's error arrives in the main process as the worker's one line
+    del e
+    t0 = time.time()
+    gc.collect()  # the loader was freed with the error: were it left to the collector, torch waits 5 s per worker
+    assert time.time() - t0 < 4
+    assert "\n" not in msg and not msg.startswith("Caught"), msg
+    assert msg.startswith("16 sample(s) in a row could not be decoded") and "z-0001.tar" in msg, msg
+    assert "has keys jpg, txt" in msg and "expects npy and json" in msg, msg
+
+
+def test_too_many_failures_in_a_row_raise_before_the_pass_ends(tmp_path):
+    good = [str(p) for p in make_shards(tmp_path / "good", 8, 1)]
+    bad = _other_kind(tmp_path / "z-0001.tar", 500)
+    s = ShardStream(good + [bad], strict_decode, collate, 2, shuffle_buffer=0, failures_in_a_row=50)
+    s.set_epoch(0)
+    with pytest.raises(DataError, match="^50 sample\\(s\\) in a row could not be decoded"):
         list(s)
+    assert FAILURES_IN_A_ROW == 100  # the default, documented in docs/data.md
+
+
+def _manifest(folder, urls, counts):
+    (folder / "manifest.json").write_text(json.dumps(
+        {"shards": [{"name": u.split("/")[-1], "samples": c} for u, c in zip(urls, counts)]}))
+
+
+def _truncate_before_sample(path, k):
+    """Cut a shard in the middle of sample k's first tar header: exactly samples 0..k-1 stay readable."""
+    with tarfile.open(path) as tar:
+        members = [m for m in tar if m.isfile()]
+    first = {}
+    for m in members:
+        first.setdefault(m.name.split(".")[0], m.offset)
+    cut = sorted(first.values())[k] + 100
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:cut])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_shard_counts_every_lost_sample_and_warns_once(tmp_path, capsys, workers):
+    urls = [str(p) for p in make_shards(tmp_path, 20, 2)]  # 10 samples each, listed in the manifest
+    _manifest(tmp_path, urls, [10, 10])
+    _truncate_before_sample(urls[1], 6)  # 6 of 10 readable: 4 lost every time the shard is read to its end
+    s = ShardStream(urls, decode, collate, 2, shuffle_buffer=0)
+    assert len(s) == 10
+    skipped = 0
+    for epoch in range(2):
+        s.set_epoch(epoch)
+        batches = list(make_loader(s, workers))
+        assert len(batches) == 10  # the short shard is cycled: the epoch keeps its length
+        skipped += sum(b[SKIPPED] for b in batches)
+        assert not any(NOTES in b for b in batches)
+    # workers=0: both shards in one pass (16 samples), the next pass stops before reaching the cut again;
+    # workers=2: the damaged shard's worker reads it once to its end (6), then 4 more of its next pass
+    assert skipped == 2 * 4
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "is damaged" in line]
+    assert len(warnings) == 1, warnings  # once per run, not per epoch or per worker
+    assert warnings[0].startswith(f"warning: shard {urls[1]} is damaged: read 6 of its 10 samples")
+
+
+def test_fewer_shards_than_workers_use_fewer_workers_with_a_note(tmp_path, capsys):
+    urls = [str(p) for p in make_shards(tmp_path, 24, 1)]
+    s = stream(urls)
+    s.set_epoch(0)
+    loader = make_loader(s, 2)
+    assert loader.num_workers == 1
+    assert len(keys_of(list(loader))) == 24
+    make_loader(s, 2)  # every epoch builds a loader: the note is printed once
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: 1 shard(s) for 1 rank(s): using 1 DataLoader worker(s) per rank instead of "
+                     "data.num_workers=2 (prepare more shards to use more)"]
+    urls = [str(p) for p in make_shards(tmp_path / "three", 30, 3)]  # 2 ranks: 2 shards and 1 shard
+    counts = []
+    for rank in range(2):
+        r = stream(urls, rank=rank, world=2, bs=4)
+        r.set_epoch(0)
+        loader = make_loader(r, 2)
+        assert loader.num_workers == 1
+        counts.append(len(list(loader)))
+    assert counts == [3, 3]
+
+
+@pytest.mark.parametrize("sample,found", [({"jpg": "JPEG", "json": b"{}"}, "jpg, json"),  # no caption
+                                          ({"image": "JPEG", "caption": b"a chest CT"}, "caption, image")])
+def test_medblip_decode_names_the_keys_it_expects(tmp_path, sample, found):
+    import io as _io
+
+    from PIL import Image
+
+    from recipes.medblip.data import ImageConfig, make_decode
+
+    buf = _io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format="JPEG")
+    path = tmp_path / "other-0000.tar"
+    with wds.TarWriter(str(path)) as tar:
+        for i in range(8):
+            tar.write({"__key__": f"k{i}", **{k: buf.getvalue() if v == "JPEG" else v for k, v in sample.items()}})
+    with pytest.raises(DataError) as e:
+        ShardStream([str(path)], make_decode(ImageConfig(size=16), train=True), collate, 2)
+    assert f"has keys {found}; the recipe's decode expects jpg|jpeg|png|webp and txt" in str(e.value)
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ("[1, 2]", "is not a shard manifest"),
+    ('{"shards": 3}', "is not a shard manifest"),
+    ('{"shards": ["toy-0000.tar"]}', "is not a shard manifest"),
+    ('{"shards": [{"name": "toy-0000.tar", "samples": "4"}]}', "toy-0000.tar has samples='4', not a count"),
+    ('{"shards": [', "is not valid JSON"),
+])
+def test_a_malformed_manifest_is_one_data_error(tmp_path, doc, needle):
+    urls = [str(p) for p in make_shards(tmp_path, 8, 2)]
+    (tmp_path / "manifest.json").write_text(doc)
+    with pytest.raises(DataError, match=needle) as e:
+        ShardStream(urls, decode, collate, 2)
+    assert str(tmp_path / "manifest.json") in str(e.value) and "re-run the data preparation" in str(e.value)

@@ -294,7 +294,8 @@ def test_rerun_is_idempotent_and_other_options_refused(tmp_path: Path) -> None:
     (lambda t: ["--input", str(write_table(t / "tb", _items(), "csv")), "--split", "train"], "split column"),
     (lambda t: ["--input", str(write_table(t / "tb", _items(), "csv")), "--split", "all",
                 "--caption-column", "text"], "no column 'text'"),
-    (lambda t: ["--input", str(_no_cui_table(t)), "--split", "all", "--modality", "CT"], "needs UMLS concepts"),
+    (lambda t: ["--input", str(_no_cui_table(t)), "--split", "all", "--modality", OTHER], "needs UMLS concepts"),
+    (lambda t: ["--input", str(_no_cui_table(t)), "--split", "all", "--modality", "CT"], "no samples left"),
 ])
 def test_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture, make_args, needle: str) -> None:
     rc = cli_main([*make_args(tmp_path), "--out", str(tmp_path / "out")])
@@ -338,3 +339,234 @@ def test_medpix_sample_converts(tmp_path: Path) -> None:
             np.testing.assert_array_equal(back, src)
         else:
             assert max(back.shape[:2]) == 512
+
+
+# ----------------------------------------------------------------------------- ROCO v1: caption-keyword modality
+
+from recipes.medblip.prepare import caption_modality  # noqa: E402
+
+
+@pytest.mark.parametrize("caption,expected", [
+    ("Axial T2-weighted image of the brain", "MRI"),
+    ("T2 hyperintense lesion (arrow)", "MRI"),
+    ("FLAIR sequence shows oedema", "MRI"),
+    ("MR angiography of the circle of Willis", "MRI"),  # the first modality named decides
+    ("CT angiography of the aorta", "CT"),
+    ("Coronary angiogram, right anterior oblique view", "angiography"),
+    ("Fused PET/CT, FDG avid node", "PET"),
+    ("US-guided biopsy of the thyroid", "ultrasound"),
+    ("Transthoracic echocardiography: severe MR", "ultrasound"),  # MR here is mitral regurgitation, named later
+    ("Chest X-ray, PA view", "X-ray"),
+    ("Postoperative radiographs of the knee", "X-ray"),
+    ("Computerized tomography of the chest", "CT"),
+    ("Mr. Smith was referred to us after the fall", None),  # neither "Mr." nor "us" names a modality
+    ("Fracture of the T12 vertebra, intact cortex", None),  # T12 is not T1/T2; "intact" holds no "ct"
+    ("Acute spectrum of findings; pet owner", "PET"),  # whole-word rule: "pet" counts, "acute"/"spectrum" do not
+    ("Histology, haematoxylin and eosin", None),
+])
+def test_caption_keywords_by_hand(caption, expected):
+    assert caption_modality(caption) == expected
+
+
+ROCO_ITEMS = [  # ROCO v1: cuis.txt (QuickUMLS on the caption) rarely holds a modality concept, never MRI's
+    ("ROCO_00001", "Axial T2-weighted MRI of the brain showing a lesion", [OTHER]),
+    ("ROCO_00002", "Sagittal MR image of the lumbar spine", []),
+    ("ROCO_00003", "Computed tomography of the chest with contrast", [OTHER]),
+    ("ROCO_00004", "Chest radiograph, PA view", [XRAY]),  # decided by its concept
+    ("ROCO_00005", "Follow-up MRI after the CT-guided biopsy", [CT]),  # the concept wins over the caption
+    ("ROCO_00006", "Intraoperative photograph of the wound", []),  # no modality at all
+]
+
+
+def write_roco_v1(root: Path, split: str = "validation", pmc_names: bool = False, dlinks: bool = True) -> Path:
+    """ROCO's release layout <split>/radiology/{captions,cuis,dlinks}.txt + images/ (ROCO ids or PMC names)."""
+    d = root / "data" / split / "radiology"
+    (d / "images").mkdir(parents=True)
+    caps, cuis, links = [], [], []
+    for n, (rid, caption, cui) in enumerate(ROCO_ITEMS):
+        pmc, fig = f"PMC{1000 + n}", f"fig{n}.jpg"
+        name = f"{pmc}_{fig}" if pmc_names else f"{rid}.jpg"
+        (d / "images" / name).write_bytes(_image(n, (24, 20), "JPEG"))
+        caps.append(f"{rid}\t {caption}")
+        cuis.append("\t".join([rid, "", *cui]))  # the release has an empty field after the id
+        links.append(f"{rid}\twget -r ftp://ftp.ncbi.nlm.nih.gov/pub/pmc/oa_package/00/00/{pmc}.tar.gz "
+                     f"-P /path/to/Dir\t{fig}")
+    (d / "captions.txt").write_text("\n".join(caps) + "\n")
+    (d / "cuis.txt").write_text("\n".join(cuis) + "\n")
+    if dlinks:
+        (d / "dlinks.txt").write_text("\n".join(links) + "\n")
+    return root / "data"
+
+
+@pytest.mark.parametrize("modality,kept", [
+    (["MRI"], {"ROCO_00001": "caption", "ROCO_00002": "caption"}),
+    (["CT"], {"ROCO_00003": "caption", "ROCO_00005": "cui"}),
+    (["X-ray"], {"ROCO_00004": "cui"}),
+    ([], {"ROCO_00001": "caption", "ROCO_00002": "caption", "ROCO_00003": "caption", "ROCO_00004": "cui",
+          "ROCO_00005": "cui", "ROCO_00006": None}),
+])
+def test_roco_modality_from_concepts_else_caption_keywords(tmp_path, modality, kept):
+    inp = write_roco_v1(tmp_path / "roco")
+    m = prepare(opts(inp, tmp_path / "out", split="valid", modality=modality), log=lambda s: None)
+    got = read_back(tmp_path / "out")
+    assert {k: v["json"]["modality_source"] for k, v in got.items()} == kept
+    by_caption = {k: v["json"]["modality"] for k, v in got.items() if v["json"]["modality_source"] == "caption"}
+    assert m["caption_modality"] == by_caption  # the manifest names every sample a caption keyword decided
+    assert sum(m["modality_sources"].values()) == len(kept)
+    assert m["modality_sources"].get("cui", 0) == sum(v == "cui" for v in kept.values())
+
+
+@pytest.mark.parametrize("where", ["data", "data/validation", "data/validation/radiology"])
+def test_roco_input_may_be_the_release_the_split_or_the_radiology_folder(tmp_path, where):
+    write_roco_v1(tmp_path / "roco")
+    prepare(opts(tmp_path / "roco" / where, tmp_path / "out", split="valid"), log=lambda s: None)
+    assert len(read_back(tmp_path / "out")) == 6
+
+
+def test_roco_split_folder_of_another_split_says_which(tmp_path):
+    write_roco_v1(tmp_path / "roco")
+    with pytest.raises(PrepareError, match="is ROCO's 'validation' split, not 'train': pass --split validation"):
+        prepare(opts(tmp_path / "roco" / "data" / "validation" / "radiology", tmp_path / "out"), log=lambda s: None)
+
+
+def test_roco_pmc_image_names_match_through_dlinks(tmp_path):
+    inp = write_roco_v1(tmp_path / "roco", pmc_names=True)  # fetch.py before 2022: <PMC id>_<figure>.jpg
+    prepare(opts(inp, tmp_path / "out", split="valid"), log=lambda s: None)
+    got = read_back(tmp_path / "out")
+    assert sorted(got) == [r[0] for r in ROCO_ITEMS]
+    assert got["ROCO_00003"]["image"] == (inp / "validation/radiology/images/PMC1002_fig2.jpg").read_bytes()
+
+
+def test_roco_unmatched_image_names_say_what_was_expected_and_found(tmp_path):
+    inp = write_roco_v1(tmp_path / "roco", pmc_names=True, dlinks=False)
+    with pytest.raises(PrepareError) as e:
+        prepare(opts(inp, tmp_path / "out", split="valid"), log=lambda s: None)
+    msg = str(e.value)
+    assert msg.startswith("no images matched") and "6 captions without an image file" in msg
+    assert "looked for e.g. " in msg and "images/ROCO_00001.jpg" in msg and "found e.g. PMC1000_fig0.jpg" in msg
+    assert "dlinks.txt" in msg
+
+
+# ----------------------------------------------------------------------------- --out: where shards may go
+
+
+def _table_input(t: Path) -> Path:
+    return write_table(t / "table", _items(), "csv")
+
+
+@pytest.mark.parametrize("out", ["roco/data", "roco/data/shards", "roco/data/validation/radiology/images/x"])
+def test_out_inside_the_input_is_refused(tmp_path, capsys, out):
+    inp = write_roco_v1(tmp_path / "roco")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc = cli_main(["--input", str(inp), "--split", "valid", "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is inside the input folder" in err[0] and "choose an --out" in err[0], err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_out_beside_a_table_or_among_its_images_is_refused(tmp_path):
+    table = _table_input(tmp_path)
+    for out in (table.parent, table.parent / "images" / "shards"):
+        with pytest.raises(PrepareError, match="would be written into the data"):
+            prepare(opts(table, out, split="all"), log=lambda s: None)
+    prepare(opts(table, tmp_path / "elsewhere", split="all"), log=lambda s: None)  # outside: fine
+
+
+def test_second_conversion_into_the_same_out_is_refused_while_one_runs(tmp_path):
+    import fcntl
+
+    table, out = _table_input(tmp_path), tmp_path / "out"
+    prepare(opts(table, out, split="all"), log=lambda s: None)
+    with open(out / ".prepare" / "lock", "a") as f:  # what a running conversion holds
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(PrepareError, match="another conversion is writing into"):
+            prepare(opts(table, out, split="all", samples_per_shard=2, overwrite=True), log=lambda s: None)
+    assert [s["samples"] for s in json.loads((out / "manifest.json").read_text())["shards"]] == [3, 3]  # untouched
+
+
+def _in_mount_namespace(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `script` (sh) as root of a private mount namespace, where it can mount a tmpfs; skip where impossible."""
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no unprivileged mount namespace here (unshare -rm) to make a read-only or full filesystem")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_read_only_out_is_one_line(tmp_path):
+    table, mnt = _table_input(tmp_path), tmp_path / "ro"
+    mnt.mkdir()
+    cli = f"{sys.executable} {ROOT / 'launch' / 'prepare_rocov2.py'} --input {table} --split all --workers 1"
+    r = _in_mount_namespace(f"mount -t tmpfs -o ro tmpfs {mnt} && {cli} --out {mnt}/shards; echo rc=$?", tmp_path)
+    err = r.stderr.strip().splitlines()
+    assert "rc=2" in r.stdout and len(err) == 1, r.stderr
+    assert err[0].startswith(f"error: --out {mnt}/shards: cannot write in {mnt} (read-only"), err
+
+
+def test_full_disk_is_one_line_and_leaves_no_partial_shard(tmp_path):
+    table, mnt = _table_input(tmp_path), tmp_path / "full"
+    mnt.mkdir()
+    big = tmp_path / "big"  # a table whose images do not fit into a 256 KiB filesystem
+    (big / "images").mkdir(parents=True)
+    rows = []
+    for i in range(8):
+        (big / "images" / f"b{i}.png").write_bytes(_image(i, (200, 200), "PNG"))
+        rows.append(f"b{i}.png,caption {i}")
+    (big / "pairs.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    cli = f"{sys.executable} {ROOT / 'launch' / 'prepare_rocov2.py'} --input {big / 'pairs.csv'} --split all " \
+          f"--max-side 0 --samples-per-shard 2 --workers 1"
+    r = _in_mount_namespace(f"mount -t tmpfs -o size=256k tmpfs {mnt} && {cli} --out {mnt}/shards; echo rc=$?; "
+                            f"ls -a {mnt}/shards", tmp_path)
+    err = [line for line in r.stderr.strip().splitlines() if not line.startswith("prepare: ")]
+    assert "rc=2" in r.stdout and len(err) == 1, r.stderr
+    assert err[0].startswith(f"error: writing into --out {mnt}/shards failed: No space left on device"), err
+    assert "re-run the same command (finished shards are kept)" in err[0]
+    listed = r.stdout.split()
+    assert not [n for n in listed if n.endswith(".tmp")] and "manifest.json" not in listed, r.stdout
+
+
+def test_default_shard_size_leaves_small_inputs_eight_shards(tmp_path):
+    (tmp_path / "t" / "images").mkdir(parents=True)
+    rows = []
+    for i in range(20):
+        (tmp_path / "t" / "images" / f"a{i}.jpg").write_bytes(_image(i, (8, 8), "JPEG"))
+        rows.append(f"a{i}.jpg,caption {i}")
+    (tmp_path / "t" / "p.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    m = prepare(PrepareOptions(input=str(tmp_path / "t" / "p.csv"), out=str(tmp_path / "o"), split="all"),
+                log=lambda s: None)
+    assert [s["samples"] for s in m["shards"]] == [2] * 10  # 20 // 8 = 2 per shard: 10 shards, not 1 of 1000
+    assert m["options"]["samples_per_shard"] == 2
+
+
+def test_files_no_conversion_wrote_are_never_deleted(tmp_path):
+    table, out = _table_input(tmp_path), tmp_path / "out"
+    out.mkdir()
+    (out / "notes.tmp").write_text("mine")
+    (out / "backup.tar").write_bytes(b"mine too")
+    for overwrite in (False, True):
+        with pytest.raises(PrepareError, match="holds backup.tar, which no conversion wrote"):
+            prepare(opts(table, out, split="all", overwrite=overwrite), log=lambda s: None)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".prepare") == ["backup.tar", "notes.tmp"]
+    (out / "backup.tar").unlink()
+    prepare(opts(table, out, split="all"), log=lambda s: None)
+    assert (out / "notes.tmp").read_text() == "mine"  # only a conversion's own .tmp files are cleaned up
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--limit", "-1"], "--limit and --workers must be >= 1"),
+    (["--workers", "0"], "--limit and --workers must be >= 1"),
+])
+def test_counts_below_one_are_refused(tmp_path, capsys, extra, needle):
+    rc = cli_main(["--input", str(_table_input(tmp_path)), "--split", "all", "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_jsonl_lines_that_are_not_objects_are_named(tmp_path):
+    path = tmp_path / "t" / "pairs.jsonl"
+    (tmp_path / "t" / "images").mkdir(parents=True)
+    path.write_text('{"image": "a.jpg", "caption": "x"}\n[1, 2]\n')
+    with pytest.raises(PrepareError, match=r"pairs.jsonl:2: expected one JSON object per line"):
+        prepare(opts(path, tmp_path / "o", split="all"), log=lambda s: None)

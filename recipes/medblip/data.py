@@ -20,11 +20,14 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from framework.data import DecodeError
+
 from .text import pre_caption
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP (CLIP) normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+SAMPLE_KEYS = ("|".join(IMAGE_KEYS), "txt")  # what decode needs in a shard sample
 
 # BLIP's RandomAugment (transform/randaugment.py): N ops drawn with replacement from this list, each
 # applied with probability 0.5 at level M of 10; geometric ops fill with grey 128, as BLIP's cv2 code does.
@@ -144,18 +147,20 @@ def make_decode(cfg: ImageConfig, train: bool, max_words: int = 30) -> Callable[
     """Raw WebDataset sample -> {"image": Tensor[3,size,size], "caption": pre_caption'd str, "key": str}.
 
     Captions go through pre_caption(max_words) (BLIP pretraining: 30). Returns None for an empty caption
-    (skipped and counted by the stream); raises for a missing or undecodable image.
+    (skipped and counted by the stream); raises DecodeError (naming SAMPLE_KEYS) for a sample without an image
+    or a txt key, and PIL's error for an undecodable image.
     """
     tf = image_transform(cfg, train)
     min_side = draft_side(cfg, train)
 
     def decode(sample: dict) -> Optional[dict]:
+        key = next((k for k in IMAGE_KEYS if sample.get(k) is not None), None)
+        if key is None or "txt" not in sample:  # shards of another kind: the stream reports the keys it needs
+            raise DecodeError(f"sample {sample.get('__key__')!r} has no {'caption' if key else 'image'}",
+                              expected=SAMPLE_KEYS)
         caption = pre_caption(_text(sample.get("txt")), max_words)
         if not caption:
             return None
-        key = next((k for k in IMAGE_KEYS if sample.get(k) is not None), None)
-        if key is None:
-            raise ValueError(f"sample {sample.get('__key__')!r} has no image ({'/'.join(IMAGE_KEYS)})")
         img = open_image(sample[key], min_side)
         return {"image": tf(img), "caption": caption, "key": str(sample.get("__key__", ""))}
 

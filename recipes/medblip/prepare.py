@@ -2,17 +2,20 @@
 -> deterministic, resumable WebDataset tar shards with a manifest.
 
 Every sample is `<key>.jpg|png` (image bytes), `<key>.txt` (raw caption, UTF-8) and `<key>.json`
-({"image_id", "cui", "modality", "source"}). Shard i holds planned samples [i*N, (i+1)*N) of the filtered
-listing, so the same inputs and options always give the same shards, byte for byte: tar headers carry no
-times or owners, images are either copied as they are or re-encoded once with fixed settings.
-Shards are written to `<name>.tmp`, fsynced and renamed; a per-shard report goes to `.prepare/` after the
-rename, and manifest.json is written last. A re-run skips shards whose report matches; an interrupted
-run leaves only `.tmp` files behind, which the next run deletes and rewrites.
+({"image_id", "cui", "modality", "modality_source", "source"}); the modality comes from the sample's modality
+concept, else from its caption's first modality keyword (CAPTION_KEYWORDS). Shard i holds planned samples
+[i*N, (i+1)*N) of the filtered listing, so the same inputs and options always give the same shards, byte for
+byte: tar headers carry no times or owners, images are either copied as they are or re-encoded once with fixed
+settings. Shards are written to `<name>.tmp`, fsynced and renamed; a per-shard report goes to `.prepare/` after
+the rename, and manifest.json is written last. A re-run skips shards whose report matches; an interrupted
+run leaves only `.tmp` files behind, which the next run deletes and rewrites. One conversion at a time writes
+into an output folder (.prepare/lock), and only files a conversion writes are ever deleted there.
 """
 from __future__ import annotations
 
 import bisect
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -24,17 +27,20 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from PIL import Image
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: modality_source in each sample's json (the caption-keyword rule)
 STATE_DIR = ".prepare"  # per-shard reports; kept beside the shards so a re-run knows what is complete
 CRASH_ENV = "MEDBLIP_PREPARE_CRASH_AFTER"  # test hook: a writer process dies after writing this many samples
 LISTED_KEYS_CAP = 1000  # at most this many keys listed per filter reason in the manifest (all are counted)
+DEFAULT_SAMPLES_PER_SHARD = 1000
+MIN_SHARDS = 8  # the default shard size leaves small inputs this many shards: 2 ranks x 2 workers, twice over
 
 # ROCOv2's manually curated modality concepts (UMLS CUIs). Every ROCOv2 image carries exactly one of them;
 # the same six are the modality concepts of the ImageCLEFmedical 2023 concept-detection evaluation.
@@ -53,8 +59,25 @@ MODALITY_ALIASES = {
     "angiogram": "angiography", "pet": "PET",
 }
 _CUI_TO_MODALITY = {cui: name for name, cuis in MODALITY_CUIS.items() for cui in cuis}
+# For samples whose concepts name no modality (ROCO v1's cuis.txt, extracted from the captions, has one of the six
+# for 2,315 of its 8,180 validation rows and never MRI; tables may have no concepts at all): the modality whose
+# keyword comes first in the caption. Whole words, case-insensitive, except MR and US (not "Mr." or "us").
+CAPTION_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "CT": (r"ct", r"cta", r"hrct", r"mdct", r"cbct", r"computed tomograph\w*", r"computeri[sz]ed tomograph\w*",
+           r"cat scan"),
+    "MRI": (r"mri", r"(?-i:MR)", r"mra", r"mrcp", r"fmri", r"magnetic resonance", r"t1", r"t2", r"t1w", r"t2w",
+            r"t[12][- ]weighted", r"flair", r"dwi", r"diffusion[- ]weighted"),
+    "X-ray": (r"x-?rays?", r"x ray", r"radiograph\w*", r"cxr", r"plain films?", r"roentgenogra\w*"),
+    "ultrasound": (r"ultrasound\w*", r"ultrasonogra\w*", r"sonogra\w*", r"(?-i:US)", r"echocardiogra\w*",
+                   r"doppler"),
+    "angiography": (r"angiogra\w*", r"arteriogra\w*", r"venogra\w*", r"dsa"),
+    "PET": (r"pet", r"positron emission", r"fdg"),
+}
+_KEYWORD_RES = {name: re.compile(r"\b(?:" + "|".join(words) + r")\b", re.IGNORECASE)
+                for name, words in CAPTION_KEYWORDS.items()}
 _KEEP_MODES = ("L", "RGB", "RGBA", "LA", "P", "1", "CMYK", "YCbCr")  # 8-bit images every reader decodes alike
 _CUI_RE = re.compile(r"^C\d{7}$")
+_SHARD_NAME = re.compile(r"^(train|valid|test|all)-\d{5}\.tar$")  # the names prepare() gives its shards
 _SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "validation", "val", "dev"),
                   "test": ("test",)}
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -78,7 +101,7 @@ class PrepareOptions:
     modality: list[str] = field(default_factory=list)  # names (CT, MRI, X-ray...) or raw CUIs; [] keeps all
     max_side: int = 512  # longer image side above which an image is re-encoded once as JPEG (0: never)
     jpeg_quality: int = 90
-    samples_per_shard: int = 1000
+    samples_per_shard: Optional[int] = None  # None: DEFAULT_SAMPLES_PER_SHARD, fewer for small inputs
     workers: int = 1
     limit: Optional[int] = None  # keep only the first N samples after filtering (quick trials)
     images: Optional[str] = None  # image folder for a table (default: <table dir>/images, else <table dir>)
@@ -107,6 +130,7 @@ class Listing:
     source_files: list[str] = field(default_factory=list)  # files whose sizes enter the fingerprint
     has_cui: bool = True
     filtered: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys
+    hint: str = ""  # which image names were looked for and which were found (for "no images matched")
 
     def drop(self, reason: str, key: str) -> None:
         self.filtered.setdefault(reason, []).append(key)
@@ -155,6 +179,22 @@ def modality_of(cuis: Iterable[str]) -> Optional[str]:
         if c in _CUI_TO_MODALITY:
             return _CUI_TO_MODALITY[c]
     return None
+
+
+def caption_modality(caption: str) -> Optional[str]:
+    """The modality whose CAPTION_KEYWORDS word comes first in the caption, or None."""
+    hits = [(m.start(), name) for name, rx in _KEYWORD_RES.items() if (m := rx.search(caption))]
+    return min(hits)[1] if hits else None
+
+
+def decide_modality(cuis: Iterable[str], caption: str) -> tuple[Optional[str], Optional[str]]:
+    """(modality, source): the sample's modality concept (source "cui"), else its caption's first modality
+    keyword ("caption"), else (None, None)."""
+    name = modality_of(cuis)
+    if name:
+        return name, "cui"
+    name = caption_modality(caption)
+    return (name, "caption") if name else (None, None)
 
 
 def _split_cuis(text: Any) -> tuple[str, ...]:
@@ -237,6 +277,12 @@ def _index_images(folder: Path) -> dict[str, Path]:
     return index
 
 
+def _image_hint(img_dir: Path, expected: str, index: dict[str, Path]) -> str:
+    """'looked for e.g. DIR/NAME; found e.g. OTHER' (or: no image files there)."""
+    found = f"found e.g. {min(index.values()).name}" if index else "it holds no image files"
+    return f"looked for e.g. {img_dir / expected}; {found}"
+
+
 def _rocov2_listing(root: Path, split: str) -> Listing:
     names = split_aliases(split)
     if not names:
@@ -268,46 +314,83 @@ def _rocov2_listing(root: Path, split: str) -> Listing:
         key = sanitize_key(image_id)
         if path is None:
             listing.drop("missing_image", key)
+            listing.hint = listing.hint or _image_hint(img_dir, f"{image_id}.jpg", index)
             continue
         listing.records.append(Record(key, image_id, row["caption"], tuple(cuis.get(image_id, ())),
                                       path.relative_to(root).as_posix(), str(path)))
     return listing
 
 
+def _roco_captions(root: Path, names: tuple[str, ...]) -> Path:
+    """The captions.txt of the split: under <split>/ below root, or root itself is (inside) the split folder."""
+    def rel_parts(p: Path) -> list[str]:
+        return [x.lower() for x in p.relative_to(root).parts[:-1]]
+
+    found = [p for p in sorted(root.rglob("captions.txt")) if "non-radiology" not in rel_parts(p)]
+    hits = [p for p in found if any(n in rel_parts(p) for n in names)]
+    own = [x.lower() for x in root.resolve().parts[-2:]]  # .../validation or .../validation/radiology
+    if not hits and any(n in own for n in names):
+        hits = found
+    if hits:
+        return hits[0]
+    other = next((x for x in own if any(x in v for v in _SPLIT_ALIASES.values())), None)
+    if found and other:
+        raise PrepareError(f"{root} is ROCO's {other!r} split, not {names[0]!r}: pass --split {other}")
+    raise PrepareError(f"no {names[0]}/.../captions.txt under {root} (ROCO layout: <split>/radiology/captions.txt "
+                       "and <split>/radiology/images/; --input may also be the split or radiology folder itself)")
+
+
+def _roco_sidecar(folder: Path, name: str) -> Optional[Path]:
+    """cuis.txt / dlinks.txt beside captions.txt (some ROCO revisions add a suffix: cuis_tp_val_revised.txt)."""
+    exact = folder / f"{name}.txt"
+    return exact if exact.is_file() else next(iter(sorted(folder.glob(f"{name}*.txt"))), None)
+
+
 def _roco_listing(root: Path, split: str) -> Listing:
     names = split_aliases(split)
     if not names:
         raise PrepareError("--split all is not supported for the ROCO folder layout; prepare train/validation/test")
-    hits = [p for p in sorted(root.rglob("captions.txt"))
-            if any(n in [x.lower() for x in p.relative_to(root).parts] for n in names)
-            and "non-radiology" not in [x.lower() for x in p.parts]]
-    if not hits:
-        raise PrepareError(f"no {names[0]}/.../captions.txt under {root} (ROCO layout: "
-                           "<split>/radiology/captions.txt and <split>/radiology/images/)")
-    cap_file = hits[0]
+    cap_file = _roco_captions(root, names)
     img_dir = cap_file.parent / "images" if (cap_file.parent / "images").is_dir() else cap_file.parent
     cuis: dict[str, tuple[str, ...]] = {}
-    cui_file = cap_file.parent / "cuis.txt"
-    if cui_file.is_file():
+    cui_file = _roco_sidecar(cap_file.parent, "cuis")
+    if cui_file is not None:
         for line in cui_file.read_text(encoding="utf-8", errors="replace").splitlines():
             parts = line.split("\t")
             if parts and parts[0].strip():
                 cuis[parts[0].strip()] = tuple(c for p in parts[1:] for c in _split_cuis(p))
-    listing = Listing([], "roco", source_files=[str(cap_file)] + ([str(cui_file)] if cui_file.is_file() else []))
-    listing.has_cui = cui_file.is_file()
+    # ROCO's fetch.py saved images as <PMC id>_<figure file> until 2022 and as <ROCO id>.jpg since: accept both.
+    # dlinks.txt lines: ROCO_ID <TAB> wget -r ftp://.../PMC3970251.tar.gz -P /path <TAB> figure.jpg
+    pmc_names: dict[str, str] = {}
+    dlinks = _roco_sidecar(cap_file.parent, "dlinks")
+    if dlinks is not None:
+        for line in dlinks.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.split("\t")
+            archive = next((w for w in parts[1].split() if w.endswith(".tar.gz")), "") if len(parts) > 2 else ""
+            if archive:
+                pmc_names[parts[0].strip()] = f"{archive.rsplit('/', 1)[-1][:-len('.tar.gz')]}_{parts[-1].strip()}"
+    sources = [cap_file] + [f for f in (cui_file, dlinks) if f is not None]
+    listing = Listing([], "roco", source_files=[str(f) for f in sources])
+    listing.has_cui = cui_file is not None
     index = _index_images(img_dir)
+    first_id = None
     for line in cap_file.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         image_id, _, caption = line.partition("\t")
         image_id = image_id.strip()
+        first_id = first_id or image_id
         key = sanitize_key(image_id)
-        path = index.get(image_id)
+        path = index.get(image_id) or index.get(os.path.splitext(pmc_names.get(image_id, ""))[0])
         if path is None:
             listing.drop("missing_image", key)
             continue
         listing.records.append(Record(key, image_id, caption, cuis.get(image_id, ()),
                                       path.relative_to(root).as_posix(), str(path)))
+    if first_id:
+        alt = f" or {pmc_names[first_id]} (its dlinks.txt name)" if first_id in pmc_names else \
+            " (add dlinks.txt beside captions.txt to match <PMC id>_<figure>.jpg names)"
+        listing.hint = _image_hint(img_dir, f"{first_id}.jpg{alt}", index)
     return listing
 
 
@@ -320,6 +403,9 @@ def _table_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise PrepareError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                if not isinstance(rows[-1], dict):
+                    raise PrepareError(f"{path}:{n}: expected one JSON object per line ({{\"image\": ..., "
+                                       f"\"caption\": ...}}), got {type(rows[-1]).__name__}")
         cols = sorted({k for r in rows for k in r})
         return rows, cols
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -366,6 +452,8 @@ def _table_listing(table: Path, split: str, images: Optional[str], image_col: Op
         path = Path(rel) if os.path.isabs(rel) else img_dir / rel
         if not rel or not path.is_file():
             listing.drop("missing_image", key)
+            if rel and not listing.hint:
+                listing.hint = f"looked for e.g. {path} (--images DIR sets the folder the {icol} paths start from)"
             continue
         caption = row.get(ccol)
         listing.records.append(Record(key, os.path.splitext(os.path.basename(rel))[0],
@@ -427,15 +515,18 @@ def list_records(opts: PrepareOptions) -> Listing:
 def filter_records(listing: Listing, opts: PrepareOptions) -> list[Record]:
     """Drop empty captions, duplicate keys and (with --modality) other modalities; record why."""
     selected = resolve_modalities(opts.modality)
-    if selected and not listing.has_cui:
-        raise PrepareError("--modality needs UMLS concepts, but this input has none (no cui column / concepts file)")
+    raw = sorted(c for c in selected if c not in _CUI_TO_MODALITY)
+    if raw and not listing.has_cui:
+        raise PrepareError(f"--modality {raw[0]} needs UMLS concepts, but this input has none (no cui column / "
+                           "concepts file); select by modality name (CT, MRI, ...) to use the caption keywords")
+    names = set(selected.values())
     kept, seen = [], set()
     for r in listing.records:
         if not r.caption.strip():
             listing.drop("empty_caption", r.key)
         elif r.key in seen:
             listing.drop("duplicate_key", r.key)
-        elif selected and not any(c in selected for c in r.cui):
+        elif selected and not any(c in selected for c in r.cui) and decide_modality(r.cui, r.caption)[0] not in names:
             listing.drop("modality", r.key)
         else:
             seen.add(r.key)
@@ -573,14 +664,23 @@ _written_in_process = 0  # samples written by this process (for the crash test h
 
 def write_shard(task: ShardTask) -> dict:
     """Write one shard atomically and its report to .prepare/<name>.json; returns the report."""
+    try:
+        return _write_shard(task)
+    except OSError:  # disk full or the like: drop the partial .tmp now rather than leave it filling the disk
+        (Path(task.out) / (task.name + ".tmp")).unlink(missing_ok=True)
+        raise
+
+
+def _write_shard(task: ShardTask) -> dict:
     global _written_in_process
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
     out = Path(task.out)
     final, tmp = out / task.name, out / (task.name + ".tmp")
     source = _ImageSource(task.parquet_files)
     report: dict[str, Any] = {"name": task.name, "fingerprint": task.fingerprint, "samples": 0, "reencoded": 0,
-                              "unreadable": [], "modalities": {}}
+                              "unreadable": [], "modalities": {}, "modality_sources": {}, "caption_modality": {}}
     modalities: Counter = Counter()
+    sources: Counter = Counter()
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for rec in task.records:
@@ -590,15 +690,18 @@ def write_shard(task: ShardTask) -> dict:
                     report["unreadable"].append({"key": rec.key, "source": rec.source,
                                                  "error": f"{type(e).__name__}: {e}"[:200]})
                     continue
-                modality = modality_of(rec.cui)
+                modality, decided_by = decide_modality(rec.cui, rec.caption)
                 meta = {"image_id": rec.image_id, "cui": list(rec.cui), "modality": modality,
-                        "source": f"{task.kind}:{rec.source}"}
+                        "modality_source": decided_by, "source": f"{task.kind}:{rec.source}"}
                 _add(tar, f"{rec.key}.{ext}", payload)
                 _add(tar, f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())
                 _add(tar, f"{rec.key}.txt", rec.caption.strip().encode("utf-8"))
                 report["samples"] += 1
                 report["reencoded"] += int(reencoded)
                 modalities[modality or "none"] += 1
+                sources[decided_by or "none"] += 1
+                if decided_by == "caption":
+                    report["caption_modality"][rec.key] = modality
                 _written_in_process += 1
                 if crash_after and _written_in_process >= crash_after:
                     f.flush()
@@ -606,6 +709,7 @@ def write_shard(task: ShardTask) -> dict:
         f.flush()
         os.fsync(f.fileno())
     report["modalities"] = dict(sorted(modalities.items()))
+    report["modality_sources"] = dict(sorted(sources.items()))
     if report["samples"] == 0:  # every image unreadable: write no shard (an empty tar would starve a reader)
         tmp.unlink()
         report["bytes"], report["sha256"] = 0, None
@@ -654,9 +758,28 @@ def _complete(out: Path, name: str, fp: str) -> Optional[dict]:
     return report
 
 
+def _ours(path: Path) -> bool:
+    """A file a conversion writes: <split>-NNNNN.tar (or its .tmp), or a manifest.json with our fingerprint."""
+    name = path.name[:-len(".tmp")] if path.name.endswith(".tmp") else path.name
+    if name == "manifest.json":
+        try:
+            return path.name.endswith(".tmp") or "fingerprint" in json.loads(path.read_text())
+        except (OSError, ValueError, TypeError):
+            return False
+    return _SHARD_NAME.match(name) is not None
+
+
 def _clean(out: Path, fp: str, planned: set[str], overwrite: bool) -> None:
-    """Delete leftovers of interrupted runs; refuse to mix with shards from other inputs unless overwrite."""
-    for tmp in list(out.glob("*.tmp")) + list((out / STATE_DIR).glob("*.tmp")):
+    """Delete leftovers of interrupted runs; refuse to mix with shards from other inputs unless overwrite.
+
+    Only files a conversion writes are ever deleted; any other .tar or manifest.json in `out` is refused.
+    """
+    manifest = out / "manifest.json"
+    strangers = [p for p in sorted(out.glob("*.tar")) + [manifest] if p.is_file() and not _ours(p)]
+    if strangers:
+        raise PrepareError(f"{out} holds {strangers[0].name}, which no conversion wrote; choose an empty or new "
+                           "--out (nothing was changed)")
+    for tmp in [p for p in out.glob("*.tmp") if _ours(p)] + list((out / STATE_DIR).glob("*.tmp")):
         tmp.unlink()
     foreign = []
     for tar in out.glob("*.tar"):
@@ -667,13 +790,8 @@ def _clean(out: Path, fp: str, planned: set[str], overwrite: bool) -> None:
             same = tar.name in planned  # finished but unreported (killed between rename and report): redone
         if not same or tar.name not in planned:
             foreign.append(tar)
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        try:
-            if json.loads(manifest.read_text()).get("fingerprint") != fp:
-                foreign.append(manifest)
-        except json.JSONDecodeError:
-            foreign.append(manifest)
+    if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") != fp:
+        foreign.append(manifest)
     if foreign and not overwrite:
         raise PrepareError(f"{out} holds shards from other inputs or options ({foreign[0].name}...); "
                            "use another --out or pass --overwrite")
@@ -684,37 +802,114 @@ def _clean(out: Path, fp: str, planned: set[str], overwrite: bool) -> None:
             rep.unlink()
 
 
+def check_out(opts: PrepareOptions) -> Path:
+    """--out, refused in one line if it lies in the input's data or cannot be written (before any work)."""
+    out = Path(opts.out).expanduser()
+    target, inp = out.resolve(), Path(opts.input).expanduser().resolve()
+    if not inp.exists():
+        raise PrepareError(f"input not found: {inp}")
+    if inp.is_dir():
+        data = inp  # a release folder: its images are somewhere below
+    elif inp.suffix.lower() == ".parquet":
+        data = None  # the images are inside the file
+    else:  # a table: its image folder (or its own folder when the images lie beside it)
+        images = Path(opts.images).expanduser() if opts.images else inp.parent / "images"
+        data = images.resolve() if images.is_dir() else inp.parent
+    if data is not None and (target == data or data in target.parents):
+        what = "input folder" if inp.is_dir() else f"image folder of {inp.name}"
+        raise PrepareError(f"--out {out} is inside the {what} {data}: the shards would be written into the data; "
+                           "choose an --out outside it")
+    if inp.is_file() and target == inp.parent:
+        raise PrepareError(f"--out {out} is the folder of the input {inp.name}: the shards would be written into "
+                           "the data; choose an --out outside it")
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PrepareError(f"--out {out}: {existing} is a file (Not a directory); choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PrepareError(f"--out {out}: cannot write in {existing} (read-only file system or no permission); "
+                           "choose a writable folder for --out")
+    return out
+
+
+def samples_per_shard(opts: PrepareOptions, kept: int) -> int:
+    """--samples-per-shard, or by default 1000 but fewer for small inputs: at least MIN_SHARDS shards (of inputs
+    that have MIN_SHARDS samples), so that several ranks x workers all get shards."""
+    if opts.samples_per_shard is not None:
+        return opts.samples_per_shard
+    return max(1, min(DEFAULT_SAMPLES_PER_SHARD, kept // MIN_SHARDS))
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold .prepare/lock while writing: a second conversion into the same --out is refused, not interleaved."""
+    with open(out / STATE_DIR / "lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrepareError(f"another conversion is writing into {out} right now; wait for it to finish (then "
+                               "re-run: finished shards are kept) or choose another --out") from None
+        yield
+
+
 def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Convert `opts.input` into shards under `opts.out`; returns the manifest (also written to manifest.json)."""
-    if opts.samples_per_shard < 1:
+    if opts.samples_per_shard is not None and opts.samples_per_shard < 1:
         raise PrepareError(f"--samples-per-shard must be >= 1, got {opts.samples_per_shard}")
     if opts.max_side < 0 or not 1 <= opts.jpeg_quality <= 100:
         raise PrepareError("--max-side must be >= 0 and --jpeg-quality in 1..100")
+    if opts.limit is not None and opts.limit < 1 or opts.workers < 1:
+        raise PrepareError(f"--limit and --workers must be >= 1 (got --limit {opts.limit}, --workers {opts.workers})")
     resolve_modalities(opts.modality)  # unknown names fail before any listing work
     t0 = time.time()
+    out = check_out(opts)
     listing = list_records(opts)
+    if not listing.records and not listing.filtered.get("missing_image"):
+        raise PrepareError(f"{opts.input} lists no image-caption pairs for split {opts.split!r}")
     if not listing.records:
         raise PrepareError(f"no images matched in {opts.input} (split {opts.split!r}; "
-                           f"{len(listing.filtered.get('missing_image', []))} captions without an image file)")
+                           f"{len(listing.filtered.get('missing_image', []))} captions without an image file"
+                           f"{'; ' + listing.hint if listing.hint else ''})")
     kept = filter_records(listing, opts)
     counts = {k: len(v) for k, v in sorted(listing.filtered.items())}
     if not kept:
-        raise PrepareError(f"no samples left after filtering {len(listing.records)} listed ({counts})")
+        raise PrepareError(f"no samples left after filtering {len(listing.records)} listed ({counts}); "
+                           "change --modality or --limit")
+    opts = replace(opts, samples_per_shard=samples_per_shard(opts, len(kept)))
     n = opts.samples_per_shard
     plan = [kept[i:i + n] for i in range(0, len(kept), n)]
     prefix = "all" if not split_aliases(opts.split) else split_aliases(opts.split)[0]
     names = [f"{prefix}-{i:05d}.tar" for i in range(len(plan))]
     fp = fingerprint(opts, listing, plan)
-    out = Path(opts.out).expanduser()
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    log(f"prepare: {len(listing.records)} listed, {len(kept)} kept ({counts or 'nothing filtered'}); "
+        f"{len(plan)} shards of <= {n}{_sources(kept)}")
+    try:
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        with _exclusive(out):
+            return _write_all(opts, listing, kept, plan, names, fp, out, log, t0)
+    except OSError as e:  # disk full, read-only, quota: what and where, then the way out
+        where = f" ({e.filename})" if e.filename else ""
+        raise PrepareError(f"writing into --out {out} failed: {e.strerror or e}{where}; free space or choose "
+                           "another --out, then re-run the same command (finished shards are kept)") from None
+
+
+def _sources(kept: list[Record]) -> str:
+    """', modality from: cui N, caption M, none K' for the log line."""
+    got = Counter(decide_modality(r.cui, r.caption)[1] or "none" for r in kept)
+    return "; modality from " + ", ".join(f"{k} {v}" for k, v in sorted(got.items()))
+
+
+def _write_all(opts: PrepareOptions, listing: Listing, kept: list[Record], plan: list[list[Record]],
+               names: list[str], fp: str, out: Path, log: Callable[[str], None], t0: float) -> dict:
+    """Write the shards that are not complete yet, then the manifest."""
     _clean(out, fp, set(names), opts.overwrite)
     reports: dict[int, dict] = {}
     for i, name in enumerate(names):
         rep = _complete(out, name, fp)
         if rep is not None:
             reports[i] = rep
-    log(f"prepare: {len(listing.records)} listed, {len(kept)} kept ({counts or 'nothing filtered'}); "
-        f"{len(plan)} shards of <= {n}; {len(reports)} already complete")
+    log(f"prepare: {len(reports)} of {len(plan)} shards already complete")
     manifest_path = out / "manifest.json"
     if len(reports) == len(plan) and manifest_path.is_file():
         log(f"prepare: {out} is up to date")
@@ -758,8 +953,12 @@ def _manifest(opts: PrepareOptions, listing: Listing, kept: list[Record], names:
                "sha256": reports[i]["sha256"]} for i in range(len(names)) if reports[i]["samples"]]
     unreadable = [u for i in range(len(names)) for u in reports[i]["unreadable"]]
     modalities: Counter = Counter()
-    for rep in reports.values():
-        modalities.update(rep["modalities"])
+    sources: Counter = Counter()
+    by_caption: dict[str, str] = {}
+    for i in range(len(names)):
+        modalities.update(reports[i]["modalities"])
+        sources.update(reports[i]["modality_sources"])
+        by_caption.update(reports[i]["caption_modality"])
     filtered = {reason: {"count": len(keys), "keys": [k for k in keys if k][:LISTED_KEYS_CAP]}
                 for reason, keys in sorted(listing.filtered.items())}
     filtered["unreadable_image"] = {"count": len(unreadable), "keys": [u["key"] for u in unreadable][:LISTED_KEYS_CAP]}
@@ -772,7 +971,7 @@ def _manifest(opts: PrepareOptions, listing: Listing, kept: list[Record], names:
         "options": options,
         "modality_filter": {cui: name for cui, name in sorted(selected.items())},
         "sample_format": {"__key__": "image id", "jpg|png": "image bytes", "txt": "raw caption (UTF-8)",
-                          "json": "{image_id, cui, modality, source}"},
+                          "json": "{image_id, cui, modality, modality_source (cui|caption|null), source}"},
         "shards": shards,
         "totals": {"listed": len(listing.records) + len(listing.filtered.get("missing_image", []))
                    + len(listing.filtered.get("other_split", [])),
@@ -780,6 +979,8 @@ def _manifest(opts: PrepareOptions, listing: Listing, kept: list[Record], names:
                    "bytes": sum(s["bytes"] for s in shards), "shards": len(shards),
                    "reencoded": sum(r["reencoded"] for r in reports.values()), "unreadable": len(unreadable)},
         "modalities": dict(sorted(modalities.items())),
+        "modality_sources": dict(sorted(sources.items())),  # what decided each written sample's modality
+        "caption_modality": by_caption,  # every written sample whose modality came from a caption keyword
         "filtered": filtered,
         "unreadable": unreadable[:LISTED_KEYS_CAP],
     }
