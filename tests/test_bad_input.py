@@ -290,7 +290,7 @@ def vqa(d: Path, *extra: str) -> list[str]:
 
 EVALUATE_CASES = [
     ("missing recipe file", lambda d: ["--recipe", str(d / "nope.yaml")], "recipe file not found"),
-    ("no --recipe", lambda d: [], "the following arguments are required: --recipe"),
+    ("no --recipe", lambda d: [], "give --recipe (a VQA recipe, e.g. recipes/medblip/vqa.yaml) or --checkpoint RUN"),
     ("type error", lambda d: ["--recipe", VQA, "train.lr=fast"], "train.lr: expected a number"),
     ("unknown key", lambda d: ["--recipe", VQA, "train.lrate=1"], "unknown key train.lrate"),
     ("not a VQA recipe", lambda d: ["--recipe", DAPT], "is not a VQA recipe"),
