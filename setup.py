@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["framework", "framework.*", "recipes", "recipes.*"]),
+    packages=find_packages(include=["framework", "framework.*", "recipes", "recipes.*", "corpora", "corpora.*"]),
     package_data={"recipes": ["**/*.yaml", "**/*.json", "**/assets/*"]},
     include_package_data=True,
     # Lower bounds only: torch is not pinned, so a user can install the build that has kernels for their GPU

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from recipes.medblip.phantoms import PhantomSpec, write_demo_data  # noqa: E402
+from corpora.phantoms import PhantomSpec, write_demo_data  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "medblip" / "demo"
 # VQA runs: (run dir, init_from run, make_table label, title); --compare adds the last two (~2 more minutes).

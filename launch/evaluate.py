@@ -31,12 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     def evaluate() -> int:
-        import torch
-
         import importlib
 
-        from recipes.medblip.vqa_metrics import format_table
+        import torch
 
+        from recipes.common.vqa_metrics import format_table
         from recipes.medblip.vqa import config_for_checkpoint
 
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)

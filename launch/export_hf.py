@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     def export() -> int:
-        from recipes.medblip.export_hf import NOT_CARRIED, export_vqa
+        from recipes.medblip.model.to_transformers import NOT_CARRIED, export_vqa
         from recipes.medblip.vqa import config_for_checkpoint, load_trained, trained_checkpoint
 
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)

@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -113,7 +113,7 @@ def stage_overrides(stage: Stage, work: Path, steps: int, cap_gib: Optional[floa
 
 def write_data(work: Path, steps: int, rehearse: bool) -> Path:
     """Phantom caption shards and VQA-RAD-format questions at the real image size (enough for every stage)."""
-    from recipes.medblip.phantoms import PhantomSpec, write_demo_data
+    from corpora.phantoms import PhantomSpec, write_demo_data
 
     per_step = 4 * 2 if rehearse else 16 * 4
     captions = per_step * (steps + 2) * 2  # two ranks in the 2-GPU stage

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from recipes.medblip.phantoms import PhantomSpec, write_demo_data  # noqa: E402
+from corpora.phantoms import PhantomSpec, write_demo_data  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from recipes.medblip.prepare import (DEFAULT_SAMPLES_PER_SHARD, MIN_SHARDS, MODALITY_CUIS, PrepareError,  # noqa: E402
-                                     PrepareOptions, prepare)
+from corpora.rocov2 import DEFAULT_SAMPLES_PER_SHARD, MIN_SHARDS, MODALITY_CUIS, PrepareError, PrepareOptions, prepare  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> PrepareOptions:

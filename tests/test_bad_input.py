@@ -23,8 +23,8 @@ from typing import Callable
 import pytest
 import torch
 
+from corpora.phantoms import PhantomSpec, write_caption_shards, write_vqa
 from framework.cli import run_cli
-from recipes.medblip.phantoms import PhantomSpec, write_caption_shards, write_vqa
 from tests.conftest import DIST_ENV, ROOT, load_launch
 
 MEDBLIP = ROOT / "recipes" / "medblip"
@@ -225,7 +225,7 @@ BENCHMARK_CASES = [
 
 @pytest.mark.parametrize("case,needle", rows(BENCHMARK_CASES))
 def test_benchmark(driven, case, needle):
-    r = driven[f"benchmark/{case}"]
+    r = driven[f"bench/benchmark/{case}"]
     assert_one_line_error(r["rc"], r["err"], needle)
 
 
@@ -318,7 +318,7 @@ def test_evaluate(driven, case, needle):
 
 
 def entry_cases() -> dict[str, list[tuple]]:
-    cases = {"train": TRAIN_CASES, "benchmark": BENCHMARK_CASES}
+    cases = {"train": TRAIN_CASES, "bench/benchmark": BENCHMARK_CASES}
     if (ROOT / "launch" / "evaluate.py").is_file():
         cases["evaluate"] = EVALUATE_CASES
     return cases

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from corpora.phantoms import PhantomSpec, write_demo_data
 from framework.config import load_config
 from framework.distill import setup_distillation
 from framework.distributed import DistInfo
-from recipes.medblip.phantoms import PhantomSpec, write_demo_data
 from tests.conftest import ROOT, load_launch, run_entry
 
 BLIP2 = ROOT / "recipes" / "blip2"

@@ -12,17 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 
+from corpora.phantoms import PhantomSpec, write_caption_shards
 from framework.build import build_run
 from framework.config import load_config
 from framework.distributed import init_distributed
 from framework.engine import fit
 from recipes.medblip import pretrain
-from recipes.medblip.checkpoint import save_weights
-from recipes.medblip.phantoms import PhantomSpec, write_caption_shards
+from recipes.medblip.model.weights import save_weights
 from tests.conftest import ROOT
 from tests.test_medblip_deepspeed import one_rank  # noqa: F401 - a world of one (gloo) for DeepSpeed
 

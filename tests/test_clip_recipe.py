@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from corpora.phantoms import PhantomSpec, write_caption_shards
 from framework.config import ConfigError, load_config
-from framework.distributed import DistInfo
 from framework.data import ShardStream, expand_shards
+from framework.distributed import DistInfo
 from recipes.clip import build
 from recipes.clip.loss import contrastive_loss
-from recipes.medblip.phantoms import PhantomSpec, write_caption_shards
 from tests.conftest import ROOT, free_port, run_entry
 
 YAML = ROOT / "recipes" / "clip" / "clip.yaml"

@@ -6,9 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import run_entry
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RECIPE = "recipes/medblip/dapt.yaml"
 

@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from framework.data import FAILURES_IN_A_ROW, NOTES, SKIPPED, DataError, DecodeError, ShardStream, count_samples, \
-    expand_shards, make_loader, verify_checksums
+from framework.data import (
+    FAILURES_IN_A_ROW,
+    NOTES,
+    SKIPPED,
+    DataError,
+    DecodeError,
+    ShardStream,
+    count_samples,
+    expand_shards,
+    make_loader,
+    verify_checksums,
+)
 from recipes.toy import collate, decode, make_shards
 
 
@@ -121,6 +131,7 @@ def test_manifest_counts_and_checksums(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_map_stream_resume_and_rank_split(workers):
     import torch
+
     from framework.data import MapStream
 
     class Noisy(torch.utils.data.Dataset):  # random "augmentation" from the global RNG
@@ -285,7 +296,7 @@ def test_medblip_decode_names_the_keys_it_expects(tmp_path, sample, found):
 
     from PIL import Image
 
-    from recipes.medblip.data import ImageConfig, make_decode
+    from recipes.common.image_text import ImageConfig, make_decode
 
     buf = _io.BytesIO()
     Image.new("RGB", (16, 16)).save(buf, format="JPEG")

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
+from corpora.phantoms import PhantomSpec, write_caption_shards
 from framework.checkpoint import find_resume_tag, safe_load
-from recipes.medblip.phantoms import PhantomSpec, write_caption_shards
 from tests.conftest import ROOT, run_entry
 
 BATCH, ACCUM, QUEUE = 4, 2, 40  # QUEUE: a multiple of the global batch for 1 and 2 ranks (4, 8)

@@ -5,7 +5,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import ROOT
 
 WRITTEN = ["runs/demo/demo.json", "data/medpix/all-00000.tar", "exports/medblip-vqa/model.safetensors",

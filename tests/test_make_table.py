@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import load_launch
 
 main = load_launch("make_table").main

@@ -7,8 +7,8 @@ import pathlib
 import pytest
 import torch
 
-from recipes.medblip.checkpoint import CheckpointError, load_pretrained, save_weights
-from recipes.medblip.towers import interpolate_pos_embed
+from recipes.medblip.model.towers import interpolate_pos_embed
+from recipes.medblip.model.weights import CheckpointError, load_pretrained, save_weights
 from tests.conftest import serve_directory
 from tests.test_medblip_model import tiny_batch, tiny_model
 

@@ -1,4 +1,4 @@
-"""recipes/medblip/text.py and data.py: BLIP's text normalisation, image decoding/augmentation, batching."""
+"""recipes/common/text.py and data.py: BLIP's text normalisation, image decoding/augmentation, batching."""
 from __future__ import annotations
 
 import io
@@ -9,13 +9,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
-from recipes.medblip.data import (MEAN, RANDAUGMENT_OPS, STD, ImageConfig, apply_op, draft_side, make_collate,
-                                  make_decode, open_image)
-from recipes.medblip.text import pre_caption, pre_question
-
+from recipes.common.image_text import (
+    MEAN,
+    RANDAUGMENT_OPS,
+    STD,
+    ImageConfig,
+    apply_op,
+    draft_side,
+    make_collate,
+    make_decode,
+    open_image,
+)
+from recipes.common.text import pre_caption, pre_question
 
 # ----------------------------------------------------------------------------- text
 
@@ -224,7 +232,7 @@ def test_dapt_yaml_sections_validate() -> None:
     image = from_dict(ImageConfig, data["image"], "image")
     assert image.size == 224 and image.augment
     assert data["train"]["lr"] == 4.0e-7 and data["train"]["grad_accum"] == 4 and data["data"]["batch_size"] == 16
-    from recipes.medblip.model_config import ModelConfig
+    from recipes.medblip.model.config import ModelConfig
 
     model = from_dict(ModelConfig, data["model"], "model")
     assert model.queue_size == 256 and model.alpha == 0.0 and model.grad_checkpointing_vit

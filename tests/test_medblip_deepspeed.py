@@ -10,7 +10,7 @@ from framework.build import build_deepspeed, resolve_precision
 from framework.config import config_from_dict
 from framework.distributed import DistInfo
 from recipes.medblip import pretrain
-from recipes.medblip.checkpoint import load_pretrained
+from recipes.medblip.model.weights import load_pretrained
 from tests.conftest import DIST_ENV, free_port
 from tests.test_medblip_model import CAPTIONS
 

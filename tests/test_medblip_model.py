@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipes.medblip.model_config import ModelConfig
-from recipes.medblip.momentum import MomentumUpdate
-from recipes.medblip.objectives import (
+from recipes.common.tokenizer import TokenizerNotFound, load_tokenizer
+from recipes.medblip.model.blip_pretrain import MedBlipPretrain
+from recipes.medblip.model.config import ModelConfig
+from recipes.medblip.model.losses import (
     OBJECTIVES,
     itc_loss,
     itc_targets,
@@ -19,10 +20,14 @@ from recipes.medblip.objectives import (
     lm_targets,
     sample_itm_negatives,
 )
-from recipes.medblip.pretrain_model import MedBlipPretrain
-from recipes.medblip.tokenizer import TokenizerNotFound, load_tokenizer
-from recipes.medblip.towers import (build_text_decoder, build_text_encoder, build_vit, lm_head_is_tied,
-                                   tie_text_towers)
+from recipes.medblip.model.towers import (
+    build_text_decoder,
+    build_text_encoder,
+    build_vit,
+    lm_head_is_tied,
+    tie_text_towers,
+)
+from recipes.medblip.pretrain.momentum import MomentumUpdate
 
 CAPTIONS = ["a chest x ray with a small nodule", "ct of the head", "mri of the brain showing a lesion on the left",
             "abdominal ultrasound"]

@@ -1,14 +1,12 @@
 """The MedBLIP activation estimate behind the start-up memory check, and the P100 recipes' printed estimate."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from recipes.medblip.model_config import ModelConfig
-from recipes.medblip.pretrain_model import MedBlipPretrain
+from recipes.medblip.model.blip_pretrain import MedBlipPretrain
+from recipes.medblip.model.config import ModelConfig
 from tests.conftest import ROOT, load_launch
-
 
 
 def small_model(**kw) -> MedBlipPretrain:
@@ -59,7 +57,7 @@ def test_activation_estimate_scales_with_batch_precision_and_objectives():
 @pytest.mark.slow
 def test_p100_dapt_and_psd_estimates_fit_16gb(capsys):
     """Full-size ViT-B/16 + BERT-base, batch 16, 224 px, momentum encoders (+ EMA teacher for PSD), fp16."""
-    main = load_launch("benchmark").main
+    main = load_launch("bench/benchmark").main
     totals = {}
     for name in ("dapt", "psd"):
         assert main(["--recipe", str(ROOT / "recipes" / "medblip" / f"{name}.yaml"), "--estimate-only", "fp16"]) == 0

@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from framework.data import count_samples, expand_shards, verify_checksums
-from recipes.medblip import phantoms as ph
+from corpora import phantoms as ph
 from tests.conftest import run_entry
 
 SMALL = ph.PhantomSpec(seed=3, train_captions=30, val_captions=10, samples_per_shard=8, vqa_train_images=40,
@@ -202,8 +202,8 @@ def test_questions_per_image_is_respected(n: int) -> None:
 
 
 def test_vqa_loader_reads_it_unchanged_and_vocab_covers_every_word(tmp_path: Path) -> None:
-    from recipes.medblip.tokenizer import load_tokenizer
-    from recipes.medblip.vqa_data import load_split
+    from recipes.common.tokenizer import load_tokenizer
+    from recipes.common.vqa_rad import load_split
 
     ph.write_demo_data(tmp_path, SMALL)
     split = load_split(str(tmp_path / "vqa"), "official", 35)

@@ -3,9 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from framework.preflight import CUDA_CONTEXT_BYTES, PreflightError, check_gpu_arch, estimate_memory
-
 from framework.gpu import GpuFacts
+from framework.preflight import CUDA_CONTEXT_BYTES, PreflightError, check_gpu_arch, estimate_memory
 from tests.conftest import GPUS, fake_gpu
 
 CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
@@ -111,10 +110,10 @@ def test_precision_on_the_cpu():
 
 
 def test_deepspeed_config_derivation():
+    import torch
+
     from framework.build import Precision, deepspeed_config
     from framework.config import ConfigError, config_from_dict
-
-    import torch
 
     data = {"recipe": "recipes.toy", "train": {"max_steps": 3, "grad_accum": 4, "clip_grad": 0.5},
             "data": {"batch_size": 16}, "deepspeed": {"zero_optimization": {"stage": 2}}}

@@ -1,4 +1,4 @@
-"""launch/prepare_rocov2.py + recipes/medblip/prepare.py: every input layout -> shards that read back sample for
+"""launch/prepare_rocov2.py + corpora/rocov2.py: every input layout -> shards that read back sample for
 sample; modality filter; corrupt/empty inputs reported; interrupted and repeated runs give identical shards."""
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, SHARED_DATA, load_launch
 from PIL import Image
 
-from conftest import ROOT, SHARED_DATA, load_launch
+from corpora.rocov2 import CRASH_ENV, PrepareError, PrepareOptions, prepare, resolve_modalities
 from framework.data import ShardStream, expand_shards, verify_checksums
-from recipes.medblip.data import ImageConfig, make_decode
-from recipes.medblip.prepare import CRASH_ENV, PrepareError, PrepareOptions, prepare, resolve_modalities
+from recipes.common.image_text import ImageConfig, make_decode
 
 cli_main = load_launch("prepare_rocov2").main
 CT, MRI, XRAY, US = "C0040405", "C0024485", "C1306645", "C0041618"
@@ -343,7 +343,7 @@ def test_medpix_sample_converts(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- ROCO v1: caption-keyword modality
 
-from recipes.medblip.prepare import caption_modality  # noqa: E402
+from corpora.rocov2 import caption_modality  # noqa: E402
 
 
 @pytest.mark.parametrize("caption,expected", [
@@ -506,7 +506,7 @@ def test_read_only_out_is_one_line(tmp_path):
 
 
 def test_full_disk_is_one_line_and_leaves_no_partial_shard(tmp_path):
-    table, mnt = _table_input(tmp_path), tmp_path / "full"
+    mnt = tmp_path / "full"
     mnt.mkdir()
     big = tmp_path / "big"  # a table whose images do not fit into a 256 KiB filesystem
     (big / "images").mkdir(parents=True)

@@ -82,8 +82,8 @@ def test_resume_ignores_a_pointer_to_an_incomplete_checkpoint(tmp_path):
 
 
 def test_sigkill_during_saves_always_leaves_a_resumable_checkpoint():
-    """A few kills here; `python launch/stress_checkpoints.py --trials 50` runs many more."""
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "stress_checkpoints.py"), "--trials", "4",
+    """A few kills here; `python launch/bench/stress_checkpoints.py --trials 50` runs many more."""
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench" / "stress_checkpoints.py"), "--trials", "4",
                            "--resume-every", "2", "--seed", "7"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

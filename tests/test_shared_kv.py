@@ -6,9 +6,9 @@ import copy
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from recipes.medblip.model_config import ModelConfig
-from recipes.medblip.pretrain_model import MedBlipPretrain
-from recipes.medblip.shared_kv import SharedKVLinear
+from recipes.medblip.model.blip_pretrain import MedBlipPretrain
+from recipes.medblip.model.config import ModelConfig
+from recipes.medblip.model.shared_kv import SharedKVLinear
 
 CAPTIONS = ["a chest x ray with a small nodule", "ct of the head", "mri of the brain showing a lesion on the left",
             "abdominal ultrasound"]

@@ -13,7 +13,7 @@ import yaml
 
 from framework.checkpoint import CheckpointReadError, load, safe_load
 from framework.config import ConfigError, load_config
-from recipes.medblip.checkpoint import CheckpointError, fetch, load_pretrained
+from recipes.medblip.model.weights import CheckpointError, fetch, load_pretrained
 from tests.conftest import serve_directory
 from tests.test_medblip_model import tiny_model
 

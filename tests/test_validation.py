@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import ROOT, free_port
 from PIL import Image
 
-from conftest import ROOT, free_port
 from framework.config import load_config
-from recipes.medblip.data import make_collate, make_decode
+from recipes.common.image_text import make_collate, make_decode
 from recipes.medblip.pretrain import build_model
-from recipes.medblip.validation import (
+from recipes.medblip.pretrain.validation import (
     ValidationConfig,
     caption_ids,
     captions_markdown,
@@ -204,7 +204,7 @@ sys.path.insert(0, {root!r})
 from framework.config import load_config
 from recipes.medblip.pretrain import build_model
 from framework.distributed import shutdown_distributed
-from recipes.medblip.validation import ValidationConfig, make_pretrain_evaluator
+from recipes.medblip.pretrain.validation import ValidationConfig, make_pretrain_evaluator
 torch.distributed.init_process_group("gloo")
 cfg = load_config({dapt!r}, {overrides!r})
 model = build_model(cfg)

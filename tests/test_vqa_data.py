@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from recipes.medblip.data import ImageConfig
-from recipes.medblip.text import pre_question
-from recipes.medblip.vqa_data import (
+from recipes.common.image_text import ImageConfig
+from recipes.common.text import pre_question
+from recipes.common.vqa_rad import (
     OFFICIAL_JSON,
     VqaDataError,
     VqaDataNotFound,

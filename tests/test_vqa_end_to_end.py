@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, load_launch, run_entry
 
 RECIPE = str(ROOT / "recipes" / "medblip" / "vqa.yaml")
@@ -117,7 +116,7 @@ def test_table_rows_are_named_from_the_run(tmp_path):
 def test_a_run_directory_alone_says_how_to_evaluate_it(tmp_path):
     """evaluate.py takes the model's shape from the checkpoint run's config.yaml: --checkpoint RUN alone works, and
     --recipe vqa.yaml (base sizes) with a tiny run no longer fails on shapes; a DAPT run is evaluated with a warning."""
-    from recipes.medblip.phantoms import PhantomSpec, write_caption_shards, write_vqa
+    from corpora.phantoms import PhantomSpec, write_caption_shards, write_vqa
 
     spec = PhantomSpec(image_size=32, vqa_train_images=8, vqa_test_images=4, questions_per_image=2,
                        samples_per_shard=8)

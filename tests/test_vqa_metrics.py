@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from recipes.medblip.vqa_data import VqaRecord
-from recipes.medblip.vqa_metrics import (
+from recipes.common.vqa_metrics import (
     edit_similarity,
     exact_match,
     flatten,
@@ -14,6 +13,7 @@ from recipes.medblip.vqa_metrics import (
     majority_baselines,
     score,
 )
+from recipes.common.vqa_rad import VqaRecord
 
 
 @pytest.mark.parametrize("a,b,d", [("kitten", "sitting", 3), ("flaw", "lawn", 2), ("", "abc", 3), ("abc", "", 3),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recipes.medblip.model_config import ModelConfig
-from recipes.medblip.objectives import lm_targets
-from recipes.medblip.tokenizer import load_tokenizer
-from recipes.medblip.vqa_model import MedBlipVqa, VqaCollate, load_vqa_weights
+from recipes.common.tokenizer import load_tokenizer
+from recipes.medblip.model.blip_vqa import MedBlipVqa, VqaCollate, load_vqa_weights
+from recipes.medblip.model.config import ModelConfig
+from recipes.medblip.model.losses import lm_targets
 
 QUESTIONS = ["is there a mass?", "what organ system is shown in this image of the chest?", "which plane?"]
 CANDIDATES = ["yes", "no", "left lung", "axial", "the right upper lobe of the lung", "brain", "ct"]
@@ -60,7 +60,7 @@ def test_loss_is_blips_weighted_sum_over_questions(tokenizer):
 def test_chance_level_is_the_uniform_predictions_loss(tokenizer):
     import math
 
-    from recipes.medblip.vqa_model import answer_loss
+    from recipes.medblip.model.blip_vqa import answer_loss
 
     model = tiny(tokenizer)
     samples = [{"image": torch.randn(3, 32, 32), "question": QUESTIONS[0], "answers": ["yes", "no"],
@@ -172,8 +172,8 @@ def test_half_precision_module_gives_fp32_loss(tokenizer):
 def test_init_from_pretraining_checkpoint(tokenizer, tmp_path, tie_lm_head):
     """BLIP_VQA's rule: text_encoder -> question encoder, text_decoder -> answer decoder; heads dropped. A file
     whose LM head is apart from the word embeddings (tie_lm_head=false) gives the answer decoder the head."""
-    from recipes.medblip.checkpoint import save_weights
-    from recipes.medblip.pretrain_model import MedBlipPretrain
+    from recipes.medblip.model.blip_pretrain import MedBlipPretrain
+    from recipes.medblip.model.weights import save_weights
 
     torch.manual_seed(1)
     pre = MedBlipPretrain(ModelConfig(preset="tiny", queue_size=8, tie_lm_head=tie_lm_head), tokenizer=tokenizer)
@@ -201,8 +201,8 @@ def test_init_from_pretraining_checkpoint(tokenizer, tmp_path, tie_lm_head):
 def test_export_to_transformers_gives_identical_logits_and_answers(tokenizer, tmp_path):
     from transformers import BlipForQuestionAnswering, BlipProcessor
 
-    from recipes.medblip.data import ImageConfig
-    from recipes.medblip.export_hf import export_vqa
+    from recipes.common.image_text import ImageConfig
+    from recipes.medblip.model.to_transformers import export_vqa
 
     model = tiny(tokenizer)
     out = export_vqa(model, tmp_path / "hf", ImageConfig(size=32))

@@ -11,7 +11,7 @@ from framework.build import PrecisionError, resolve_precision
 from framework.config import Config, ConfigError
 from framework.distributed import DistInfo, say
 from framework.task import Task
-from recipes.medblip.data import ImageConfig
+from recipes.common.image_text import ImageConfig
 
 from .config import Blip2ModelConfig
 from .model import STAGE1, Blip2

@@ -1,6 +1,6 @@
 """BLIP-2 batches from the same samples as MedBLIP: WebDataset caption shards (DAPT's) and VQA-RAD questions.
 
-Sample decoding (image transform, pre_caption) is recipes.medblip.data's; only the tokenisation differs:
+Sample decoding (image transform, pre_caption) is recipes.common.image_text's; only the tokenisation differs:
 stage 1 tokenises captions for the Q-Former (BERT + [DEC]), stage 2 and VQA for the language model (LlmText).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from recipes.medblip.data import make_collate, make_decode
+from recipes.common.image_text import make_collate, make_decode
 
 from .llm_text import LlmText
 

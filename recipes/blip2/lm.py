@@ -22,8 +22,8 @@ from framework.config import Config, ConfigError
 from framework.data import expand_shards
 from framework.distributed import DistInfo, say
 from framework.task import Recipe, Task
-from recipes.medblip.text import pre_caption
-from recipes.medblip.vqa_data import load_split
+from recipes.common.text import pre_caption
+from recipes.common.vqa_rad import load_split
 
 from .build import enabled
 from .config import Blip2ModelConfig, hf_config

@@ -19,8 +19,13 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2QFormerModel, Blip2VisionModel,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    Blip2QFormerModel,
+    Blip2VisionModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
@@ -29,8 +34,18 @@ from framework.preflight import transformer_activation_bytes
 
 from .config import Blip2ModelConfig, hf_config
 from .llm_text import IGNORE, LlmText
-from .objectives import (TEMP_MAX, TEMP_MIN, hard_negatives, itc_loss, itc_similarities, itg_loss,
-                         itg_targets, itm_loss, llm_loss, multimodal_causal_mask)
+from .objectives import (
+    TEMP_MAX,
+    TEMP_MIN,
+    hard_negatives,
+    itc_loss,
+    itc_similarities,
+    itg_loss,
+    itg_targets,
+    itm_loss,
+    llm_loss,
+    multimodal_causal_mask,
+)
 
 STAGE1 = ("itc", "itm", "itg")
 RANK_CHUNK_ROWS = 256  # (question, candidate) rows scored per language-model call in rank_answers

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from framework.registry import Registry
-from recipes.medblip.objectives import itm_labels, itm_loss, lm_loss
+from recipes.medblip.model.losses import itm_labels, itm_loss, lm_loss
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
 IGNORE = -100

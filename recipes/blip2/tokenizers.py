@@ -13,7 +13,7 @@ from typing import Optional
 
 from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
 
-from recipes.medblip.tokenizer import BUNDLED_VOCAB, TokenizerNotFound
+from recipes.common.tokenizer import BUNDLED_VOCAB, TokenizerNotFound
 
 DEC = "[DEC]"
 

@@ -20,10 +20,17 @@ from torch.utils.data import DataLoader
 from framework.config import ConfigError
 from framework.distributed import DistInfo, rank, say
 from framework.task import Recipe, Task
-from recipes.medblip.vqa import (candidate_answers, load_vqa, rank_coverage, sample_images, samples_markdown,
-                                 trained_checkpoint, write_results)
-from recipes.medblip.vqa_data import SPLITS, VqaDataset, VqaSplit
-from recipes.medblip.vqa_metrics import flatten, majority_baselines, score, score_one
+from recipes.common.vqa_eval import (
+    candidate_answers,
+    load_vqa,
+    rank_coverage,
+    sample_images,
+    samples_markdown,
+    trained_checkpoint,
+    write_results,
+)
+from recipes.common.vqa_metrics import flatten, majority_baselines, score, score_one
+from recipes.common.vqa_rad import SPLITS, VqaDataset, VqaSplit
 
 from .build import Blip2Config, build_model, task_for
 from .data import LlmCollate

@@ -1,6 +1,6 @@
 """Published BLIP-2 weights into recipes.blip2.model.Blip2, offline, every key reported.
 
-Layouts read (each file with safetensors or torch.load(weights_only=True) only, via recipes.medblip.checkpoint):
+Layouts read (each file with safetensors or torch.load(weights_only=True) only, via recipes.medblip.model.weights):
 - transformers `save_pretrained` directories of Blip2ForConditionalGeneration (`Salesforce/blip2-opt-2.7b`) or
   Blip2ForImageTextRetrieval: our names already (old `self_attn.q_bias`/`v_bias` ViT keys are folded into qkv.bias);
 - LAVIS checkpoints ({'model': state_dict}): `blip2_pretrained.pth` (stage 1: Qformer.bert.*, Qformer.cls.*,
@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from recipes.medblip.checkpoint import CheckpointError, LoadReport, read_state_dict
+from recipes.medblip.model.weights import CheckpointError, LoadReport, read_state_dict
 
 IGNORED = re.compile(r"(^|\.)position_ids$")  # old BERT/LAVIS persistent buffers; transformers' are not saved
 STAGE1_ONLY = re.compile(r"^(embeddings\.|vision_projection\.|text_projection\.|itm_head\.|itg_head\.|temp$|"

@@ -16,10 +16,11 @@ from framework.config import Config, ConfigError
 from framework.data import SKIPPED, ShardStream, expand_shards
 from framework.distributed import DistInfo
 from framework.task import Recipe, Task
-from recipes.medblip.data import ImageConfig, make_collate, make_decode
-from recipes.medblip.tokenizer import load_tokenizer
+from recipes.common.image_text import ImageConfig, make_collate, make_decode
+from recipes.common.tokenizer import load_tokenizer
 
 from .model import ClipModel, ClipModelConfig
+
 
 @dataclass
 class ClipConfig(Config):

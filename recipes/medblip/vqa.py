@@ -7,12 +7,10 @@ of our DAPT/PSD runs, a VQA run or a transformers BlipForQuestionAnswering direc
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -20,21 +18,23 @@ from torch.utils.data import DataLoader
 from framework.config import ConfigError
 from framework.distributed import DistInfo, rank, say
 from framework.task import Recipe, Task
-
-from .data import open_image
-from .pretrain import BlipConfig, model_config
-from .vqa_data import (
-    ANSWER_TYPES,
+from recipes.common.vqa_eval import (
+    candidate_answers,
+    load_vqa,
+    rank_coverage,
+    sample_images,
+    samples_markdown,
+    trained_checkpoint,
+    write_results,
+)
+from recipes.common.vqa_metrics import flatten, majority_baselines, score, score_one
+from recipes.common.vqa_rad import (
     SPLITS,
     VqaDataset,
-    VqaRecord,
     VqaSplit,
-    answer_list,
-    load_split,
-    read_answer_list,
 )
-from .vqa_metrics import flatten, majority_baselines, score, score_one
-from .vqa_model import MedBlipVqa, load_vqa_weights
+from recipes.medblip.model.blip_vqa import MedBlipVqa, load_vqa_weights
+from recipes.medblip.pretrain import BlipConfig, model_config
 
 INFERENCE_MODES = ("rank", "generate")
 
@@ -86,23 +86,6 @@ __all__ = ["RECIPE", "VqaConfig", "VqaRecipeConfig", "build", "build_model", "tr
            "load_vqa", "evaluate_model", "write_results", "candidate_answers"]
 
 
-def load_vqa(cfg: VqaRecipeConfig, announce: bool = True) -> VqaSplit:
-    """The configured split (printed, so every log names the split that was used)."""
-    v = cfg.vqa
-    split = load_split(v.root, v.split, v.max_question_words)
-    if announce:
-        say(split.describe())
-        for note in split.notes:
-            say(f"  note: {note}")
-    return split
-
-
-def candidate_answers(cfg: VqaRecipeConfig, split: VqaSplit) -> list[str]:
-    """Rank candidates: the distinct training answers (most frequent first) or the answers of vqa.answer_list."""
-    spec = cfg.vqa.answer_list
-    return answer_list(split.train) if spec == "train" else read_answer_list(spec)
-
-
 def build_model(cfg: VqaRecipeConfig, *, load_weights: bool = True) -> MedBlipVqa:
     """MedBlipVqa at the configured sizes, identical on every rank, then run.init_from loaded."""
     if cfg.objectives and not any(o.enabled for o in cfg.objectives.values()):
@@ -117,19 +100,6 @@ def build_model(cfg: VqaRecipeConfig, *, load_weights: bool = True) -> MedBlipVq
         else:
             say("vqa: run.init_from is not set: the model starts from random weights")
     return model
-
-
-def trained_checkpoint(cfg: VqaRecipeConfig, given: Optional[str] = None) -> str:
-    """The weights to use after training: `given`, else run.dir (its newest complete checkpoint must exist)."""
-    from framework.checkpoint import find_resume_tag
-
-    if given is not None:
-        return given
-    run_dir = Path(cfg.run.dir)
-    if find_resume_tag(run_dir / "checkpoints") is None:
-        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first or pass "
-                                "--checkpoint PATH")
-    return str(run_dir)
 
 
 def config_for_checkpoint(recipe: Optional[str], checkpoint: Optional[str],
@@ -192,17 +162,6 @@ def build(cfg: VqaRecipeConfig, dist: DistInfo) -> Task:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def rank_coverage(candidates: list[str], test: list[VqaRecord]) -> dict[str, Optional[float]]:
-    """Share of test answers that are among the candidates: the ceiling of rank accuracy, per answer type."""
-    known = set(candidates)
-    out: dict[str, Optional[float]] = {}
-    for group in ("overall",) + ANSWER_TYPES:
-        rows = [r for r in test if group == "overall" or r.answer_type == group]
-        out[group] = sum(r.answer in known for r in rows) / len(rows) if rows else None
-    return out
-
-
-@torch.no_grad()
 def evaluate_model(model: MedBlipVqa, cfg: VqaRecipeConfig, split: VqaSplit, candidates: Optional[list[str]] = None,
                    num_workers: int = 0) -> dict[str, Any]:
     """Answer the test questions -> {"predictions": [row per question], "scores": {...}, "inference": {...}}."""
@@ -252,49 +211,6 @@ def results_document(cfg: VqaRecipeConfig, split: VqaSplit, result: dict[str, An
             "baselines": majority_baselines(split.train, test), "step": step, "checkpoint": checkpoint,
             "init_from": cfg.run.init_from, "recipe": cfg.source, "image_size": cfg.image.size,
             "freeze_vision": cfg.vqa.freeze_vision}
-
-
-def write_results(out_dir: Union[str, Path], document: dict[str, Any], predictions: list[dict]) -> Path:
-    """Write metrics.json and predictions.jsonl into out_dir (each atomically); returns out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("metrics.json", json.dumps(document, indent=2) + "\n"),
-                       ("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
-    return out
-
-
-def samples_markdown(predictions: list[dict], n: int = 8) -> str:
-    """A few predictions as a Markdown table (TensorBoard text)."""
-    lines = ["| question | type | truth | prediction |", "|---|---|---|---|"]
-    for p in predictions[:n]:
-        cells = [str(p[k]).replace("|", "/") for k in ("question", "answer_type", "ground_truth", "prediction")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def sample_images(predictions: list[dict], image_dir: Union[str, Path], n: int = 4,
-                  side: int = 256) -> dict[str, torch.Tensor]:
-    """The first n predictions as TensorBoard images [3, H, W] in [0, 1]: the image above its question,
-    ground truth and prediction (green when it matches, red when not)."""
-    from PIL import Image, ImageDraw
-
-    out = {}
-    for i, p in enumerate(predictions[:n]):
-        try:
-            img = open_image((Path(image_dir) / p["image"]).read_bytes()).resize((side, side))
-        except (OSError, ValueError):  # an unreadable image must not stop an evaluation
-            continue
-        canvas = Image.new("RGB", (side, side + 48), "black")
-        canvas.paste(img, (0, 0))
-        draw = ImageDraw.Draw(canvas)
-        draw.text((4, side + 2), f"Q: {p['question']}"[:48], fill="white")
-        draw.text((4, side + 17), f"truth: {p['ground_truth']}"[:48], fill="white")
-        draw.text((4, side + 32), f"pred: {p['prediction']}"[:48], fill="lime" if p["match"] else "red")
-        out[f"sample_{i}"] = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return out
 
 
 class VqaEvaluator:

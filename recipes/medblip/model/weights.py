@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from framework.checkpoint import CheckpointReadError, safe_load
-
-from .towers import interpolate_pos_embed, lm_head_is_tied, untie_lm_head
+from recipes.medblip.model.towers import interpolate_pos_embed, lm_head_is_tied, untie_lm_head
 
 QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr")
 LM_HEAD = "text_decoder.cls.predictions.decoder.weight"

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 
-from .checkpoint import rename_vision
-from .data import MEAN, STD, ImageConfig
-from .vqa_model import MedBlipVqa
+from recipes.common.image_text import MEAN, STD, ImageConfig
+from recipes.medblip.model.blip_vqa import MedBlipVqa
+from recipes.medblip.model.weights import rename_vision
 
 if TYPE_CHECKING:  # transformers' BLIP classes are imported lazily, where they are used
     from transformers import BlipConfig, BlipForQuestionAnswering, PreTrainedTokenizerBase

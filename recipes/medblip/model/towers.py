@@ -23,14 +23,14 @@ from timm.layers import use_reentrant_ckpt
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import BlipTextConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.blip.modeling_blip_text import (
     BlipTextAttention,
     BlipTextLMHeadModel,
     BlipTextModel,
 )
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .model_config import ModelConfig
+from recipes.medblip.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

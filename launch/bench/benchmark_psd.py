@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The extra cost of self-distillation: step time and memory of PSD vs DAPT on the same batch.
 
-    python launch/benchmark_psd.py [--size tiny|small|base] [--steps 5] [--shards DIR] [key=value ...]
+    python launch/bench/benchmark_psd.py [--size tiny|small|base] [--steps 5] [--shards DIR] [key=value ...]
 
 Both variants are the same recipe (psd.yaml) with distill.enabled false / true, trained by the framework's
 engine on one fixed batch; each runs in its own process so that peak memory (RSS on the CPU, CUDA max allocated
@@ -18,11 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from framework.cli import run_cli  # noqa: E402

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .pretrain_model import MedBlipPretrain
+from recipes.medblip.model.blip_pretrain import MedBlipPretrain
 
 
 class MomentumUpdate:

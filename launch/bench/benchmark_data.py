@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Data-pipeline throughput of the MedBLIP recipe: images/s per worker process (decode + augment + batch).
 
-    python launch/benchmark_data.py [--shards DIR | --images DIR] [--workers 1 2] [--batches 60]
+    python launch/bench/benchmark_data.py [--shards DIR | --images DIR] [--workers 1 2] [--batches 60]
                                     [--compare-draft --repeats 5]
 
 Without --shards it prepares the MedPix sample (../shared/data/medpix2_sample, or --medpix) into a temp dir;
@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 
 def _prepare_medpix(medpix: Path, out: Path) -> None:
-    from recipes.medblip.prepare import PrepareOptions, prepare
+    from corpora.rocov2 import PrepareOptions, prepare
 
     prepare(PrepareOptions(input=str(medpix / "sample_captions.csv"), out=str(out), split="all",
                            samples_per_shard=100, workers=2), log=lambda s: None)
@@ -53,8 +53,8 @@ def measure(urls: list[str], workers: int, batches: int, batch_size: int, train:
     """(images/s, images, images per CPU second of this process) over `batches` batches after one warm-up batch
     (worker start-up excluded); the CPU rate counts the decoding only with workers=0 (in this process)."""
     from framework.data import ShardStream, make_loader
-    from recipes.medblip.data import ImageConfig, make_collate, make_decode
-    from recipes.medblip.tokenizer import load_tokenizer
+    from recipes.common.image_text import ImageConfig, make_collate, make_decode
+    from recipes.common.tokenizer import load_tokenizer
 
     decode = make_decode(ImageConfig(size=size, draft=draft), train=train)
     collate = make_collate(load_tokenizer("bundled"), 30)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", default=None, help="a folder of images to shard and read instead")
     p.add_argument("--compare-draft", action="store_true", help="training transform with and without image.draft")
     p.add_argument("--repeats", type=int, default=5, help="alternations for --compare-draft")
-    p.add_argument("--medpix", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "medpix2_sample"))
+    p.add_argument("--medpix", default=str(Path(__file__).resolve().parents[3] / "shared" / "data" / "medpix2_sample"))
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batches", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prepared the MedPix sample into {tmp} in {time.perf_counter() - t:.1f} s")
             spec = tmp
         urls = expand_shards(spec)
-        print(f"pipeline: framework.data.ShardStream + make_loader, recipes.medblip.data decode/collate; "
+        print(f"pipeline: framework.data.ShardStream + make_loader, recipes.common.image_text decode/collate; "
               f"{len(urls)} shards, batch {args.batch_size}, image {args.size}, {os.cpu_count()} CPUs")
         if args.compare_draft:
             return _compare_draft(urls, args)

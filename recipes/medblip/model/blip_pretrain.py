@@ -23,9 +23,9 @@ from torch import nn
 from framework.distributed import all_gather_cat
 from framework.ema import ema_update_
 from framework.preflight import transformer_activation_bytes
-
-from .model_config import ModelConfig
-from .objectives import (
+from recipes.common.tokenizer import load_tokenizer
+from recipes.medblip.model.config import ModelConfig
+from recipes.medblip.model.losses import (
     ITM_CHANCE,
     OBJECTIVES,
     TEMP_MAX,
@@ -40,9 +40,8 @@ from .objectives import (
     lm_targets,
     sample_itm_negatives,
 )
-from .shared_kv import enable_shared_image_kv, share_image_kv
-from .tokenizer import load_tokenizer
-from .towers import build_text_decoder, build_text_encoder, build_vit, tie_text_towers
+from recipes.medblip.model.shared_kv import enable_shared_image_kv, share_image_kv
+from recipes.medblip.model.towers import build_text_decoder, build_text_encoder, build_vit, tie_text_towers
 
 _QUEUES = ("image_queue", "text_queue")
 
@@ -84,7 +83,7 @@ class MedBlipPretrain(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         # BLIP's temp is 0-dim ([]); [1] here because DeepSpeed's parameter broadcast cannot view a 0-dim
-        # tensor as bytes. checkpoint.py converts between the two shapes on load and save.
+        # tensor as bytes. weights.py converts between the two shapes on load and save.
         self.temp = nn.Parameter(cfg.temp * torch.ones(1))
 
         self.text_decoder = build_text_decoder(cfg, vocab)

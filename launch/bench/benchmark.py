@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark a recipe: images/s, step-time split, peak memory, MFU, and the engine's overhead vs a minimal loop.
 
-    python launch/benchmark.py --recipe recipes/toy/toy.yaml [--steps 20] [key=value ...]
+    python launch/bench/benchmark.py --recipe recipes/toy/toy.yaml [--steps 20] [key=value ...]
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from typing import Any, Callable
 
 from torch.utils.data import IterableDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from framework.cli import run_cli  # noqa: E402
 from framework.gpu import PEAK_TFLOPS  # noqa: E402
-
 
 
 def sync(device: Any) -> None:

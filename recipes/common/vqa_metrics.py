@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable, Optional
 
-from .vqa_data import ANSWER_TYPES, VqaRecord, normalize_text
+from recipes.common.vqa_rad import ANSWER_TYPES, VqaRecord, normalize_text
 
 GROUPS = ("overall",) + ANSWER_TYPES
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """MedBLIP model cost at full size (ViT-B/16 + BERT-base): seconds per training step, peak memory, parameter counts.
 
-    python launch/benchmark_model.py [--batch 2] [--steps 3] [--image-size 224] [--precision fp32|bf16]
+    python launch/bench/benchmark_model.py [--batch 2] [--steps 3] [--image-size 224] [--precision fp32|bf16]
                                      [--queue-size 256] [--grad-ckpt] [--objectives itc,itm,lm]
                                      [--compare-share-kv]
 
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from framework.cli import run_cli  # noqa: E402
 
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         import torch
 
-        from recipes.medblip.model_config import ModelConfig, VisionConfig
-        from recipes.medblip.pretrain_model import MedBlipPretrain
+        from recipes.medblip.model.blip_pretrain import MedBlipPretrain
+        from recipes.medblip.model.config import ModelConfig, VisionConfig
 
         if args.batch < 2:
             raise ValueError("--batch must be >= 2 (ITM draws a negative from the rest of the batch)")

@@ -21,8 +21,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from framework.data import DecodeError
-
-from .text import pre_caption
+from recipes.common.text import pre_caption
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP (CLIP) normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)

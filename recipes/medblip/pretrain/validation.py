@@ -20,9 +20,8 @@ from torch import nn
 
 from framework.config import Config, ConfigError
 from framework.data import SKIPPED, ShardStream, count_samples, expand_shards, make_loader
-
-from .data import make_collate, make_decode
-from .pretrain_model import MedBlipPretrain
+from recipes.common.image_text import make_collate, make_decode
+from recipes.medblip.model.blip_pretrain import MedBlipPretrain
 
 LOSS_NAMES = ("itc", "itm", "lm")
 

@@ -17,15 +17,13 @@ import torch
 from framework.config import Config, ConfigError, load_config
 from framework.distributed import DistInfo, say
 from framework.task import Recipe, Task
-
-from .checkpoint import load_pretrained
-from .data import ImageConfig, make_collate, make_decode
-from .model_config import ModelConfig
-from .momentum import MomentumUpdate
-from .objectives import OBJECTIVES
-from .pretrain_model import MedBlipPretrain
-from .validation import ValidationConfig, make_pretrain_evaluator
-
+from recipes.common.image_text import ImageConfig, make_collate, make_decode
+from recipes.medblip.model.blip_pretrain import MedBlipPretrain
+from recipes.medblip.model.config import ModelConfig
+from recipes.medblip.model.losses import OBJECTIVES
+from recipes.medblip.model.weights import load_pretrained
+from recipes.medblip.pretrain.momentum import MomentumUpdate
+from recipes.medblip.pretrain.validation import ValidationConfig, make_pretrain_evaluator
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""What several recipes share: BLIP's tokenizer and text normalisation, image-caption samples, VQA-RAD."""

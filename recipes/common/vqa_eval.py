@@ -1,0 +1,96 @@
+"""VQA evaluation pieces every VQA recipe shares: the split it announces, rank candidates and their coverage,
+where the trained weights are, metrics.json + predictions.jsonl, and TensorBoard samples."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from framework.distributed import say
+from framework.files import atomic_write_text
+from recipes.common.image_text import open_image
+from recipes.common.vqa_rad import ANSWER_TYPES, VqaRecord, VqaSplit, answer_list, load_split, read_answer_list
+
+
+def load_vqa(cfg: Any, announce: bool = True) -> VqaSplit:
+    """The configured split (printed, so every log names the split that was used)."""
+    v = cfg.vqa
+    split = load_split(v.root, v.split, v.max_question_words)
+    if announce:
+        say(split.describe())
+        for note in split.notes:
+            say(f"  note: {note}")
+    return split
+
+
+def candidate_answers(cfg: Any, split: VqaSplit) -> list[str]:
+    """Rank candidates: the distinct training answers (most frequent first) or the answers of vqa.answer_list."""
+    spec = cfg.vqa.answer_list
+    return answer_list(split.train) if spec == "train" else read_answer_list(spec)
+
+
+def trained_checkpoint(cfg: Any, given: Optional[str] = None) -> str:
+    """The weights to use after training: `given`, else run.dir (its newest complete checkpoint must exist)."""
+    from framework.checkpoint import find_resume_tag
+
+    if given is not None:
+        return given
+    run_dir = Path(cfg.run.dir)
+    if find_resume_tag(run_dir / "checkpoints") is None:
+        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first or pass "
+                                "--checkpoint PATH")
+    return str(run_dir)
+
+
+def rank_coverage(candidates: list[str], test: list[VqaRecord]) -> dict[str, Optional[float]]:
+    """Share of test answers that are among the candidates: the ceiling of rank accuracy, per answer type."""
+    known = set(candidates)
+    out: dict[str, Optional[float]] = {}
+    for group in ("overall",) + ANSWER_TYPES:
+        rows = [r for r in test if group == "overall" or r.answer_type == group]
+        out[group] = sum(r.answer in known for r in rows) / len(rows) if rows else None
+    return out
+
+
+@torch.no_grad()
+def write_results(out_dir: Union[str, Path], document: dict[str, Any], predictions: list[dict]) -> Path:
+    """Write metrics.json and predictions.jsonl into out_dir (each atomically); returns out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    return out
+
+
+def samples_markdown(predictions: list[dict], n: int = 8) -> str:
+    """A few predictions as a Markdown table (TensorBoard text)."""
+    lines = ["| question | type | truth | prediction |", "|---|---|---|---|"]
+    for p in predictions[:n]:
+        cells = [str(p[k]).replace("|", "/") for k in ("question", "answer_type", "ground_truth", "prediction")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sample_images(predictions: list[dict], image_dir: Union[str, Path], n: int = 4,
+                  side: int = 256) -> dict[str, torch.Tensor]:
+    """The first n predictions as TensorBoard images [3, H, W] in [0, 1]: the image above its question,
+    ground truth and prediction (green when it matches, red when not)."""
+    from PIL import Image, ImageDraw
+
+    out = {}
+    for i, p in enumerate(predictions[:n]):
+        try:
+            img = open_image((Path(image_dir) / p["image"]).read_bytes()).resize((side, side))
+        except (OSError, ValueError):  # an unreadable image must not stop an evaluation
+            continue
+        canvas = Image.new("RGB", (side, side + 48), "black")
+        canvas.paste(img, (0, 0))
+        draw = ImageDraw.Draw(canvas)
+        draw.text((4, side + 2), f"Q: {p['question']}"[:48], fill="white")
+        draw.text((4, side + 17), f"truth: {p['ground_truth']}"[:48], fill="white")
+        draw.text((4, side + 32), f"pred: {p['prediction']}"[:48], fill="lime" if p["match"] else "red")
+        out[f"sample_{i}"] = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return out
