@@ -10,7 +10,6 @@ Everything is a pure function of (seed, split, index): a sample never changes wh
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,8 @@ from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
+
+from framework.files import sha256_file
 
 VERSION = 4  # bump when rendering or text changes: make_demo_data regenerates on a version change
 VQA_JSON = "VQA_RAD Dataset Public.json"  # the official release's file and folder names
@@ -281,7 +282,7 @@ def write_caption_shards(out_dir: Path, spec: PhantomSpec, split: str, n: int) -
                     _add(tar, f"{key}.{ext}", sample[ext])
                 count += 1
         path = out_dir / name
-        shards.append({"name": name, "samples": count, "sha256": _sha256(path), "bytes": path.stat().st_size})
+        shards.append({"name": name, "samples": count, "sha256": sha256_file(path), "bytes": path.stat().st_size})
     total = sum(s["samples"] for s in shards)
     manifest = {"shards": shards, "total_samples": total,  # same shard fields as prepare_rocov2's manifest
                 "totals": {"samples": total, "bytes": sum(s["bytes"] for s in shards), "shards": len(shards)},
@@ -396,5 +397,3 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

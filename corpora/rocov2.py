@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from PIL import Image
 
+from framework.files import atomic_write_text, fsync_dir, sha256_file
+
 FORMAT_VERSION = 2  # 2: modality_source in each sample's json (the caption-keyword rule)
 STATE_DIR = ".prepare"  # per-shard reports; kept beside the shards so a re-run knows what is complete
 CRASH_ENV = "MEDBLIP_PREPARE_CRASH_AFTER"  # test hook: a writer process dies after writing this many samples
@@ -637,26 +639,8 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 _written_in_process = 0  # samples written by this process (for the crash test hook)
@@ -715,13 +699,9 @@ def _write_shard(task: ShardTask) -> dict:
         report["bytes"], report["sha256"] = 0, None
         _write_json_atomic(out / STATE_DIR / (task.name + ".json"), report)
         return report
-    h = hashlib.sha256()
-    with open(tmp, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    report["bytes"], report["sha256"] = tmp.stat().st_size, h.hexdigest()
+    report["bytes"], report["sha256"] = tmp.stat().st_size, sha256_file(tmp)
     os.replace(tmp, final)
-    _fsync_dir(out)
+    fsync_dir(out)
     _write_json_atomic(out / STATE_DIR / (task.name + ".json"), report)
     return report
 

@@ -15,7 +15,13 @@ from .distill import setup_distillation
 from .distributed import DistInfo, say
 from .gpu import GpuFacts, gpu_facts, set_extension_arch
 from .loss_weights import StaticLossWeights
-from .preflight import GIB, MemoryEstimate, check_fits, check_gpu_arch, estimate_for_task
+from .preflight import (
+    GIB,
+    MemoryEstimate,
+    check_fits,
+    check_gpu_arch,
+    estimate_for_task,
+)
 from .rundir import check_same_run, check_writable
 from .schedules import warmup_cosine
 from .task import Batch, Combine, ModelOutput, Plugin, Task

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 import pickle
 import random
 import re
@@ -18,6 +17,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from .files import atomic_write_text, fsync_dir
+
 COMPLETE = "COMPLETE"  # written into a tag directory once every rank has finished writing it
 LATEST = "latest"  # text file naming the newest complete tag; replaced atomically, last
 _TAG = re.compile(r"^step_(\d+)$")
@@ -25,27 +26,6 @@ _TAG = re.compile(r"^step_(\d+)$")
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
@@ -165,9 +145,9 @@ def save(ds_engine: Any, ckpt_dir: Path, step: int, client_state: dict, rank_sta
     torch.save(rank_state, tag_dir / f"rank_{rank:05d}.pt")
     barrier()
     if rank == 0:
-        _fsync_dir(tag_dir)
-        _atomic_write(tag_dir / COMPLETE, f"{step}\n")
-        _atomic_write(ckpt_dir / LATEST, tag)  # last: a crash before this leaves the previous pointer valid
+        fsync_dir(tag_dir)
+        atomic_write_text(tag_dir / COMPLETE, f"{step}\n")
+        atomic_write_text(ckpt_dir / LATEST, tag)  # last: a crash before this leaves the previous pointer valid
         prune(ckpt_dir, keep_last, current=tag)
     barrier()
     return tag

@@ -17,6 +17,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
+from .files import sha256_file
+
 SKIPPED = "_skipped"  # batch key: samples skipped (undecodable, or lost in a damaged shard) since the previous batch
 NOTES = "_notes"  # batch key: one-line warnings from a DataLoader worker; make_loader's loader prints each once
 FAILURES_IN_A_ROW = 100  # this many samples in a row that decode rejects: the data is wrong, not a few samples
@@ -132,11 +134,7 @@ def verify_checksums(urls: list[str]) -> None:
         entry = entries.get(Path(url).name)
         if entry is None or "sha256" not in entry:
             raise DataError(f"data.verify_checksums: {url} is not listed (with sha256) in manifest.json")
-        h = hashlib.sha256()
-        with open(url, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != entry["sha256"]:
+        if sha256_file(url) != entry["sha256"]:
             raise DataError(f"checksum mismatch for {url}: the shard changed or is truncated; re-run preparation")
 
 

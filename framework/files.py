@@ -1,10 +1,11 @@
-"""Files that are never seen half-written: atomic replace with fsync, and content hashes."""
+"""Files that are never seen half-written: write through a temporary sibling, rename over; content hashes."""
 from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 PathLike = Union[str, Path]
 
@@ -21,25 +22,26 @@ def fsync_dir(path: PathLike) -> None:
         pass
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write `data` to a temporary sibling, fsync it, rename it over `path`: readers see the old or the new file."""
+@contextmanager
+def replacing(path: PathLike) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; renamed over `path` (synced) if the block succeeds, else removed.
+    Readers see the old file or the new one, never a partial one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
-    return path
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def sha256_file(path: PathLike) -> str:

@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
+        from recipes.common.vqa_eval import config_for_checkpoint
         from recipes.common.vqa_metrics import format_table
-        from recipes.medblip.vqa import config_for_checkpoint
 
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
         recipe = importlib.import_module(cfg.recipe)  # a VQA recipe module: load_vqa, evaluate_model, ...

@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     def export() -> int:
+        from recipes.common.vqa_eval import config_for_checkpoint, trained_checkpoint
         from recipes.medblip.model.to_transformers import NOT_CARRIED, export_vqa
-        from recipes.medblip.vqa import config_for_checkpoint, load_trained, trained_checkpoint
+        from recipes.medblip.vqa import load_trained
 
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
         if not hasattr(cfg, "vqa"):

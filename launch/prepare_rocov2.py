@@ -16,7 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from corpora.rocov2 import DEFAULT_SAMPLES_PER_SHARD, MIN_SHARDS, MODALITY_CUIS, PrepareError, PrepareOptions, prepare  # noqa: E402
+from corpora.rocov2 import (  # noqa: E402
+    DEFAULT_SAMPLES_PER_SHARD,
+    MIN_SHARDS,
+    MODALITY_CUIS,
+    PrepareError,
+    PrepareOptions,
+    prepare,
+)
 
 
 def parse_args(argv: list[str] | None) -> PrepareOptions:

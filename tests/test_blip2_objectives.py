@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipes.blip2.objectives import hard_negatives, itc_loss, itc_similarities, itg_targets, multimodal_causal_mask
+from recipes.blip2.objectives import (
+    hard_negatives,
+    itc_loss,
+    itc_similarities,
+    itg_targets,
+    multimodal_causal_mask,
+)
 from tests.blip2_tiny import captions, images, stage1, with_llm
 
 

@@ -9,8 +9,20 @@ from torch import nn
 
 from framework.adaptive_weights import AdaptiveLossWeighter
 from framework.checkpoint import find_resume_tag
-from framework.config import Config, DistillConfig, ObjectiveConfig, RunConfig, TrainConfig, load_config
-from framework.distill import SelfDistillation, kl_with_temperature, logits_kl, setup_distillation
+from framework.config import (
+    Config,
+    DistillConfig,
+    ObjectiveConfig,
+    RunConfig,
+    TrainConfig,
+    load_config,
+)
+from framework.distill import (
+    SelfDistillation,
+    kl_with_temperature,
+    logits_kl,
+    setup_distillation,
+)
 from framework.ema import EMATeacher, tau_at
 from framework.task import Task
 from tests.conftest import ROOT, run_entry

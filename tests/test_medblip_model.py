@@ -28,6 +28,7 @@ from recipes.medblip.model.towers import (
     tie_text_towers,
 )
 from recipes.medblip.pretrain.momentum import MomentumUpdate
+from tests.conftest import ROOT
 
 CAPTIONS = ["a chest x ray with a small nodule", "ct of the head", "mri of the brain showing a lesion on the left",
             "abdominal ultrasound"]
@@ -204,10 +205,13 @@ def test_lm_loss_equals_transformers_decoder_loss():
     torch.testing.assert_close(lm_loss(out.logits, labels, 0.1), out.loss, rtol=0, atol=1e-6)
 
 
-def test_registry_names():
+def test_objective_names():
+    """The pretraining recipe declares its objectives; another name fails when the recipe is read, listing them."""
+    from framework.config import ConfigError, load_config
+
     assert set(OBJECTIVES) == {"itc", "itm", "lm"}
-    with pytest.raises(KeyError, match="known: itc, itm, lm"):
-        OBJECTIVES["mlm"]
+    with pytest.raises(ConfigError, match=r"objectives.mlm: unknown objective \(known: itc, itm, lm\)"):
+        load_config(ROOT / "recipes" / "medblip" / "dapt.yaml", ["objectives.mlm.weight=1"])
 
 
 # ----------------------------------------------------------------------------- the model

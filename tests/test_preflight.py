@@ -4,7 +4,12 @@ import torch
 from torch import nn
 
 from framework.gpu import GpuFacts
-from framework.preflight import CUDA_CONTEXT_BYTES, PreflightError, check_gpu_arch, estimate_memory
+from framework.preflight import (
+    CUDA_CONTEXT_BYTES,
+    PreflightError,
+    check_gpu_arch,
+    estimate_memory,
+)
 from tests.conftest import GPUS, fake_gpu
 
 CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]

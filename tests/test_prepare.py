@@ -16,7 +16,13 @@ import pytest
 from conftest import ROOT, SHARED_DATA, load_launch
 from PIL import Image
 
-from corpora.rocov2 import CRASH_ENV, PrepareError, PrepareOptions, prepare, resolve_modalities
+from corpora.rocov2 import (
+    CRASH_ENV,
+    PrepareError,
+    PrepareOptions,
+    prepare,
+    resolve_modalities,
+)
 from framework.data import ShardStream, expand_shards, verify_checksums
 from recipes.common.image_text import ImageConfig, make_decode
 

@@ -110,3 +110,24 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch):
     assert scope["img_feat"].shape == (1, 256) and scope["txt_feat"].shape == (1, 256)
     assert 0 <= float(scope["match"][0]) <= 1
     assert set(scope["out"]["losses"]) == {"itc", "itm", "lm"}
+
+
+def test_the_new_recipe_example_trains(tmp_path):
+    """README's "Adding a recipe" code and YAML, written out as the reader would, trained by launch/train.py."""
+    from tests.conftest import run_entry
+
+    section = README[README.index("## Adding a recipe"):README.index("## Performance")]
+    code = re.search(r"```python\n# recipes/mine/__init__.py\n(.*?)```", section, re.S).group(1)
+    yaml_text = re.search(r"```yaml\n# recipes/mine/mine.yaml\n(.*?)```", section, re.S).group(1)
+    package = tmp_path / "recipes" / "mine"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(code)
+    (package / "mine.yaml").write_text(yaml_text)
+    from recipes.toy import make_shards
+
+    make_shards(tmp_path / "data" / "mine")
+    # the reader's own recipes/ folder on PYTHONPATH joins the project's recipes package (pkgutil.extend_path)
+    env = {"PYTHONPATH": f"{ROOT}{__import__('os').pathsep}{tmp_path}"}
+    proc = run_entry("train.py", "--recipe", str(package / "mine.yaml"), "train.epochs=1", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done: finished" in proc.stdout and (tmp_path / "runs" / "mine" / "config.yaml").is_file()

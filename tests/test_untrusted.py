@@ -63,7 +63,9 @@ class DeepSpeedReads:
     A real engine needs a process group; tests/test_bad_input.py resumes a real poisoned run in its own process."""
 
     def __init__(self):
-        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+            TorchCheckpointEngine,
+        )
 
         self.checkpoint_engine = TorchCheckpointEngine()
 

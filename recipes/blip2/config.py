@@ -69,7 +69,7 @@ class Blip2ModelConfig:
     grad_checkpointing_llm: bool = False  # the frozen LLM's too: its activations carry the soft prompt's gradient
     prompt: str = "Question: {} Answer:"  # the VQA prompt (BLIP-2 paper); captions use no prompt
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         if self.num_query_tokens < 1 or self.embed_dim < 1:
@@ -104,7 +104,12 @@ def hf_config(mc: Blip2ModelConfig, *, image_size: int, qformer_vocab: int, text
               llm_vocab: Optional[int] = None, language_model: bool = True) -> Any:
     """transformers.Blip2Config for these sizes; llm_vocab fills text.vocab_size when the preset leaves it open
     (without a language model the text config is a placeholder nobody builds)."""
-    from transformers import AutoConfig, Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+    from transformers import (
+        AutoConfig,
+        Blip2Config,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+    )
 
     vision = Blip2VisionConfig(**mc.vision_dict(image_size))
     qformer = Blip2QFormerConfig(**mc.qformer_dict(qformer_vocab, text_input))

@@ -112,4 +112,4 @@ def build(cfg: LmConfig, dist: DistInfo) -> Task:
     return Task(model=model, collate=TextCollate(model.text), train_dataset=corpus(cfg))
 
 
-RECIPE = Recipe(config=LmConfig, objectives=tuple(LM_OBJECTIVES), build=build)
+RECIPE = Recipe(config=LmConfig, objectives=LM_OBJECTIVES, build=build)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from framework.registry import Registry
 from recipes.medblip.model.losses import itm_labels, itm_loss, lm_loss
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
@@ -107,6 +106,6 @@ def llm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 # What each recipe's `objectives:` section may name (an unknown name lists these).
-STAGE1_OBJECTIVES = Registry("objective", {"itc": itc_loss, "itm": itm_loss, "itg": itg_loss})
-LM_OBJECTIVES = Registry("objective", {"lm": llm_loss})
-VQA_OBJECTIVES = Registry("objective", {"vqa": llm_loss})
+STAGE1_OBJECTIVES = ("itc", "itm", "itg")  # the names objectives.<name> may use in each recipe
+LM_OBJECTIVES = ("lm",)
+VQA_OBJECTIVES = ("vqa",)

@@ -33,4 +33,4 @@ def from_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, *
     return build_model(load_config(path, overrides), stage="stage1", load_weights=load_weights)
 
 
-RECIPE = Recipe(config=Blip2Config, objectives=tuple(STAGE1_OBJECTIVES), build=build)
+RECIPE = Recipe(config=Blip2Config, objectives=STAGE1_OBJECTIVES, build=build)

@@ -23,4 +23,4 @@ def build(cfg: Blip2Config, dist: DistInfo) -> Task:
                     collate=LlmCollate(model.text))
 
 
-RECIPE = Recipe(config=Blip2Config, objectives=tuple(LM_OBJECTIVES), build=build)
+RECIPE = Recipe(config=Blip2Config, objectives=LM_OBJECTIVES, build=build)

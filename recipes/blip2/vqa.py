@@ -60,7 +60,7 @@ class VqaConfig:
     eval_limit: Optional[int] = None  # evaluate the first N test questions only (quick checks)
     save_predictions: bool = True
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.split not in SPLITS:
             raise ConfigError(f"vqa.split: unknown split {self.split!r}; known: {', '.join(SPLITS)}")
         if self.inference not in INFERENCE:
@@ -188,4 +188,4 @@ class VqaEvaluator:
                                                                                           self.split.image_dir)
 
 
-RECIPE = Recipe(config=Blip2VqaConfig, objectives=tuple(VQA_OBJECTIVES), build=build)
+RECIPE = Recipe(config=Blip2VqaConfig, objectives=VQA_OBJECTIVES, build=build)

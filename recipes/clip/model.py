@@ -12,6 +12,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from framework.config import ConfigError
+
 from .loss import contrastive_loss, gather_with_grad
 
 
@@ -34,11 +36,11 @@ class ClipModelConfig:
     tokenizer: str = "bundled"  # as MedBLIP's model.tokenizer: bundled | a local directory | a hub name
     gather: bool = True  # contrast against the whole global batch (all ranks), as open_clip does
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.vision_pool not in ("token", "avg"):
-            raise ValueError(f"model.vision_pool must be token or avg, got {self.vision_pool!r}")
+            raise ConfigError(f"model.vision_pool must be token or avg, got {self.vision_pool!r}")
         if not 0 < self.temp_min <= self.temp:
-            raise ValueError(f"model.temp_min must be in (0, model.temp], got {self.temp_min} (temp {self.temp})")
+            raise ConfigError(f"model.temp_min must be in (0, model.temp], got {self.temp_min} (temp {self.temp})")
 
 
 class ClipModel(nn.Module):

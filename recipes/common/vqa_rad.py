@@ -24,7 +24,12 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
-from recipes.common.image_text import ImageConfig, draft_side, image_transform, open_image
+from recipes.common.image_text import (
+    ImageConfig,
+    draft_side,
+    image_transform,
+    open_image,
+)
 
 OFFICIAL_JSON = "VQA_RAD Dataset Public.json"
 IMAGE_DIRS = ("VQA_RAD Image Folder", "images")  # the OSF release's name, the MUMC/MEVF repositories' name

@@ -102,43 +102,6 @@ def build_model(cfg: VqaRecipeConfig, *, load_weights: bool = True) -> MedBlipVq
     return model
 
 
-def config_for_checkpoint(recipe: Optional[str], checkpoint: Optional[str],
-                          overrides: list[str]) -> VqaRecipeConfig:
-    """The VQA config to evaluate or export `checkpoint` with: `recipe`, but with the model shape (model:,
-    image.size) of the checkpoint's own run (its config.yaml), said in one line; without `recipe`, the run's own
-    config. A pretraining (DAPT/PSD) run is evaluated with a warning: its answer decoder never saw VQA."""
-    import yaml
-
-    from framework.config import apply_overrides, config_from_dict, config_to_dict, load_config
-    from framework.rundir import run_dir_of
-
-    if checkpoint is None and recipe is not None:
-        checkpoint = load_config(recipe, overrides).run.dir  # what trained_checkpoint will take
-    run = run_dir_of(checkpoint) if checkpoint else None
-    saved = yaml.safe_load((run / "config.yaml").read_text()) if run else None
-    pretraining = saved is not None and "vqa" not in saved
-    if recipe is None:
-        if saved is None:
-            raise ValueError("give --recipe (a VQA recipe, e.g. recipes/medblip/vqa.yaml) or --checkpoint RUN "
-                             "of a run directory that holds its config.yaml")
-        if pretraining:
-            raise ValueError(f"{run} is a pretraining run ({saved.get('recipe')}): evaluate it with --recipe "
-                             "recipes/medblip/vqa.yaml (its answer decoder was never fine-tuned for VQA)")
-        return load_config(run / "config.yaml", overrides)
-    if saved is None:
-        return load_config(recipe, overrides)
-    data = config_to_dict(load_config(recipe))  # the recipe resolved (bases merged), validated: its errors name it
-    data["model"] = saved.get("model", data["model"])
-    data["image"] = {**data["image"], "size": saved.get("image", {}).get("size", data["image"]["size"])}
-    say(f"model: the checkpoint's own shape from {run / 'config.yaml'} (model: and image.size; "
-        f"the model: section of {recipe} is not used)")
-    if pretraining:
-        say(f"warning: {run} is a pretraining run ({saved.get('recipe')}): its answer decoder was never fine-tuned "
-            f"for VQA, so expect answers near chance; fine-tune first: launch/train.py --recipe {recipe} "
-            f"run.init_from={run}")
-    return config_from_dict(apply_overrides(data, overrides, recipe), recipe)
-
-
 def load_trained(cfg: VqaRecipeConfig, checkpoint: str) -> MedBlipVqa:
     """The recipe's model with the weights of `checkpoint`; refuses weights that leave model tensors missing."""
     model = build_model(cfg, load_weights=False)

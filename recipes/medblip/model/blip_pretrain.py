@@ -41,7 +41,12 @@ from recipes.medblip.model.losses import (
     sample_itm_negatives,
 )
 from recipes.medblip.model.shared_kv import enable_shared_image_kv, share_image_kv
-from recipes.medblip.model.towers import build_text_decoder, build_text_encoder, build_vit, tie_text_towers
+from recipes.medblip.model.towers import (
+    build_text_decoder,
+    build_text_encoder,
+    build_vit,
+    tie_text_towers,
+)
 
 _QUEUES = ("image_queue", "text_queue")
 

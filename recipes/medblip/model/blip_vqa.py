@@ -22,8 +22,16 @@ from torch import nn
 from recipes.common.tokenizer import load_tokenizer
 from recipes.medblip.model.config import ModelConfig
 from recipes.medblip.model.losses import lm_chance, lm_loss, lm_targets
-from recipes.medblip.model.towers import build_text_decoder, build_text_encoder, build_vit
-from recipes.medblip.model.weights import LoadReport, load_state_dict_into, read_state_dict
+from recipes.medblip.model.towers import (
+    build_text_decoder,
+    build_text_encoder,
+    build_vit,
+)
+from recipes.medblip.model.weights import (
+    LoadReport,
+    load_state_dict_into,
+    read_state_dict,
+)
 
 RANK_CHUNK_ROWS = 512  # question x candidate rows scored per decoder call (bounds activation memory)
 

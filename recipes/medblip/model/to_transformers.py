@@ -23,7 +23,11 @@ from recipes.medblip.model.blip_vqa import MedBlipVqa
 from recipes.medblip.model.weights import rename_vision
 
 if TYPE_CHECKING:  # transformers' BLIP classes are imported lazily, where they are used
-    from transformers import BlipConfig, BlipForQuestionAnswering, PreTrainedTokenizerBase
+    from transformers import (
+        BlipConfig,
+        BlipForQuestionAnswering,
+        PreTrainedTokenizerBase,
+    )
 
 NOT_CARRIED = [
     "rank inference over an answer list (transformers' BlipForQuestionAnswering only generates)",

@@ -8,7 +8,6 @@ Files are read with torch.load(weights_only=True) or safetensors, never by unpic
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import urllib.parse
@@ -20,7 +19,12 @@ import torch
 from torch import nn
 
 from framework.checkpoint import CheckpointReadError, safe_load
-from recipes.medblip.model.towers import interpolate_pos_embed, lm_head_is_tied, untie_lm_head
+from framework.files import replacing, sha256_file
+from recipes.medblip.model.towers import (
+    interpolate_pos_embed,
+    lm_head_is_tied,
+    untie_lm_head,
+)
 
 QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr")
 LM_HEAD = "text_decoder.cls.predictions.decoder.weight"
@@ -95,14 +99,6 @@ class LoadReport:
 # ----------------------------------------------------------------------------- reading files
 
 
-def sha256_of(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def split_spec(spec: str) -> tuple[str, Optional[str]]:
     """'path-or-url#sha256=HEX' -> (path-or-url, HEX); the checksum part is optional."""
     if "#sha256=" in spec:
@@ -133,7 +129,7 @@ def fetch(spec: str, sha256: Optional[str] = None, cache_dir: Optional[Path] = N
     if digest:
         if not path.is_file():
             raise CheckpointError(f"{where}: a sha256 can only be checked for a single file")
-        actual = sha256_of(path)
+        actual = sha256_file(path)
         if actual != digest:
             raise CheckpointError(f"{path}: sha256 {actual} does not match the expected {digest}; the file is "
                                   "corrupt or not the one you meant (delete it to download again)")
@@ -373,17 +369,16 @@ def save_weights(model: nn.Module, path: Union[str, Path]) -> Path:
     sd = dict(model.state_dict())
     if "temp" in sd and sd["temp"].numel() == 1:
         sd["temp"] = sd["temp"].reshape([])  # BLIP's shape, so BLIP's own loader takes it
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    with replacing(path) as tmp:  # never a half-written file under the final name
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        tensors, aliases = {}, {}
-        for group in _shared_groups(model):
-            for k in group[1:]:
-                aliases[k] = group[0]
-            tensors[group[0]] = sd[group[0]].detach().contiguous().clone()
-        save_file(tensors, str(tmp), metadata={"format": "pt", "medblip_aliases": json.dumps(aliases)})
-    else:
-        torch.save({"model": {k: v.detach().clone() for k, v in sd.items()}}, tmp)
-    tmp.replace(path)  # never a half-written file under the final name
+            tensors, aliases = {}, {}
+            for group in _shared_groups(model):
+                for k in group[1:]:
+                    aliases[k] = group[0]
+                tensors[group[0]] = sd[group[0]].detach().contiguous().clone()
+            save_file(tensors, str(tmp), metadata={"format": "pt", "medblip_aliases": json.dumps(aliases)})
+        else:
+            torch.save({"model": {k: v.detach().clone() for k, v in sd.items()}}, tmp)
     return path

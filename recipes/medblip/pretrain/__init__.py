@@ -23,7 +23,10 @@ from recipes.medblip.model.config import ModelConfig
 from recipes.medblip.model.losses import OBJECTIVES
 from recipes.medblip.model.weights import load_pretrained
 from recipes.medblip.pretrain.momentum import MomentumUpdate
-from recipes.medblip.pretrain.validation import ValidationConfig, make_pretrain_evaluator
+from recipes.medblip.pretrain.validation import (
+    ValidationConfig,
+    make_pretrain_evaluator,
+)
 
 
 @dataclass
@@ -100,7 +103,7 @@ def build(cfg: PretrainConfig, dist: DistInfo) -> Task:
                 collate=make_collate(model.tokenizer, cfg.model.max_text_len),
                 plugins=[MomentumUpdate(model, seed=cfg.train.seed)],
                 # held-out ITC/ITM/LM losses, retrieval recall@k and sample captions on data.val (None without)
-                evaluate=make_pretrain_evaluator(cfg, model.tokenizer),
+                evaluate=make_pretrain_evaluator(cfg, model.tokenizer, world_size=dist.world_size),
                 fp32_modules=model.fp32_modules(), activation_bytes=model.activation_bytes)
 
 
@@ -110,4 +113,4 @@ def from_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, *
     return build_model(load_config(path, overrides), load_weights=load_weights)
 
 
-RECIPE = Recipe(config=PretrainConfig, objectives=tuple(OBJECTIVES), build=build)
+RECIPE = Recipe(config=PretrainConfig, objectives=OBJECTIVES, build=build)

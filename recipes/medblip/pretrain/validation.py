@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -19,7 +18,13 @@ import torch.distributed as dist
 from torch import nn
 
 from framework.config import Config, ConfigError
-from framework.data import SKIPPED, ShardStream, count_samples, expand_shards, make_loader
+from framework.data import (
+    SKIPPED,
+    ShardStream,
+    count_samples,
+    expand_shards,
+    make_loader,
+)
 from recipes.common.image_text import make_collate, make_decode
 from recipes.medblip.model.blip_pretrain import MedBlipPretrain
 
@@ -38,6 +43,12 @@ class ValidationConfig:
     caption_min_len: int = 5  # tokens, [DEC] included (BLIP's generate: min_length 5)
     itm_seed: int = 0  # ITM negatives are drawn from this seed at every evaluation (comparable across steps)
     num_workers: Optional[int] = None  # None = data.num_workers (capped by the shards each rank reads)
+
+    def check(self) -> None:
+        if any(k < 1 for k in self.recall_k) or not self.recall_k:
+            raise ConfigError(f"validation.recall_k must list integers >= 1, got {self.recall_k}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ConfigError(f"validation.max_batches must be >= 1 (or null for all), got {self.max_batches}")
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -145,7 +156,7 @@ def find_pretrain_model(module: nn.Module) -> MedBlipPretrain:
 class PretrainEvaluator:
     """evaluate(model, step) -> {"loss_itc", "loss_itm", "loss_lm", "itm_acc", "i2t_r1", ..., "samples", "captions"}."""
 
-    def __init__(self, cfg: Config, tokenizer: Any, options: ValidationConfig):
+    def __init__(self, cfg: Config, tokenizer: Any, options: ValidationConfig, world_size: int = 1):
         self.opts = options
         self.urls = expand_shards(cfg.data.val)  # a missing val set fails at build time, not after an epoch
         self.batch_size = options.batch_size or cfg.data.batch_size
@@ -155,11 +166,8 @@ class PretrainEvaluator:
         self.decode = make_decode(cfg.image, train=False, max_words=30)  # deterministic: resize, no augmentation
         self.collate = make_collate(tokenizer, cfg.model.max_text_len)
         self.tokenizer = tokenizer
-        if any(k < 1 for k in options.recall_k) or not options.recall_k:
-            raise ConfigError(f"validation.recall_k must list integers >= 1, got {options.recall_k}")
-        if options.max_batches is not None and options.max_batches < 1:
-            raise ConfigError(f"validation.max_batches must be >= 1 (or null for all), got {options.max_batches}")
-        world = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher before build(); 1 for plain python
+        options.check()  # (the YAML's section is checked when read; options built in Python here)
+        world = world_size
         samples = count_samples(self.urls)
         if samples < self.batch_size * world:
             raise ConfigError(f"data.val: {samples} validation samples cannot fill one batch of {self.batch_size} "
@@ -259,8 +267,8 @@ class PretrainEvaluator:
         return list(zip(batch["keys"][:n], batch["captions"][:n], texts))
 
 
-def make_pretrain_evaluator(cfg: Config, tokenizer: Any,
-                            options: Optional[ValidationConfig] = None) -> Optional[Callable[[nn.Module, int], dict]]:
+def make_pretrain_evaluator(cfg: Config, tokenizer: Any, options: Optional[ValidationConfig] = None,
+                            world_size: int = 1) -> Optional[Callable[[nn.Module, int], dict]]:
     """Task.evaluate for the pretraining recipes: validation on cfg.data.val (None when data.val is not set).
 
     Options come from `options`, else the recipe's `validation:` section, else ValidationConfig()'s defaults.
@@ -268,5 +276,5 @@ def make_pretrain_evaluator(cfg: Config, tokenizer: Any,
     if not cfg.data.val:
         return None
     options = options or getattr(cfg, "validation", None) or ValidationConfig()
-    return PretrainEvaluator(cfg, tokenizer, options)
+    return PretrainEvaluator(cfg, tokenizer, options, world_size)
 
