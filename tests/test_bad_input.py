@@ -180,6 +180,7 @@ def test_malicious_resume_ran_nothing(driven, data):
     assert (data / "poisoned_run" / "checkpoints").is_dir() and not (data / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_train_bad_input_in_a_real_process(data, tmp_path):
     """The same contract through the process boundary: stderr's last line, exit status 2, no traceback."""
     from tests.conftest import run_entry

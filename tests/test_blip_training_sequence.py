@@ -280,6 +280,7 @@ def test_engine_follows_blips_training_step_for_step(one_rank, tmp_path):  # noq
         assert moved > 1e-6, "the momentum encoders did not move"
 
 
+@pytest.mark.slow
 def test_one_momentum_update_per_step_at_its_first_micro_batch(one_rank, tmp_path):  # noqa: F811
     """Under gradient accumulation the update runs once per optimizer step, in the step's first forward."""
     write_caption_shards(tmp_path / "shards", PhantomSpec(image_size=32, samples_per_shard=8), "train", 32)

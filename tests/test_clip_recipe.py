@@ -74,6 +74,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_gathered_loss_and_gradients_equal_one_big_batch(tmp_path: Path) -> None:
     """Two ranks with 3 pairs each = one process with all 6 (each rank's rows get the full-batch gradient)."""
     g = torch.Generator().manual_seed(0)
@@ -119,6 +120,7 @@ def test_build_forward_and_disabled_objective(shards: Path) -> None:
     assert task.model(batch)["losses"] == {}
 
 
+@pytest.mark.slow
 def test_trains_through_launch_train_and_loss_decreases(shards: Path, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

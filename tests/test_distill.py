@@ -330,6 +330,7 @@ def state(run_dir: Path) -> dict:
     return torch.load(ckpt / find_resume_tag(ckpt) / "mp_rank_00_model_states.pt", weights_only=False)
 
 
+@pytest.mark.slow
 def test_engine_resume_restores_teacher_ratios_and_tau_exactly(tmp_path):
     common = ["model.dataset_size=48", "model.dropout=0.2", "train.epochs=null", "train.max_steps=6",
               "train.grad_accum=2", "train.precision=bf16", "distill.enabled=true", "distill.tau_start=0.9",

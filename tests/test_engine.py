@@ -28,6 +28,7 @@ def train(run_dir: Path, *overrides: str, ranks: int = 0):
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 2])
 def test_two_ranks_match_one_rank_with_double_batch(tmp_path, zero):
     common = ["model.dataset_size=64", "train.max_steps=4", "train.grad_accum=2", f"deepspeed.zero_optimization.stage={zero}",
@@ -48,6 +49,7 @@ def shards(tmp_path):
     return str(tmp_path / "shards")
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_plugins_run_once_per_step(tmp_path, shards):
     common = [f"data.train={shards}", "train.epochs=2", "train.grad_accum=2", "model.dropout=0.2",
               "data.num_workers=2", "run.save_every=5"]
@@ -168,6 +170,7 @@ print(f"code={code} initialized={dist.is_initialized()}")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ok", "fail"])
 def test_run_cli_tears_the_process_group_down(mode: str) -> None:
     """After run_cli every rank has destroyed its group (drained on success), so gloo never aborts at exit."""
@@ -189,7 +192,7 @@ def test_run_cli_tears_the_process_group_down(mode: str) -> None:
         assert "error: another rank failed before the end" in outs[0][1]
 
 
-@pytest.mark.parametrize("ranks", [0, 2])
+@pytest.mark.parametrize("ranks", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_training_on_the_cpu_needs_no_cpp_compiler(tmp_path, ranks):
     """No compiler on PATH and an empty extension cache: nothing is compiled (DeepSpeed's shm all-reduce is for
     inference only), the toy recipe trains on one process and on two gloo ranks."""

@@ -81,6 +81,7 @@ def test_resume_ignores_a_pointer_to_an_incomplete_checkpoint(tmp_path):
     assert find_resume_tag(ckpt) == "step_00000004"
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_always_leaves_a_resumable_checkpoint():
     """A few kills here; `python launch/bench/stress_checkpoints.py --trials 50` runs many more."""
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench" / "stress_checkpoints.py"), "--trials", "4",

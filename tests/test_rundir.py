@@ -34,14 +34,25 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def finished(tmp_path):
-    shards = tmp_path / "shards"
-    make_shards(shards, 32, 2)
-    make_shards(tmp_path / "other", 32, 2, seed=1)
-    proc = train(tmp_path / "run", shards)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished toy run (2 steps) and its shards, trained once for the module."""
+    root = tmp_path_factory.mktemp("rundir")
+    make_shards(root / "shards", 32, 2)
+    make_shards(root / "other", 32, 2, seed=1)
+    proc = train(root / "run", root / "shards")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return tmp_path / "run", shards
+    return root
+
+
+@pytest.fixture
+def finished(trained, tmp_path):
+    """A copy of the finished run for one test (it may damage it), with the shards it trained on."""
+    import shutil
+
+    shutil.copytree(trained / "run", tmp_path / "run")
+    (tmp_path / "other").symlink_to(trained / "other")
+    return tmp_path / "run", trained / "shards"
 
 
 def test_other_settings_or_data_are_refused_and_nothing_is_written(finished, tmp_path):
@@ -83,6 +94,7 @@ def test_a_start_that_fails_before_training_leaves_no_trace(finished, tmp_path):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_second_process_cannot_train_into_the_same_directory(tmp_path):
     shards = tmp_path / "shards"
     make_shards(shards, 64, 2)
