@@ -59,8 +59,9 @@ class StepWindow:
                       "perf/optimizer_s": self.optimizer_s}
 
 
-class _Interrupt(Exception):
-    """A stop signal that arrived while waiting for data or evaluating (phases a step boundary may never end)."""
+class _Interrupt(BaseException):
+    """A stop signal that arrived while waiting for data or evaluating (phases a step boundary may never end).
+    A BaseException, as KeyboardInterrupt: code that skips a failing sample (`except Exception`) must not eat it."""
 
 
 class Trainer:

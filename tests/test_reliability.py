@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from framework.checkpoint import COMPLETE, LATEST, complete_tags, find_resume_tag
@@ -89,3 +90,38 @@ def test_sigkill_during_saves_always_leaves_a_resumable_checkpoint():
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "4 kills, 4 resumable checkpoints" in proc.stdout
+
+
+@pytest.mark.parametrize("phase", ["data", "eval"])
+def test_a_signal_stops_a_run_stuck_waiting_for_data_or_in_an_evaluation(tmp_path, phase):
+    """SIGTERM while the next batch never comes (a stalled source) or during a long evaluation: the run ends within
+    seconds with one line, not at a step boundary that may never come; a second signal is not needed."""
+    import signal
+    import time
+
+    from tests.conftest import DIST_ENV
+
+    shards = shards_in(tmp_path)
+    # the toy's batch 4 x accumulation 2: 8 samples a step; the source stalls after about 4 steps (mid-step or not)
+    stall = ["model.stall_after=40"] if phase == "data" else ["model.eval_sleep=3600", "run.eval_every=1"]
+    env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--recipe", TOY, shards,
+                             f"run.dir={tmp_path / 'run'}", "train.epochs=null", "train.max_steps=100",
+                             "data.num_workers=0", "run.save_every=1", *stall],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "config.yaml").is_file() and time.time() < deadline:
+        time.sleep(0.2)  # training has started (the config is written when it does)
+    time.sleep(3)  # now stuck in the stalled decode or the evaluation
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"SIGTERM did not stop a run stuck in {phase}")
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    where = "while waiting for data" if phase == "data" else "during evaluation"
+    assert f"interrupted: received SIGTERM {where}" in err
+    tag = find_resume_tag(tmp_path / "run" / "checkpoints")  # the last whole step is saved, the run resumable
+    assert tag is not None and (phase == "data" or tag == "step_00000001"), tag
+    assert f"(checkpoint: {tag})" in err

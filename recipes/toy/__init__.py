@@ -29,6 +29,8 @@ class ToyModelConfig:
     step_sleep: float = 0.0  # seconds each forward sleeps (a slow model)
     nan_after: int = -1  # forwards after this many return a NaN "mse" loss (-1: never)
     constant: bool = False  # predict one learned number (blind to x): a model that learns nothing, for the monitor
+    stall_after: int = -1  # decodes after this many (per process) hang for an hour: a data source that stalls
+    eval_sleep: Optional[float] = None  # an evaluation that sleeps this long (None: no evaluation)
 
 
 def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -77,9 +79,24 @@ class ToyRegressor(nn.Module):
 
 def decode(sample: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Raw sample {"npy": bytes, "json": bytes} -> {"x": Tensor[D], "y": float}."""
+    _DECODES[0] += 1
+    if 0 <= _STALL_AFTER[0] < _DECODES[0]:
+        time.sleep(3600)
     x = np.load(io.BytesIO(sample["npy"]))
     y = json.loads(sample["json"])["y"]
     return {"x": torch.from_numpy(x).float(), "y": float(y), "key": sample["__key__"]}
+
+
+_STALL_AFTER, _DECODES = [-1], [0]  # set by build (module state: DataLoader workers inherit it), decodes so far
+
+
+def sleeping_evaluation(seconds: float):
+    """An evaluation that takes `seconds` (a long evaluation, for the signal tests)."""
+    def evaluate(model: nn.Module, step: int) -> dict[str, float]:
+        time.sleep(seconds)
+        return {"slept": float(seconds)}
+
+    return evaluate
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,8 +146,10 @@ def build(cfg: ToyConfig, dist: DistInfo) -> Task:
     enabled = [n for n, o in cfg.objectives.items() if o.enabled] or ["mse"]
     torch.manual_seed(cfg.train.seed)  # same init on every rank and every run
     dataset = ToyDataset(cfg.model.dataset_size, cfg.model.in_dim) if cfg.model.dataset_size else None
+    _STALL_AFTER[0] = cfg.model.stall_after
+    evaluate = sleeping_evaluation(cfg.model.eval_sleep) if cfg.model.eval_sleep is not None else None
     return Task(model=ToyRegressor(cfg.model, enabled), decode=None if dataset else decode, collate=collate,
-                plugins=[StepCounter()], train_dataset=dataset)
+                plugins=[StepCounter()], train_dataset=dataset, evaluate=evaluate)
 
 
 RECIPE = Recipe(config=ToyConfig, objectives=tuple(LOSSES), build=build)
