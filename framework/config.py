@@ -82,6 +82,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be >= 1 or null, got {getattr(self, key)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for key in ("lr", "warmup_lr", "min_lr", "weight_decay", "clip_grad"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas must be two numbers, got {self.betas}")
 
@@ -163,6 +166,13 @@ class Config:
 
     def check(self) -> None:
         """Checks across sections (each section checks itself)."""
+        from .schedules import scheduled_value
+
+        for name, objective in self.objectives.items():
+            try:
+                scheduled_value(objective.weight, 0, 1)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"objectives.{name}.weight: {e}") from None
         if isinstance(self.distill.mode, dict) and self.objectives:
             unknown = sorted(set(self.distill.mode) - set(self.objectives))
             if unknown:
