@@ -151,6 +151,9 @@ TRAIN_CASES = [
      "image.size=30 is not a multiple of model.vit.patch_size=8"),  # the size in effect, by the key set
     ("patch size vs image", lambda d: ["--recipe", DAPT, *tiny(d, "model.vit.patch_size=5")],
      "is not a multiple of model.vit.patch_size=5"),
+    ("negative learning rate", lambda d: ["--recipe", DAPT, *tiny(d, "train.lr=-1e-4")], "train.lr must be >= 0"),
+    ("unknown weight schedule", lambda d: ["--recipe", DAPT, *tiny(d, "objectives.itm.weight={kind: exp}")],
+     "objectives.itm.weight: unknown schedule kind 'exp'; known: constant, linear, cosine"),
     ("patch size vs a larger image", lambda d: ["--recipe", DAPT, *tiny(d, "image.size=64", "model.vit.patch_size=7")],
      "image.size=64 is not a multiple of model.vit.patch_size=7"),  # not the preset's 32
     ("binary recipe file", lambda d: ["--recipe", str(d / "binary.yaml")], "binary.yaml: not a YAML text file"),
@@ -292,6 +295,8 @@ def vqa(d: Path, *extra: str) -> list[str]:
 EVALUATE_CASES = [
     ("missing recipe file", lambda d: ["--recipe", str(d / "nope.yaml")], "recipe file not found"),
     ("no --recipe", lambda d: [], "give --recipe (a VQA recipe, e.g. recipes/medblip/vqa.yaml) or --checkpoint RUN"),
+    ("checkpoint that does not exist", lambda d: ["--checkpoint", str(d / "gone")],
+     "no such file or directory (a run directory"),
     ("type error", lambda d: ["--recipe", VQA, "train.lr=fast"], "train.lr: expected a number"),
     ("unknown key", lambda d: ["--recipe", VQA, "train.lrate=1"], "unknown key train.lrate"),
     ("not a VQA recipe", lambda d: ["--recipe", DAPT], "is not a VQA recipe"),
