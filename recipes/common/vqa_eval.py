@@ -119,8 +119,8 @@ def config_for_checkpoint(recipe: Optional[str], checkpoint: Optional[str],
     from framework.rundir import run_dir_of
 
     if checkpoint is not None and not checkpoint.startswith(("http://", "https://")) and not Path(checkpoint).exists():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or directory (a run directory, a step_N "
-                                "directory, a .pth/.safetensors file or an exported transformers directory)")
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (give a run directory, a step_N directory, a "
+                                ".pth/.safetensors file or an exported transformers directory)")
     if checkpoint is None and recipe is not None:
         checkpoint = load_config(recipe, overrides).run.dir  # what trained_checkpoint will take
     run = run_dir_of(checkpoint) if checkpoint else None
