@@ -295,8 +295,8 @@ def vqa(d: Path, *extra: str) -> list[str]:
 EVALUATE_CASES = [
     ("missing recipe file", lambda d: ["--recipe", str(d / "nope.yaml")], "recipe file not found"),
     ("no --recipe", lambda d: [], "give --recipe (a VQA recipe, e.g. recipes/medblip/vqa.yaml) or --checkpoint RUN"),
-    ("checkpoint that does not exist", lambda d: ["--checkpoint", str(d / "gone")],
-     "no such file or directory (a run directory"),
+    ("checkpoint that does not exist, no recipe", lambda d: ["--checkpoint", str(d / "gone")],
+     "checkpoint not found"),
     ("type error", lambda d: ["--recipe", VQA, "train.lr=fast"], "train.lr: expected a number"),
     ("unknown key", lambda d: ["--recipe", VQA, "train.lrate=1"], "unknown key train.lrate"),
     ("not a VQA recipe", lambda d: ["--recipe", DAPT], "is not a VQA recipe"),
