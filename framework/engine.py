@@ -64,6 +64,10 @@ class _Interrupt(BaseException):
     A BaseException, as KeyboardInterrupt: code that skips a failing sample (`except Exception`) must not eat it."""
 
 
+class _StoppedOutsideStep(Exception):
+    """Raised by Trainer._interrupted once the stop is handled: fit ends as a preempted run."""
+
+
 class Trainer:
     """Trains a Run: the loop, the step boundary (log -> evaluate -> save -> stop), signals, checkpoints."""
 
@@ -75,6 +79,7 @@ class Trainer:
         self.log: Optional[RunLogger] = None  # opened by fit(): a start that failed earlier wrote nothing
         self.stop_signal: Optional[str] = None
         self.phase = "start"  # data | step | eval: where a stop signal lands
+        self.stopped_outside_step = False
         self.started = time.time()
         self.start_step = self.pos.step
         self.saved_step, self.saved_tag = (self.pos.step, run.resumed_from) if run.resumed_from else (-1, None)
@@ -87,8 +92,8 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train until the configured length, a stop signal, the time budget, or a failure; returns where it ended."""
         run, ds, pos = self.run, self.ds, self.pos
-        reason = "finished"
-        with self._run_dir(), self._signals():
+        reason, metrics = "finished", {}
+        with self._run_dir(), self._signals(), contextlib.suppress(_StoppedOutsideStep):
             while pos.step < run.total_steps and reason == "finished":
                 window, tick = StepWindow(), time.time()
                 for batch in self._epoch_batches():
@@ -137,9 +142,10 @@ class Trainer:
                         self._save()
             if reason == "finished" and self.saved_step != pos.step:
                 self._save()
-            metrics: dict[str, Any] = {}
             if reason == "finished" and run.task.evaluate:
                 metrics = self.last_eval[1] if self.last_eval[0] == pos.step else self._evaluate()
+        if self.stopped_outside_step:
+            reason = "preempted"
         return FitResult(pos.step, pos.epoch, reason, self.saved_tag, metrics)
 
     # ------------------------------------------------------------------ pieces of the loop
@@ -308,14 +314,15 @@ class Trainer:
                     signal.signal(sig, old)
 
     def _interrupted(self, where: str) -> None:
-        """A stop signal outside a step: save if no micro-batch of a step is pending (else the last checkpoint
-        stands), then stop as a preempted run."""
+        """A stop signal outside a step: save unless a step's micro-batches are pending (then the last checkpoint
+        stands and they are replayed on resume); fit then ends as preempted, like a stop at a step boundary."""
         pending = self.pos.batch_in_epoch % self.run.accum and self.phase == "data"
         if not pending and self.saved_step != self.pos.step:
             self._save()
-        where_saved = self.saved_tag or "no checkpoint yet"
-        raise KeyboardInterrupt(f"received {self.stop_signal} {where}: stopped at step {self.pos.step} "
-                                f"(checkpoint: {where_saved}); resume with run.resume=auto")
+        self.stopped_outside_step = True
+        self.log.message(f"stopped {where} at step {self.pos.step} (checkpoint: {self.saved_tag or 'none yet'}); "
+                         f"resume with run.resume=auto")
+        raise _StoppedOutsideStep
 
 
 def fit(run: Run) -> FitResult:
