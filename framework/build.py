@@ -144,6 +144,7 @@ def build_deepspeed(cfg: Config, task: Task, precision: Precision, total_steps: 
     engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     _keep_fp32_grad_norm(engine)
+    _skip_allreduce_in_a_world_of_one(engine)
     return engine
 
 
@@ -157,6 +158,25 @@ def _keep_fp32_grad_norm(engine: Any) -> None:
 
     if hasattr(engine, "clip_fp32_gradients") and engine.mpu is None:
         engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def _skip_allreduce_in_a_world_of_one(engine: Any) -> None:
+    """Alone, DeepSpeed's ZeRO-0 engine still all-reduces every gradient with itself: it copies all of them into one
+    flat buffer, reduces it over one rank and copies them back (two passes over the gradients and a buffer of their
+    size per step, for nothing). Keep only what that does to the gradients: a trainable parameter that got none gets
+    zeros (as DeepSpeed gives every rank's bucket), so AdamW treats it as before."""
+    alone = torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
+    if not alone or engine.zero_optimization() or hasattr(engine.optimizer, "get_grads_for_reduction"):
+        return  # several ranks, ZeRO's own reductions, or the bf16 optimizer's fp32 gradient buffers
+
+    def zero_fill_missing_gradients(*_args: Any, **_kwargs: Any) -> None:
+        if not engine.is_gradient_accumulation_boundary():  # DeepSpeed reduces at the boundary only
+            return
+        for p in engine.module.parameters():
+            if p.requires_grad and p.grad is None and p.numel():
+                p.grad = torch.zeros_like(p)
+
+    engine.allreduce_gradients = zero_fill_missing_gradients
 
 
 # ----------------------------------------------------------------------------- building a run

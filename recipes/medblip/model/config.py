@@ -66,6 +66,9 @@ class ModelConfig:
     grad_checkpointing_vit: bool = False  # non-reentrant activation checkpointing per ViT block
     grad_checkpointing_text: bool = False  # ... per text encoder/decoder layer
     share_image_kv: bool = True  # project the image tokens for cross-attention once per step (ITM + LM passes)
+    # text-tower attention: sdpa = torch's fused scaled_dot_product_attention; eager = transformers' written-out
+    # code (BLIP's med.py math), the one that can return attention maps (output_attentions, Grad-CAM)
+    text_attention: str = "sdpa"
     tokenizer: str = "bundled"  # bundled bert-base-uncased vocab | a local directory | a hub name (cached)
 
     def __post_init__(self) -> None:
@@ -97,6 +100,8 @@ class ModelConfig:
             raise ConfigError(f"model.alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 <= self.momentum <= 1.0:
             raise ConfigError(f"model.momentum must be in [0, 1], got {self.momentum}")
+        if self.text_attention not in ("sdpa", "eager"):
+            raise ConfigError(f"model.text_attention must be sdpa or eager, got {self.text_attention!r}")
         if self.queue_size < 1:
             raise ConfigError(f"model.queue_size must be >= 1, got {self.queue_size}")
 

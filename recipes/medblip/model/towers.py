@@ -6,6 +6,9 @@
   layers) / `BlipTextLMHeadModel`, configured as BLIP's bert_config.json (dropout 0.1, LayerNorm eps 1e-12).
 - `fix_cross_attention_mask`: transformers drops the cross-attention padding mask (DESIGN.md section 3);
   applied by both builders, so padded encoder states + mask give the unpadded result.
+- `set_text_attention`: transformers' BLIP text attention is written out (matmul, softmax, dropout, matmul; it has
+  no attention-implementation switch); "sdpa" swaps in torch's scaled_dot_product_attention (fused kernels, no
+  stored probability matrix), "eager" keeps transformers' code. The builders apply `model.text_attention`.
 - `tie_text_towers`: BLIP's tie_encoder_decoder_weights(text_encoder, text_decoder.bert, '', '/attention') at
   HEAD (one word-embedding/LM-head Parameter), or its first commit's argument order (the LM head its own).
 - `interpolate_pos_embed`: BLIP's bicubic resize of ViT position embeddings for another image size.
@@ -24,10 +27,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import BlipTextConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.blip.modeling_blip_text import (
     BlipTextAttention,
     BlipTextLMHeadModel,
     BlipTextModel,
+    BlipTextSelfAttention,
 )
 
 from recipes.medblip.model.config import ModelConfig
@@ -102,7 +107,9 @@ def text_config(cfg: ModelConfig, vocab_size: int, *, label_smoothing: float | N
         is_decoder=True,  # builds the cross-attention layers (BLIP: add_cross_attention=true); the mask
         use_cache=False,  # is chosen per call (is_decoder=False in the forward = bidirectional)
     )
-    config._attn_implementation = "eager"  # BLIP's text modules implement attention themselves
+    # BLIP's text modules implement attention themselves (SdpaSelfAttention too); "eager" makes transformers build
+    # the additive float masks [B, 1, Q, K] (0 = attend, dtype min = masked) that both implementations take
+    config._attn_implementation = "eager"
     return config
 
 
@@ -110,6 +117,7 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> BlipTextModel:
     """BLIP's text encoder (BertModel, add_pooling_layer=False) with cross-attention layers; mask fix applied."""
     encoder = BlipTextModel(text_config(cfg, vocab_size), add_pooling_layer=False)
     fix_cross_attention_mask(encoder)
+    set_text_attention(encoder, cfg.text_attention)
     set_text_grad_checkpointing(encoder, cfg.grad_checkpointing_text)
     return encoder
 
@@ -118,6 +126,7 @@ def build_text_decoder(cfg: ModelConfig, vocab_size: int) -> BlipTextLMHeadModel
     """BLIP's text decoder (BertLMHeadModel: bert + cls head) with label smoothing; mask fix applied."""
     decoder = BlipTextLMHeadModel(text_config(cfg, vocab_size))
     fix_cross_attention_mask(decoder)
+    set_text_attention(decoder, cfg.text_attention)
     set_text_grad_checkpointing(decoder, cfg.grad_checkpointing_text)
     return decoder
 
@@ -154,6 +163,64 @@ def fix_cross_attention_mask(model: nn.Module) -> int:
     for name, module in model.named_modules():
         if name.endswith("crossattention") and type(module) is BlipTextAttention:
             module.__class__ = MaskedCrossAttention  # same parameters and key names, corrected forward
+            n += 1
+    return n
+
+
+class SdpaSelfAttention(BlipTextSelfAttention):
+    """BlipTextSelfAttention through torch's scaled_dot_product_attention: the same math, one fused call.
+
+    softmax(Q K^T / sqrt(d) + mask) V with dropout on the attention weights, as transformers' eager code, but without
+    materialising the [B, heads, Q, K] probabilities for backward where a fused kernel runs (memory-efficient
+    kernels on GPUs from sm_60, flash on the CPU without dropout). Projections, the key/value cache (generation) and
+    the masks are transformers' (the additive masks `text_config` asks for). Returns no attention probabilities:
+    attention maps need model.text_attention=eager.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
+                cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        input_shape = hidden_states.shape[:-1]
+        query = self.query(hidden_states).view(*input_shape, -1, self.attention_head_size).transpose(1, 2)
+        is_cross = encoder_hidden_states is not None
+        mask = encoder_attention_mask if is_cross else attention_mask
+        # the key/value cache exactly as BlipTextSelfAttention keeps it (cross-attention keys computed once)
+        layer_cache, reuse = cache, False
+        if cache is not None and isinstance(cache, EncoderDecoderCache):
+            reuse = is_cross and bool(cache.is_updated.get(self.layer_idx))
+            layer_cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
+        if reuse:
+            key, value = layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
+        else:
+            states = encoder_hidden_states if is_cross else hidden_states
+            kv_shape = (*states.shape[:-1], -1, self.attention_head_size)
+            key = self.key(states).view(kv_shape).transpose(1, 2)
+            value = self.value(states).view(kv_shape).transpose(1, 2)
+            if cache is not None:
+                key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)
+                if is_cross and isinstance(cache, EncoderDecoderCache):
+                    cache.is_updated[self.layer_idx] = True
+        if mask is not None:
+            mask = mask.to(device=query.device, dtype=query.dtype)
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                 dropout_p=self.dropout.p if self.training else 0.0)
+        return context.transpose(1, 2).reshape(*input_shape, self.all_head_size), None
+
+
+TEXT_ATTENTION = {"sdpa": SdpaSelfAttention, "eager": BlipTextSelfAttention}
+
+
+def set_text_attention(model: nn.Module, kind: str) -> int:
+    """Run every self- and cross-attention of a BLIP text model as `kind` (sdpa | eager); returns how many.
+
+    Only the modules' class changes: parameters, key names, state dicts and deepcopies are untouched.
+    """
+    if kind not in TEXT_ATTENTION:
+        raise ValueError(f"model.text_attention: unknown {kind!r}; known: {', '.join(TEXT_ATTENTION)}")
+    n = 0
+    for module in model.modules():
+        if type(module) in (BlipTextSelfAttention, SdpaSelfAttention):
+            module.__class__ = TEXT_ATTENTION[kind]
             n += 1
     return n
 
