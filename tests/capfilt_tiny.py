@@ -57,8 +57,10 @@ def shards(folder: Path, n: int = 12, split: str = "train") -> Path:
 
 def options(folder: Path, out: Path, inputs: Path, *, k: int = 2, threshold: float = 0.5, seed: int = 0,
             batch_size: int = 4, captioner: Any = None, filter_model: Any = None, **kw: Any) -> CapFiltOptions:
+    """CapFilt of `inputs` into `out` with the tiny random model (or the given runs), fp32 on the CPU."""
     w = str(weights(folder))
+    settings = dict(recipe=RECIPE, overrides=overrides(folder), precision="fp32", device="cpu")
     return CapFiltOptions(shards=[str(inputs)], out=str(out), captioner=str(captioner or w),
                           filter=str(filter_model or captioner or w),
-                          settings=FilterSettings(SamplingOptions(k=k), threshold, seed), recipe=RECIPE,
-                          overrides=overrides(folder), batch_size=batch_size, precision="fp32", device="cpu", **kw)
+                          settings=FilterSettings(SamplingOptions(k=k), threshold, seed), batch_size=batch_size,
+                          **{**settings, **kw})

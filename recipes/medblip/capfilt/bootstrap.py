@@ -145,8 +145,10 @@ class Progress:
 
     def end_round(self, done: int) -> None:
         """Every rank's images so far (known after each round's exchange)."""
+        shown = self.done + self.round * self.ranks
         self.done, self.round = done, 0
-        self.show()
+        if done != shown or done == self.total:
+            self.show()
 
     def show(self) -> None:
         self.last = time.time()
@@ -240,4 +242,9 @@ def finish(opts: CapFiltOptions, plan: Plan, log: Callable[[str], None]) -> dict
     log(f"capfilt: {t['images']} images -> {t['samples']} pairs in {t['shards']} shards; original kept "
         f"{c['original']['kept']}, removed {c['original']['removed']}; synthetic kept {c['synthetic']['kept']}, "
         f"removed {c['synthetic']['removed']} -> {out / 'manifest.json'}")
+    if not t["samples"]:
+        median = manifest["scores"]["original"].get("deciles", [None] * 9)[4]
+        log(f"warning: no caption reached --threshold {opts.settings.threshold} (median original score {median}): "
+            "the output holds no shards. A filter whose match probabilities stay near the 1/3 prior of ITM "
+            "training has not learned enough (docs/capfilt.md); train it further or lower --threshold")
     return manifest

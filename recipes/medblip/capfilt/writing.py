@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -54,9 +55,10 @@ def read_samples(url: str) -> Iterator[dict]:
     try:
         for sample in wds.tarfile_to_samples()(iter([{"url": url}])):
             yield sample
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"input shard {url} is damaged ({str(e).split(' @ ')[0][:160]}); re-create it (e.g. "
-                        "launch/prepare_rocov2.py) or leave it out of --shards") from None
+    except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+        why = str(e.args[0] if e.args else type(e).__name__).split(" @ ")[0][:160]
+        raise DataError(f"input shard {url} is damaged ({why}); re-create it (e.g. launch/prepare_rocov2.py) or "
+                        "leave it out of --shards") from None
 
 
 def _parts(sample: dict, url: str) -> tuple[str, str, str, dict]:
