@@ -633,14 +633,55 @@ class ShardTask:
     kind: str
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)  # fixed metadata: identical inputs give identical bytes
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    """Add one file to a shard with fixed metadata (no time, owner or mode differences): identical inputs give
+    identical bytes."""
+    info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(payload), 0, 0o444, 0, 0, "", ""
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to `path` atomically (framework.files.atomic_write_text): never half a file under the name."""
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+@dataclass
+class ShardFile:
+    """A shard being written by `atomic_shard`: add members; after the block, its size and sha256 (None if empty)."""
+
+    tar: tarfile.TarFile
+    file: Any  # the .tmp file object (flushed by the crash test hook)
+    members: int = 0
+    bytes: int = 0
+    sha256: Optional[str] = None
+
+    def add(self, name: str, payload: bytes) -> None:
+        add_member(self.tar, name, payload)
+        self.members += 1
+
+
+@contextmanager
+def atomic_shard(out: Path, name: str) -> Iterator[ShardFile]:
+    """Write the tar shard `out/name` atomically: members go to `name.tmp`, which is fsynced, hashed and renamed
+    into place when the block ends. A shard with no members leaves no file; a failure deletes the partial .tmp."""
+    final, tmp = out / name, out / (name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                shard = ShardFile(tar, f)
+                yield shard
+            f.flush()
+            os.fsync(f.fileno())
+        if shard.members == 0:  # an empty tar would starve a reader: no file at all
+            tmp.unlink()
+            return
+        shard.bytes, shard.sha256 = tmp.stat().st_size, sha256_file(tmp)
+        os.replace(tmp, final)
+        fsync_dir(out)
+    except BaseException:  # disk full, an interrupt: drop the partial .tmp now rather than leave it filling the disk
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 _written_in_process = 0  # samples written by this process (for the crash test hook)
@@ -648,61 +689,42 @@ _written_in_process = 0  # samples written by this process (for the crash test h
 
 def write_shard(task: ShardTask) -> dict:
     """Write one shard atomically and its report to .prepare/<name>.json; returns the report."""
-    try:
-        return _write_shard(task)
-    except OSError:  # disk full or the like: drop the partial .tmp now rather than leave it filling the disk
-        (Path(task.out) / (task.name + ".tmp")).unlink(missing_ok=True)
-        raise
-
-
-def _write_shard(task: ShardTask) -> dict:
     global _written_in_process
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
     out = Path(task.out)
-    final, tmp = out / task.name, out / (task.name + ".tmp")
     source = _ImageSource(task.parquet_files)
     report: dict[str, Any] = {"name": task.name, "fingerprint": task.fingerprint, "samples": 0, "reencoded": 0,
                               "unreadable": [], "modalities": {}, "modality_sources": {}, "caption_modality": {}}
     modalities: Counter = Counter()
     sources: Counter = Counter()
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for rec in task.records:
-                try:
-                    payload, ext, reencoded = encode_image(source.read(rec), task.max_side, task.jpeg_quality)
-                except Exception as e:  # a bad image is reported and skipped, never fatal
-                    report["unreadable"].append({"key": rec.key, "source": rec.source,
-                                                 "error": f"{type(e).__name__}: {e}"[:200]})
-                    continue
-                modality, decided_by = decide_modality(rec.cui, rec.caption)
-                meta = {"image_id": rec.image_id, "cui": list(rec.cui), "modality": modality,
-                        "modality_source": decided_by, "source": f"{task.kind}:{rec.source}"}
-                _add(tar, f"{rec.key}.{ext}", payload)
-                _add(tar, f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())
-                _add(tar, f"{rec.key}.txt", rec.caption.strip().encode("utf-8"))
-                report["samples"] += 1
-                report["reencoded"] += int(reencoded)
-                modalities[modality or "none"] += 1
-                sources[decided_by or "none"] += 1
-                if decided_by == "caption":
-                    report["caption_modality"][rec.key] = modality
-                _written_in_process += 1
-                if crash_after and _written_in_process >= crash_after:
-                    f.flush()
-                    os._exit(17)  # simulate a kill: half a shard left in .tmp, no clean-up
-        f.flush()
-        os.fsync(f.fileno())
+    with atomic_shard(out, task.name) as shard:
+        for rec in task.records:
+            try:
+                payload, ext, reencoded = encode_image(source.read(rec), task.max_side, task.jpeg_quality)
+            except Exception as e:  # a bad image is reported and skipped, never fatal
+                report["unreadable"].append({"key": rec.key, "source": rec.source,
+                                             "error": f"{type(e).__name__}: {e}"[:200]})
+                continue
+            modality, decided_by = decide_modality(rec.cui, rec.caption)
+            meta = {"image_id": rec.image_id, "cui": list(rec.cui), "modality": modality,
+                    "modality_source": decided_by, "source": f"{task.kind}:{rec.source}"}
+            shard.add(f"{rec.key}.{ext}", payload)
+            shard.add(f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())
+            shard.add(f"{rec.key}.txt", rec.caption.strip().encode("utf-8"))
+            report["samples"] += 1
+            report["reencoded"] += int(reencoded)
+            modalities[modality or "none"] += 1
+            sources[decided_by or "none"] += 1
+            if decided_by == "caption":
+                report["caption_modality"][rec.key] = modality
+            _written_in_process += 1
+            if crash_after and _written_in_process >= crash_after:
+                shard.file.flush()
+                os._exit(17)  # simulate a kill: half a shard left in .tmp, no clean-up
     report["modalities"] = dict(sorted(modalities.items()))
     report["modality_sources"] = dict(sorted(sources.items()))
-    if report["samples"] == 0:  # every image unreadable: write no shard (an empty tar would starve a reader)
-        tmp.unlink()
-        report["bytes"], report["sha256"] = 0, None
-        _write_json_atomic(out / STATE_DIR / (task.name + ".json"), report)
-        return report
-    report["bytes"], report["sha256"] = tmp.stat().st_size, sha256_file(tmp)
-    os.replace(tmp, final)
-    fsync_dir(out)
-    _write_json_atomic(out / STATE_DIR / (task.name + ".json"), report)
+    report["bytes"], report["sha256"] = shard.bytes, shard.sha256  # 0, None: every image unreadable, no file
+    write_json_atomic(out / STATE_DIR / (task.name + ".json"), report)
     return report
 
 
@@ -722,7 +744,7 @@ def fingerprint(opts: PrepareOptions, listing: Listing, plan: list[list[Record]]
     return h.hexdigest()
 
 
-def _complete(out: Path, name: str, fp: str) -> Optional[dict]:
+def complete_report(out: Path, name: str, fp: str) -> Optional[dict]:
     """The shard's report when the shard was finished by a run with the same fingerprint."""
     rep_path, tar_path = out / STATE_DIR / (name + ".json"), out / name
     try:
@@ -738,28 +760,36 @@ def _complete(out: Path, name: str, fp: str) -> Optional[dict]:
     return report
 
 
-def _ours(path: Path) -> bool:
-    """A file a conversion writes: <split>-NNNNN.tar (or its .tmp), or a manifest.json with our fingerprint."""
+def is_prepared_name(name: str) -> bool:
+    """A shard name prepare() gives: <split>-NNNNN.tar."""
+    return _SHARD_NAME.match(name) is not None
+
+
+def _ours(path: Path, shard_name: Callable[[str], bool]) -> bool:
+    """A file a conversion writes: a shard whose name `shard_name` accepts (or its .tmp), or a manifest.json with
+    our fingerprint."""
     name = path.name[:-len(".tmp")] if path.name.endswith(".tmp") else path.name
     if name == "manifest.json":
         try:
             return path.name.endswith(".tmp") or "fingerprint" in json.loads(path.read_text())
         except (OSError, ValueError, TypeError):
             return False
-    return _SHARD_NAME.match(name) is not None
+    return shard_name(name)
 
 
-def _clean(out: Path, fp: str, planned: set[str], overwrite: bool) -> None:
+def clean_out(out: Path, fp: str, planned: set[str], overwrite: bool,
+              shard_name: Callable[[str], bool] = is_prepared_name) -> None:
     """Delete leftovers of interrupted runs; refuse to mix with shards from other inputs unless overwrite.
 
-    Only files a conversion writes are ever deleted; any other .tar or manifest.json in `out` is refused.
+    Only files a conversion writes (shard names `shard_name` accepts, their .tmp, our manifest) are ever deleted;
+    any other .tar or manifest.json in `out` is refused.
     """
     manifest = out / "manifest.json"
-    strangers = [p for p in sorted(out.glob("*.tar")) + [manifest] if p.is_file() and not _ours(p)]
+    strangers = [p for p in sorted(out.glob("*.tar")) + [manifest] if p.is_file() and not _ours(p, shard_name)]
     if strangers:
         raise PrepareError(f"{out} holds {strangers[0].name}, which no conversion wrote; choose an empty or new "
                            "--out (nothing was changed)")
-    for tmp in [p for p in out.glob("*.tmp") if _ours(p)] + list((out / STATE_DIR).glob("*.tmp")):
+    for tmp in [p for p in out.glob("*.tmp") if _ours(p, shard_name)] + list((out / STATE_DIR).glob("*.tmp")):
         tmp.unlink()
     foreign = []
     for tar in out.glob("*.tar"):
@@ -822,8 +852,9 @@ def samples_per_shard(opts: PrepareOptions, kept: int) -> int:
 
 
 @contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
+def exclusive(out: Path) -> Iterator[None]:
     """Hold .prepare/lock while writing: a second conversion into the same --out is refused, not interleaved."""
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     with open(out / STATE_DIR / "lock", "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -866,7 +897,7 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda s: print(s
         f"{len(plan)} shards of <= {n}{_sources(kept)}")
     try:
         (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-        with _exclusive(out):
+        with exclusive(out):
             return _write_all(opts, listing, kept, plan, names, fp, out, log, t0)
     except OSError as e:  # disk full, read-only, quota: what and where, then the way out
         where = f" ({e.filename})" if e.filename else ""
@@ -883,10 +914,10 @@ def _sources(kept: list[Record]) -> str:
 def _write_all(opts: PrepareOptions, listing: Listing, kept: list[Record], plan: list[list[Record]],
                names: list[str], fp: str, out: Path, log: Callable[[str], None], t0: float) -> dict:
     """Write the shards that are not complete yet, then the manifest."""
-    _clean(out, fp, set(names), opts.overwrite)
+    clean_out(out, fp, set(names), opts.overwrite)
     reports: dict[int, dict] = {}
     for i, name in enumerate(names):
-        rep = _complete(out, name, fp)
+        rep = complete_report(out, name, fp)
         if rep is not None:
             reports[i] = rep
     log(f"prepare: {len(reports)} of {len(plan)} shards already complete")
@@ -920,7 +951,7 @@ def _write_all(opts: PrepareOptions, listing: Listing, kept: list[Record], plan:
             raise PrepareError("a writer process died (killed or out of memory); re-run the same command to "
                                "finish: completed shards are kept") from None
     manifest = _manifest(opts, listing, kept, names, reports, fp)
-    _write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     t = manifest["totals"]
     log(f"prepare: wrote {t['samples']} samples in {t['shards']} shards ({t['bytes'] / 2**20:.1f} MiB), "
         f"{t['unreadable']} unreadable, {time.time() - t0:.1f} s -> {manifest_path}")

@@ -3,7 +3,8 @@
 `python launch/make_table.py RUN_DIR[=LABEL] ... [--out DIR]`.
 
 Each RUN_DIR holds the metrics.json written by launch/evaluate.py (or by the final evaluation of training).
-LABEL is baseline | dapt | psd (DAPT+PSD) to put the paper's row beside it (or scratch: random weights); without one it is guessed from the run
+LABEL is baseline | dapt | psd (DAPT+PSD) to put the paper's row beside it (or scratch: random weights; dapt-noisy /
+dapt-capfilt: DAPT on noisy vs CapFilt-bootstrapped captions, no paper row); without one it is guessed from the run
 directory name. The majority-answer baseline of the first run's split is added as a reference row.
 """
 from __future__ import annotations
@@ -23,9 +24,11 @@ PAPER: dict[str, dict[str, Optional[float]]] = {
     "psd": {"accuracy": 0.742, "accuracy_closed": 0.845, "accuracy_open": 0.597, "edit_similarity": 0.828},
 }
 ROW_NAMES = {"baseline": "BLIP baseline", "dapt": "DAPT", "psd": "DAPT + PSD",
-             "scratch": "No pretraining (random weights)"}  # not in the paper: a lower bound of ours
+             "scratch": "No pretraining (random weights)",  # not in the paper: a lower bound of ours
+             # not in the paper: DAPT on noisy captions vs on their CapFilt bootstrap (demo --compare, docs/capfilt.md)
+             "dapt-noisy": "DAPT on noisy captions", "dapt-capfilt": "DAPT on CapFilt-bootstrapped captions"}
 ALIASES = {"baseline": "baseline", "blip": "baseline", "dapt": "dapt", "psd": "psd", "dapt+psd": "psd",
-           "scratch": "scratch"}
+           "scratch": "scratch", "dapt-noisy": "dapt-noisy", "dapt-capfilt": "dapt-capfilt"}
 COLUMNS = [("accuracy", "Acc"), ("accuracy_closed", "Closed"), ("accuracy_open", "Open"),
            ("edit_similarity", "Edit sim")]
 CAVEAT = ("Paper numbers: the reference study (BLIP base, image 224, frozen ViT, one P100). Its split is not "
@@ -70,7 +73,8 @@ def read_run(spec: str) -> tuple[str, Optional[str], dict[str, Any]]:
         raise TableError(f"{path}: not a VQA metrics.json (expected the keys 'metrics' and 'scores')") from None
     key = ALIASES.get(label.lower()) if label else guess_label(path.parent, doc)
     if label and key is None:
-        raise TableError(f"{spec}: unknown label {label!r}; use baseline, dapt, psd or scratch")
+        raise TableError(f"{spec}: unknown label {label!r}; use baseline, dapt, psd, scratch, dapt-noisy or "
+                         "dapt-capfilt")
     name = ROW_NAMES.get(key, path.parent.name) if key else path.parent.name
     return name, key, doc
 

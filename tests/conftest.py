@@ -93,3 +93,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A world of one (gloo), as `deepspeed --num_gpus 1` gives on a CPU machine."""
+    import deepspeed
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -24,7 +24,6 @@ from framework.engine import fit
 from recipes.medblip import pretrain
 from recipes.medblip.model.weights import save_weights
 from tests.conftest import ROOT
-from tests.test_medblip_deepspeed import one_rank  # noqa: F401 - a world of one (gloo) for DeepSpeed
 
 STEPS, BATCH, QUEUE = 3, 4, 8  # the queue wraps within the run (8 columns, 4 per step)
 LR, WEIGHT_DECAY, ALPHA, ALPHA_RAMP, MOMENTUM = 2e-3, 0.05, 0.4, 2, 0.995

@@ -1,8 +1,6 @@
 """MedBLIP under real DeepSpeed on the CPU (one in-process gloo rank): fp32/bf16, ZeRO 0/2, activation checkpointing."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -11,28 +9,9 @@ from framework.config import config_from_dict
 from framework.distributed import DistInfo
 from recipes.medblip import pretrain
 from recipes.medblip.model.weights import load_pretrained
-from tests.conftest import DIST_ENV, free_port
 from tests.test_medblip_model import CAPTIONS
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A world of one (gloo), as `deepspeed --num_gpus 1` gives on a CPU machine."""
-    import deepspeed
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def make_cfg(precision: str, zero: int):

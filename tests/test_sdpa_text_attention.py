@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
 from recipes.medblip.model.blip_pretrain import MedBlipPretrain
 from recipes.medblip.model.config import ModelConfig
@@ -22,7 +23,6 @@ from recipes.medblip.model.towers import (
     build_text_encoder,
     set_text_attention,
 )
-from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
 CLS, SEP, PAD, DEC = 101, 102, 0, 30522
 VOCAB = 30524

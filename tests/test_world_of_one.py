@@ -12,7 +12,6 @@ from torch import nn
 from framework.build import build_deepspeed, resolve_precision
 from framework.config import config_from_dict
 from framework.task import Task
-from tests.test_medblip_deepspeed import one_rank  # noqa: F401 - a world of one (gloo) for DeepSpeed
 
 STEPS = 3
 

@@ -26,8 +26,8 @@ from timm.layers import use_reentrant_ckpt
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import BlipTextConfig
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.blip.modeling_blip_text import (
     BlipTextAttention,
     BlipTextLMHeadModel,
