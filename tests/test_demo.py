@@ -167,3 +167,25 @@ def test_demo_end_to_end_learns_in_under_five_minutes(tmp_path: Path) -> None:
     for stage in ("dapt", "psd", "vqa-psd"):  # TensorBoard events for every stage
         assert list((tmp_path / "runs" / stage / "tb").glob("events.out.tfevents.*")), stage
     assert "tensorboard --logdir" in res.stdout
+
+
+def test_make_table_labels_phantom_results_as_phantoms(tmp_path: Path) -> None:
+    from tests.conftest import load_launch
+
+    doc = json.loads(_metrics(tmp_path, 0.8, 0.41, 0.33).read_text())
+    doc["baselines"]["majority_per_type"]["answers"] = {"closed": "no", "open": "mri"}
+    for group in doc["baselines"]["majority_per_type"]["scores"].values():
+        group["edit_similarity"] = group["accuracy"]
+    doc |= {"metrics": {"accuracy": 0.8}, "inference": {"mode": "rank"},
+            "split": {"split": "official", "test": 10, "description": "VQA-RAD official split: test = ..."}}
+    run = tmp_path / "vqa-psd"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(doc))
+    make_table = load_launch("make_table")
+    assert make_table.main([f"{run}=psd", "--data", "phantoms", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "table1.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| DAPT + PSD") or line.startswith("| Majority")]
+    assert len(rows) == 2 and all("| phantoms, official layout |" in r for r in rows)
+    assert "- Data: phantoms, not VQA-RAD." in table and "- Split:" not in table
+    assert make_table.main([f"{run}=psd", "--out", str(tmp_path)]) == 0  # real VQA-RAD runs: as before
+    assert "| official |" in (tmp_path / "table1.md").read_text()
