@@ -1,9 +1,15 @@
 """Seeded radiology-like phantoms for the offline demo: caption shards and a VQA-RAD-format question set.
 
-Every image is an axial slice of a head or an abdomen, CT-like or MR-like, with or without one focal
-lesion (left or right, bright or dark, small or large). Captions describe it and every answer follows
-from the pixels, so a tiny BLIP can learn the task on a CPU in a minute or two and beat the
-majority answer clearly.
+Every image is an axial slice of a head or an abdomen of an adult or a child, CT-like (with or without
+contrast) or MR-like (T1 or T2 weighted), with or without one focal lesion (left or right, bright or
+dark, small or large). Captions state every one of these attributes and every answer follows from the
+pixels, so a tiny BLIP can learn the task on a CPU in a minute or two and beat the majority answer clearly.
+
+Why so many attributes: BLIP's ITM takes as negatives the in-batch captions most similar to the positive.
+With only modality, organ and the lesion described, half of the images (the lesion-free ones) fell into 4
+descriptions, 76% of the samples of a batch of 32 had a twin with the same description, and the "negatives"
+mined from them were true matches: the best ITM head then answers "no match" to every pair (accuracy 2/3).
+Age and contrast/weighting (global, easy to see) make 144 descriptions and twins rare (see docs/demo.md).
 
 Sides follow the radiological convention: the patient's left is on the image's right.
 Everything is a pure function of (seed, split, index): a sample never changes when counts change.
@@ -25,10 +31,11 @@ from PIL import Image
 
 from framework.files import sha256_file
 
-VERSION = 4  # bump when rendering or text changes: make_demo_data regenerates on a version change
+VERSION = 5  # bump when rendering or text changes: make_demo_data regenerates on a version change
 VQA_JSON = "VQA_RAD Dataset Public.json"  # the official release's file and folder names
 VQA_IMAGES = "VQA_RAD Image Folder"
 _SPLIT_IDS = {"train": 1, "val": 2, "vqa_train": 3, "vqa_test": 4}
+CASE_LABELS = ("modality", "phase", "organ", "age", "lesion", "side", "brightness", "size")  # what a caption states
 
 
 # ----------------------------------------------------------------------------- one case
@@ -41,6 +48,8 @@ class Case:
     modality: str  # "ct" | "mri"
     organ: str  # "head" | "abdomen"
     lesion: bool
+    age: str = "adult"  # "adult" | "child" (a smaller body)
+    phase: str = "plain"  # CT: "plain" | "contrast" (enhanced tissue, a bright vessel); MRI: "t1" | "t2"
     side: Optional[str] = None  # patient side "left" | "right" (image right | image left)
     brightness: Optional[str] = None  # "bright" | "dark"
     size: Optional[str] = None  # "small" | "large"
@@ -53,21 +62,25 @@ class Case:
 
 
 def sample_case(rng: np.random.Generator, lesion_prob: float = 0.5) -> Case:
-    """Draw a case with independent uniform attributes (modality, organ, side, brightness, size)."""
+    """Draw a case with independent uniform attributes (modality, organ, age, phase, side, brightness, size)."""
     modality = ("ct", "mri")[rng.integers(2)]
     organ = ("head", "abdomen")[rng.integers(2)]
+    age = ("adult", "child")[rng.integers(2)]
+    phase = PHASES[modality][rng.integers(2)]
+    scale = 1.0 if age == "adult" else CHILD_SCALE
     center = (float(rng.uniform(-0.03, 0.03)), float(rng.uniform(-0.03, 0.03)))
     if organ == "head":
-        axes = (float(rng.uniform(0.67, 0.73)), float(rng.uniform(0.81, 0.87)))
+        axes = (float(rng.uniform(0.67, 0.73)) * scale, float(rng.uniform(0.81, 0.87)) * scale)
     else:
-        axes = (float(rng.uniform(0.85, 0.91)), float(rng.uniform(0.59, 0.65)))
-    case = Case(modality, organ, False, center=center, axes=axes, noise_seed=int(rng.integers(2**31)))
+        axes = (float(rng.uniform(0.85, 0.91)) * scale, float(rng.uniform(0.59, 0.65)) * scale)
+    case = Case(modality, organ, False, age, phase, center=center, axes=axes, noise_seed=int(rng.integers(2**31)))
     if rng.random() < lesion_prob:
         case.lesion = True
         case.side = ("left", "right")[rng.integers(2)]
         case.brightness = ("bright", "dark")[rng.integers(2)]
         case.size = ("small", "large")[rng.integers(2)]
-        case.lesion_radius = float(rng.uniform(0.15, 0.17) if case.size == "small" else rng.uniform(0.27, 0.3))
+        radius = rng.uniform(0.15, 0.17) if case.size == "small" else rng.uniform(0.27, 0.3)
+        case.lesion_radius = float(radius * (1.0 if age == "adult" else CHILD_LESION_SCALE))
         # Lateral offset as a fraction of the half-axis, clear of the midline structures.
         frac = rng.uniform(0.42, 0.5) if organ == "head" else rng.uniform(0.45, 0.55)
         sign = 1.0 if case.side == "left" else -1.0  # patient left = image right
@@ -78,18 +91,28 @@ def sample_case(rng: np.random.Generator, lesion_prob: float = 0.5) -> Case:
 
 # ----------------------------------------------------------------------------- rendering
 
-# Tissue intensities in [0, 1]: CT has a bright bone rim and dark fat; MR (T2-like) a bright scalp/fat rim,
-# a dark skull and bright fluid. The two modalities differ in rim, tissue level and noise.
+PHASES = {"ct": ("plain", "contrast"), "mri": ("t1", "t2")}
+CHILD_SCALE = 0.8  # a child's body outline, relative to an adult's
+CHILD_LESION_SCALE = 0.85  # lesions shrink less than the body: a large lesion in a child stays larger than a small one
+# Tissue intensities in [0, 1]: CT has a bright bone rim and dark fat; MR a bright scalp/fat rim and a dark skull.
+# CT with contrast: enhanced tissue and a bright vessel (aorta / sagittal sinus). MR T2: bright fluid (ventricles,
+# kidneys), T1: dark fluid. Modality shows in rim, tissue level and noise; phase in fluid, tissue and the vessel.
 _LEVELS = {
-    "ct": {"outer": 0.95, "inner": 0.95, "tissue": 0.42, "fluid": 0.2, "spine": 0.95, "noise": 0.03},
-    "mri": {"outer": 0.85, "inner": 0.08, "tissue": 0.55, "fluid": 0.88, "spine": 0.2, "noise": 0.045},
+    ("ct", "plain"): {"outer": 0.95, "inner": 0.95, "tissue": 0.38, "fluid": 0.18, "kidney": 0.42, "spine": 0.95,
+                      "vessel": 0.42, "noise": 0.03},
+    ("ct", "contrast"): {"outer": 0.95, "inner": 0.95, "tissue": 0.47, "fluid": 0.18, "kidney": 0.75, "spine": 0.95,
+                         "vessel": 0.95, "noise": 0.03},
+    ("mri", "t1"): {"outer": 0.85, "inner": 0.08, "tissue": 0.58, "fluid": 0.12, "kidney": 0.3, "spine": 0.2,
+                    "vessel": 0.1, "noise": 0.045},
+    ("mri", "t2"): {"outer": 0.75, "inner": 0.08, "tissue": 0.55, "fluid": 0.9, "kidney": 0.88, "spine": 0.2,
+                    "vessel": 0.1, "noise": 0.045},
 }
 _LESION_CONTRAST = {"bright": 0.5, "dark": -0.38}
 
 
 def render(case: Case, size: int = 64, with_lesion: bool = True) -> np.ndarray:
     """Draw `case` as a float32 image [size, size] in [0, 1] (with_lesion=False: the same slice, no lesion)."""
-    lv = _LEVELS[case.modality]
+    lv = _LEVELS[(case.modality, case.phase)]
     rng = np.random.default_rng(case.noise_seed)
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
     x, y = np.meshgrid(coords, coords)
@@ -103,10 +126,17 @@ def render(case: Case, size: int = 64, with_lesion: bool = True) -> np.ndarray:
         for s in (-1, 1):  # two ventricles either side of the midline
             v = ((x - cx - s * 0.1 * a) / (0.07 * a)) ** 2 + ((y - cy) / (0.25 * b)) ** 2
             img[v <= 1] = lv["fluid"]
+        sinus = ((x - cx) / (0.1 * a)) ** 2 + ((y - cy - 0.78 * b) / (0.07 * b)) ** 2  # posterior midline
+        img[sinus <= 1] = lv["vessel"]
     else:
         img[rho <= 1.0] = lv["outer"] * 0.3 if case.modality == "ct" else lv["outer"]  # subcutaneous fat
         img[rho <= 0.9] = lv["tissue"]
-        spine = ((x - cx) / 0.1) ** 2 + ((y - cy - 0.62 * b) / 0.1) ** 2
+        for s in (-1, 1):  # two kidneys either side of the spine (symmetric: never mistaken for a lesion)
+            k = ((x - cx - s * 0.32 * a) / (0.1 * a)) ** 2 + ((y - cy - 0.45 * b) / (0.18 * b)) ** 2
+            img[k <= 1] = lv["kidney"]
+        aorta = ((x - cx) / (0.09 * a)) ** 2 + ((y - cy - 0.3 * b) / (0.13 * b)) ** 2  # in front of the spine
+        img[aorta <= 1] = lv["vessel"]
+        spine = ((x - cx) / (0.1 * a / 0.88)) ** 2 + ((y - cy - 0.62 * b) / (0.1 * b / 0.62)) ** 2
         img[spine <= 1] = lv["spine"]
     body = rho <= 1.0
     # Smooth texture (upsampled coarse noise) plus fine noise, inside the body only.
@@ -148,19 +178,26 @@ _REGION = {"head": "hemisphere", "abdomen": "abdomen"}
 _ORGAN_WORDS = {"head": ["head", "brain"], "abdomen": ["abdomen", "abdomen"]}
 
 
+_PHASE_WORDS = {"plain": ["unenhanced", "plain"], "contrast": ["contrast enhanced", "post contrast"],
+                "t1": ["t1 weighted", "t1"], "t2": ["t2 weighted", "t2"]}
+_AGE_WORDS = {"adult": ["in an adult", "in an adult patient"], "child": ["in a child", "in a paediatric patient"]}
+
+
 def caption(case: Case, rng: np.random.Generator) -> str:
-    """A radiology-style caption that names modality, organ and the lesion (or its absence)."""
+    """A radiology-style caption that names every attribute: modality, phase, organ, age and the lesion (or none)."""
     mod = _MOD_WORDS[case.modality][rng.integers(2)]
+    scan = f"{_PHASE_WORDS[case.phase][rng.integers(2)]} {mod}"
     organ = _ORGAN_WORDS[case.organ][rng.integers(2)]
+    age = _AGE_WORDS[case.age][rng.integers(2)]
     if not case.lesion:
-        return [f"axial {mod} of the {organ} with no focal lesion",
-                f"normal axial {mod} of the {organ}",
-                f"{mod} of the {organ} without abnormality"][rng.integers(3)]
+        return [f"axial {scan} of the {organ} {age} with no focal lesion",
+                f"normal axial {scan} of the {organ} {age}",
+                f"{scan} of the {organ} {age} without abnormality"][rng.integers(3)]
     look = case.brightness if rng.random() < 0.6 else _TECH[(case.modality, case.brightness)]
     where = f"{case.side} {_REGION[case.organ]}"
-    return [f"axial {mod} of the {organ} showing a {case.size} {look} lesion in the {where}",
-            f"a {case.size} {look} lesion is seen in the {where} on this axial {mod}",
-            f"{mod} of the {organ}: {case.size} {look} lesion in the {where}"][rng.integers(3)]
+    return [f"axial {scan} of the {organ} {age} showing a {case.size} {look} lesion in the {where}",
+            f"a {case.size} {look} lesion is seen in the {where} on this axial {scan} {age}",
+            f"{scan} of the {organ} {age}: {case.size} {look} lesion in the {where}"][rng.integers(3)]
 
 
 def _yes(flag: bool) -> str:
@@ -386,8 +423,7 @@ def _basic_tokens(text: str) -> list[str]:
 
 
 def _case_labels(case: Case) -> dict[str, Any]:
-    return {k: v for k, v in asdict(case).items() if k in ("modality", "organ", "lesion", "side", "brightness",
-                                                           "size")}
+    return {k: v for k, v in asdict(case).items() if k in CASE_LABELS}
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

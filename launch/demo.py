@@ -2,12 +2,13 @@
 """The whole method on generated phantoms, offline on a CPU in a few minutes: data -> DAPT -> PSD -> VQA -> report.
 
 Every stage is the command a user would run on real data (printed as it starts), with the demo recipes in
-recipes/medblip/demo/ and paths pointed at --data and --runs. The report compares the fine-tuned model with the
-majority-answer baselines on the demo's test questions; the exit status is 1 if the model does not beat them.
+recipes/medblip/demo/ and paths pointed at --data and --runs. The verdict checks that every objective learned, each by
+a margin over its chance level (the `CHECKS` below); the exit status is 1 if one of them did not.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,13 @@ RECIPES = ROOT / "recipes" / "medblip" / "demo"
 VQA_RUNS = [("vqa-psd", "psd", "psd", "from DAPT+PSD"), ("vqa-dapt", "dapt", "dapt", "from DAPT only"),
             ("vqa-scratch", None, "scratch", "from random weights (no pretraining)")]
 STAGES = ("dapt", "psd", *(r[0] for r in VQA_RUNS))
+# Pass/fail margins over chance. The figures differ from machine to machine (float rounding of the CPU's kernels
+# grows over ~1,500 steps) and from seed to seed; these margins sit well inside the spread measured over seeds and
+# kernel paths (docs/demo.md) and far above what a model that learned nothing scores.
+VQA_MARGIN = 0.15  # fine-tuned accuracy minus the better majority-answer baseline
+ITM_MIN = 0.70  # held-out ITM accuracy after DAPT; 2/3 is a head that always answers "no match"
+RECALL_CHANCE_X = 3  # held-out recall@1 (mean of image->text, text->image) after DAPT, in multiples of chance 1/N
+_EVAL = re.compile(r"^eval step (\d+): (.*)$")
 # Lines of a stage's output worth showing live (the full output goes to <runs>/<stage>.log).
 _SHOW = re.compile(r"^(step \d|eval step|done:|error|VQA-RAD split|stopped"  # training
                    r"|split:|\s+acc\s|-{20}|model |majority)|Error")  # evaluate.py's table
@@ -53,6 +61,22 @@ def _run(name: str, args: list[str], log: Path, env: dict[str, str]) -> float:
     took = time.time() - t0
     print(f"   ({took:.0f} s)", flush=True)
     return took
+
+
+def final_eval(log: Path) -> dict[str, float]:
+    """The last validation line of a training stage's log ("eval step N: name value, ...") as {name: value}."""
+    found: dict[str, float] = {}
+    for line in log.read_text().splitlines():
+        m = _EVAL.match(line)
+        if m:
+            found = {"step": float(m.group(1))}
+            for item in m.group(2).split(", "):
+                name, _, value = item.rpartition(" ")
+                try:
+                    found[name] = float(value)
+                except ValueError:
+                    pass
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,32 +128,81 @@ def main(argv: list[str] | None = None) -> int:
                                              runs / f"evaluate-{name}.log", env)
             runs_for_table.append(f"{runs / name}={label}" if label else str(runs / name))
         times["report"] = _run("report (Table 1 layout)", [str(ROOT / "launch" / "make_table.py"), *runs_for_table,
-                                                           "--out", str(runs)], runs / "report.log", env)
+                                                           "--data", "phantoms", "--out", str(runs)],
+                               runs / "report.log", env)
     except (DemoError, ValueError, OSError) as e:  # a failed stage, bad --seed/--data: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     total = time.time() - t_start
     report = runs / "table1.md"
     print("\n" + report.read_text() if report.is_file() else "", flush=True)
-    print("(The paper's columns are BLIP-base on real VQA-RAD; the demo's rows are a tiny model on phantoms.)")
-    verdict = check(runs / "vqa-psd" / "metrics.json")
+    verdict = check(runs / "vqa-psd" / "metrics.json", final_eval(runs / "dapt.log"))
     print(f"{verdict['message']}\nstage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
           + f"; total {total:.0f}s\nTensorBoard: tensorboard --logdir {runs}   (then open http://localhost:6006)",
           flush=True)
-    (runs / "demo.json").write_text(json.dumps({**verdict, "seconds": times, "total_seconds": total}, indent=1))
-    return 0 if verdict["beats_majority"] else 1
+    (runs / "demo.json").write_text(json.dumps({**verdict, "seconds": times, "total_seconds": total,
+                                                "environment": environment(args.threads),
+                                                "data_sha256": data_fingerprint(data)}, indent=1))
+    return 0 if verdict["passed"] else 1
 
 
-def check(metrics_file: Path) -> dict:
-    """The fine-tuned accuracy against the best majority-answer baseline on the same test questions."""
+def environment(threads: int) -> dict[str, object]:
+    """What decides the exact figures besides the seed: library versions, the CPU kernels torch picks, threads."""
+    import numpy
+    import PIL
+    import torch
+
+    kernel_vars = {k: v for k, v in os.environ.items() if k.startswith(("ATEN_CPU", "MKL_", "ONEDNN_", "DNNL_"))}
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkl": torch.backends.mkl.is_available(), "numpy": numpy.__version__, "pillow": PIL.__version__,
+            "threads": threads, "kernel_env": kernel_vars, "cpu": _cpu_model()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def data_fingerprint(data: Path) -> str:
+    """sha256 over the generated files (names and bytes): equal on two machines = the same demo data."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in data.rglob("*") if p.is_file() and p.name != "phantoms.json"):
+        h.update(str(f.relative_to(data)).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def check(metrics_file: Path, dapt: dict[str, float]) -> dict:
+    """Verdict: VQA accuracy vs the better majority baseline, DAPT's held-out ITM accuracy and recall@1 vs chance.
+
+    `dapt` is the DAPT stage's final validation (final_eval); each check passes with the margin set at the top.
+    """
     doc = json.loads(metrics_file.read_text())
     acc = doc["scores"]["overall"]["accuracy"]
     majority = max(b["scores"]["overall"]["accuracy"] for b in doc["baselines"].values())
-    beats = acc > majority
-    msg = (f"fine-tuned accuracy {acc:.3f} vs majority baseline {majority:.3f} on {doc['evaluated_questions']} "
-           f"test questions: {'the model learned' if beats else 'NOT above the baseline'}")
-    return {"accuracy": acc, "majority": majority, "beats_majority": beats, "message": msg,
-            "closed": doc["scores"]["closed"]["accuracy"], "open": doc["scores"]["open"]["accuracy"]}
+    n = dapt.get("samples", 0.0)
+    recall1 = (dapt.get("i2t_r1", 0.0) + dapt.get("t2i_r1", 0.0)) / 2
+    chance = 1 / n if n else float("nan")
+    checks = [
+        {"name": "VQA accuracy", "value": acc, "chance": majority, "threshold": majority + VQA_MARGIN,
+         "what": f"majority baseline {majority:.3f} + {VQA_MARGIN}, on {doc['evaluated_questions']} test questions"},
+        {"name": "DAPT held-out ITM accuracy", "value": dapt.get("itm_acc", 0.0), "chance": 2 / 3,
+         "threshold": ITM_MIN, "what": f"2/3 = always 'no match'; pass >= {ITM_MIN}"},
+        {"name": "DAPT held-out recall@1", "value": recall1, "chance": chance, "threshold": RECALL_CHANCE_X * chance,
+         "what": f"mean of image->text and text->image over {n:.0f} pairs, chance 1/{n:.0f} = {chance:.3f}; "
+                 f"pass >= {RECALL_CHANCE_X}x chance"}]
+    for c in checks:
+        c["ok"] = bool(c["value"] >= c["threshold"])  # NaN (no validation found) fails
+    passed = all(c["ok"] for c in checks)
+    lines = [f"  {'ok ' if c['ok'] else 'NOT'} {c['name']} {c['value']:.3f} ({c['what']})" for c in checks]
+    msg = ("every objective learned:" if passed else "NOT every objective learned:") + "\n" + "\n".join(lines)
+    return {"passed": passed, "checks": checks, "message": msg, "accuracy": acc, "majority": majority,
+            "closed": doc["scores"]["closed"]["accuracy"], "open": doc["scores"]["open"]["accuracy"], "dapt": dapt}
 
 
 if __name__ == "__main__":

@@ -93,14 +93,19 @@ def _fmt(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def build_rows(runs: list[tuple[str, Optional[str], dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: model, run dir, split, n, then (ours, paper) per metric."""
+def build_rows(runs: list[tuple[str, Optional[str], dict[str, Any]]],
+               data: str = "VQA-RAD") -> tuple[list[str], list[list[str]]]:
+    """Header and rows: model, split (with the data set when it is not VQA-RAD), n, then (ours, paper) per metric."""
     header = ["Model", "Split", "n"]
     for _, title in COLUMNS:
         header += [f"{title} (ours)", f"{title} (paper)"]
     rows = []
+
+    def split(doc: dict[str, Any]) -> str:
+        return doc["split"]["split"] if data == "VQA-RAD" else f"{data}, {doc['split']['split']} layout"
+
     for name, key, doc in runs:
-        row = [name, doc["split"]["split"], str(doc.get("evaluated_questions", doc["split"]["test"]))]
+        row = [name, split(doc), str(doc.get("evaluated_questions", doc["split"]["test"]))]
         paper = PAPER.get(key or "", {})
         for metric, _ in COLUMNS:
             row += [_fmt(doc["metrics"].get(metric)), _fmt(paper.get(metric))]
@@ -108,7 +113,7 @@ def build_rows(runs: list[tuple[str, Optional[str], dict[str, Any]]]) -> tuple[l
     first = runs[0][2]
     base = first["baselines"]["majority_per_type"]
     answers = base["answers"]
-    row = [f"Majority answer per type ({answers['closed']!r} / {answers['open']!r})", first["split"]["split"],
+    row = [f"Majority answer per type ({answers['closed']!r} / {answers['open']!r})", split(first),
            str(base["scores"]["overall"]["count"])]
     for metric, _ in COLUMNS:
         group = metric.split("_")[-1] if metric.startswith("accuracy_") else "overall"
@@ -128,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories (or metrics.json files), optionally =LABEL")
     parser.add_argument("--out", default=None, help="write table1.md and table1.csv into this directory")
+    parser.add_argument("--data", default="VQA-RAD",
+                        help="what the questions are when not VQA-RAD (the demo: phantoms); named in the table")
     args = parser.parse_args(argv)
     try:
         runs = [read_run(spec) for spec in args.runs]
@@ -135,11 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    header, rows = build_rows(runs)
+    header, rows = build_rows(runs, args.data)
     splits = sorted({doc["split"]["split"] for _, _, doc in runs})
-    notes = [f"Split: {', '.join(splits)} ({runs[0][2]['split']['description']})." if len(splits) == 1 else
-             f"Warning: the runs use different splits ({', '.join(splits)}); their numbers are not comparable.",
-             "Inference: " + "; ".join(f"{name}: {doc['inference']['mode']}" for name, _, doc in runs) + ".",
+    if len(splits) > 1:
+        first = f"Warning: the runs use different splits ({', '.join(splits)}); their numbers are not comparable."
+    elif args.data == "VQA-RAD":
+        first = f"Split: {splits[0]} ({runs[0][2]['split']['description']})."
+    else:  # not VQA-RAD: say so, and that only the file layout and the split rules are VQA-RAD's
+        first = (f"Data: {args.data}, not VQA-RAD. The questions are in VQA-RAD's file layout and split by the rules "
+                 f"of its '{splits[0]}' split ({runs[0][2]['split']['description']}). The paper's columns are BLIP "
+                 "base on the real VQA-RAD, shown for the layout only: not comparable with these rows.")
+    notes = [first, "Inference: " + "; ".join(f"{name}: {doc['inference']['mode']}" for name, _, doc in runs) + ".",
              CAVEAT]
     text = markdown(header, rows, notes)
     print(text, end="")

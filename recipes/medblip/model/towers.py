@@ -100,7 +100,7 @@ def text_config(cfg: ModelConfig, vocab_size: int, *, label_smoothing: float | N
         intermediate_size=t.intermediate, num_hidden_layers=t.layers, num_attention_heads=t.heads,
         max_position_embeddings=t.max_position, hidden_act="gelu", layer_norm_eps=1e-12,
         hidden_dropout_prob=t.dropout, attention_probs_dropout_prob=t.attention_dropout,
-        initializer_range=0.02, pad_token_id=PAD_ID,
+        initializer_range=t.initializer_range, pad_token_id=PAD_ID,
         bos_token_id=DEC_ID if ids_fit else None, eos_token_id=SEP_ID if ids_fit else None,
         sep_token_id=SEP_ID if ids_fit else None,
         label_smoothing=cfg.label_smoothing if label_smoothing is None else label_smoothing,
