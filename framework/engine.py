@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import signal
 import time
 from dataclasses import dataclass, field
@@ -45,9 +44,15 @@ class StepWindow:
     lr: float = 0.0
     logs: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, logs: dict[str, Any]) -> None:
+    def add(self, logs: dict[str, Any], samples: int, times: tuple[float, float, float, float]) -> None:
+        """One micro-batch: its logs (summed), its samples, and times (start, after forward, backward, step)."""
         for k, v in logs.items():  # tensors stay on their device until the step ends (no host sync here)
             self.logs[k] = self.logs.get(k, 0.0) + v
+        self.samples += samples
+        self.micro += 1
+        self.forward_s += times[1] - times[0]
+        self.backward_s += times[2] - times[1]
+        self.optimizer_s += times[3] - times[2]
 
     def scalars(self) -> dict[str, float]:
         """Per-step means of the logs and the step's performance figures."""
@@ -65,7 +70,7 @@ class _Interrupt(BaseException):
 
 
 class _StoppedOutsideStep(Exception):
-    """Raised by Trainer._interrupted once the stop is handled: fit ends as a preempted run."""
+    """Raised by Trainer._interrupted once the stop is handled: fit ends as a preempted run (with no evaluation)."""
 
 
 class Trainer:
@@ -74,18 +79,17 @@ class Trainer:
     def __init__(self, run: Run):
         self.run, self.cfg, self.ds, self.pos = run, run.cfg, run.ds, run.position
         self.health = HealthMonitor(run.cfg.run)
-        fp16 = run.ds.config.get("fp16", {}) if isinstance(run.ds.config, dict) else {}
-        self.min_loss_scale = float(fp16.get("min_loss_scale", 1.0))
+        self.min_loss_scale = float(run.ds.config.get("fp16", {}).get("min_loss_scale", 1.0))  # DeepSpeed's default
         self.log: Optional[RunLogger] = None  # opened by fit(): a start that failed earlier wrote nothing
         self.stop_signal: Optional[str] = None
         self.phase = "start"  # data | step | eval: where a stop signal lands
-        self.stopped_outside_step = False
         self.started = time.time()
         self.start_step = self.pos.step
         self.saved_step, self.saved_tag = (self.pos.step, run.resumed_from) if run.resumed_from else (-1, None)
         self.last_save_s = 0.0
         self.last_eval: tuple[int, dict[str, Any]] = (-1, {})
         self.budget = parse_duration(run.cfg.run.time_budget) if run.cfg.run.time_budget else None
+        self.save_every, self.eval_every = parse_every(run.cfg.run.save_every), parse_every(run.cfg.run.eval_every)
 
     # ------------------------------------------------------------------ the loop
 
@@ -93,58 +97,55 @@ class Trainer:
         """Train until the configured length, a stop signal, the time budget, or a failure; returns where it ended."""
         run, ds, pos = self.run, self.ds, self.pos
         reason, metrics = "finished", {}
-        with self._run_dir(), self._signals(), contextlib.suppress(_StoppedOutsideStep):
-            while pos.step < run.total_steps and reason == "finished":
-                window, tick = StepWindow(), time.time()
-                for batch in self._epoch_batches():
-                    window.data_s += time.time() - tick
-                    t0 = time.time()
-                    run.skipped_samples += int(batch.pop(SKIPPED, 0))
-                    output = run.forward(batch)  # {"losses": ..., "metrics": ..., "chance": ...}
-                    loss, logs = run.combine(output, pos.step)
-                    pos.batch_in_epoch += 1
-                    t1 = self._clock()
-                    if self.health.nonfinite(loss, output, pos.step, self.log):
-                        continue  # skip this micro-batch: no backward, no step
-                    ds.backward(loss)
-                    t2 = self._clock()
-                    boundary = ds.is_gradient_accumulation_boundary()  # ask before step()
-                    window.lr = ds.get_lr()[0]  # the rate this step uses
-                    ds.step()
-                    tick = self._clock()
-                    window.forward_s, window.backward_s = window.forward_s + t1 - t0, window.backward_s + t2 - t1
-                    window.optimizer_s += tick - t2
-                    window.samples += batch_size_of(batch) * run.dist.world_size
-                    window.micro += 1
-                    window.add(logs)
-                    if not boundary:
-                        continue
-                    pos.step += 1
-                    scalars = self._step_scalars(window, output)  # plugins run here, right after the step
-                    self.log.scalars(pos.step, scalars)  # log ...
-                    self.log.progress(pos.step, pos.epoch, scalars)
-                    self.health.check(pos.step, scalars, output, self.log, self.min_loss_scale)
-                    if self._due(self.cfg.run.eval_every, end_of_epoch=False) and run.task.evaluate:
-                        self._evaluate()  # ... -> evaluate ...
-                    reason = self._stop_reason()
-                    if self._due(self.cfg.run.save_every, False) or reason != "finished" or \
-                            pos.step >= run.total_steps:
-                        self._save()  # ... -> save ...
-                    if reason != "finished" or pos.step >= run.total_steps:
-                        break  # ... -> stop
-                    window = StepWindow()
-                else:  # the epoch ran out
-                    pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-                    if self._due(self.cfg.run.eval_every, end_of_epoch=True) and run.task.evaluate:
-                        self._evaluate()
-                    reason = self._stop_reason(end_of_epoch=True)
-                    if self._due(self.cfg.run.save_every, True) or reason != "finished":
-                        self._save()
-            if reason == "finished" and self.saved_step != pos.step:
-                self._save()
-            if reason == "finished" and run.task.evaluate:
-                metrics = self.last_eval[1] if self.last_eval[0] == pos.step else self._evaluate()
-        if self.stopped_outside_step:
+        try:
+            with self._run_dir(), self._signals():
+                while pos.step < run.total_steps and reason == "finished":
+                    window, tick = StepWindow(), time.time()
+                    for batch in self._epoch_batches():
+                        t0 = time.time()
+                        window.data_s += t0 - tick
+                        run.skipped_samples += int(batch.pop(SKIPPED, 0))
+                        output = run.forward(batch)  # {"losses": ..., "metrics": ..., "chance": ...}
+                        loss, logs = run.combine(output, pos.step)
+                        pos.batch_in_epoch += 1
+                        t1 = self._clock()
+                        if self.health.nonfinite(loss, output, pos.step, self.log):
+                            continue  # skip this micro-batch: no backward, no step
+                        ds.backward(loss)
+                        t2 = self._clock()
+                        boundary = ds.is_gradient_accumulation_boundary()  # ask before step()
+                        window.lr = ds.get_lr()[0]  # the rate this step uses
+                        ds.step()
+                        tick = self._clock()
+                        window.add(logs, batch_size_of(batch) * run.dist.world_size, (t0, t1, t2, tick))
+                        if not boundary:
+                            continue
+                        pos.step += 1
+                        scalars = self._step_scalars(window, output)  # plugins run here, right after the step
+                        self.log.scalars(pos.step, scalars)  # log ...
+                        self.log.progress(pos.step, pos.epoch, scalars)
+                        self.health.check(pos.step, scalars, output, self.log, self.min_loss_scale)
+                        if self._due(self.eval_every, end_of_epoch=False) and run.task.evaluate:
+                            self._evaluate()  # ... -> evaluate ...
+                        reason = self._stop_reason()
+                        done = pos.step >= run.total_steps
+                        if self._due(self.save_every, False) or reason != "finished" or done:
+                            self._save()  # ... -> save ...
+                        if reason != "finished" or done:
+                            break  # ... -> stop
+                        window = StepWindow()
+                    else:  # the epoch ran out
+                        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+                        if self._due(self.eval_every, end_of_epoch=True) and run.task.evaluate:
+                            self._evaluate()
+                        reason = self._stop_reason(end_of_epoch=True)
+                        if self._due(self.save_every, True) or reason != "finished":
+                            self._save()
+                if reason == "finished" and self.saved_step != pos.step:
+                    self._save()
+                if reason == "finished" and run.task.evaluate:
+                    metrics = self.last_eval[1] if self.last_eval[0] == pos.step else self._evaluate()
+        except _StoppedOutsideStep:
             reason = "preempted"
         return FitResult(pos.step, pos.epoch, reason, self.saved_tag, metrics)
 
@@ -157,13 +158,13 @@ class Trainer:
             scalars |= plugin.after_optimizer_step(self.pos.step)
         scalars |= {f"metrics/{k}": float(v) for k, v in output.get("metrics", {}).items()}
         scalars |= {"train/epoch": self.pos.epoch, "data/skipped_samples": self.run.skipped_samples}
-        norm = self.ds.get_global_grad_norm() if hasattr(self.ds, "get_global_grad_norm") else None
+        norm = self.ds.get_global_grad_norm()
         if norm is not None:
             scalars["train/grad_norm"] = float(norm)
         if self.run.precision.name == "fp16":
             scalars |= {"fp16/loss_scale": float(self.ds.optimizer.cur_scale),
                         "fp16/skipped_steps": float(self.ds.skipped_steps)}
-        scalars |= peak_memory(self.run.dist.device) or {}
+        scalars |= peak_memory(self.run.dist.device)
         scalars["mem/estimate_gib"] = self.run.memory.total / GIB  # the pre-flight figure, beside the peaks
         return scalars
 
@@ -200,8 +201,8 @@ class Trainer:
             return "time_budget"
         return "finished"
 
-    def _due(self, every: str, end_of_epoch: bool) -> bool:
-        n, unit = _parse_every_cached(every)
+    def _due(self, every: tuple[int, str], end_of_epoch: bool) -> bool:
+        n, unit = every
         if n <= 0:
             return False
         if unit == "epoch":
@@ -240,7 +241,7 @@ class Trainer:
             self.log.message(f"time budget {self.cfg.run.time_budget} nearly spent: saved {self.saved_tag}")
 
     def _evaluate(self) -> dict[str, Any]:
-        """The recipe's evaluation on every rank (eval mode, no_grad); scalars, text and images to TensorBoard."""
+        """The recipe's evaluation on every rank (eval mode, no_grad), logged (framework.tracking)."""
         module, step = self.ds.module, self.pos.step
         was_training, self.phase = module.training, "eval"
         module.eval()
@@ -253,16 +254,7 @@ class Trainer:
             module.train(was_training)
             self.phase = "step"
         self.last_eval = (step, metrics)
-        self.log.scalars(step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        for k, v in metrics.items():  # sample predictions: text (Markdown) or an image tensor [3,H,W]
-            if isinstance(v, str):
-                self.log.text(step, f"eval/{k}", v)
-            elif isinstance(v, torch.Tensor) and v.dim() == 3:
-                self.log.image(step, f"eval/{k}", v)
-        self.log.flush()
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        if numbers:
-            self.log.message(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
+        self.log.evaluation(step, metrics)
         return metrics
 
     # ------------------------------------------------------------------ the run directory and signals
@@ -319,7 +311,6 @@ class Trainer:
         pending = self.pos.batch_in_epoch % self.run.accum and self.phase == "data"
         if not pending and self.saved_step != self.pos.step:
             self._save()
-        self.stopped_outside_step = True
         self.log.message(f"stopped {where} at step {self.pos.step} (checkpoint: {self.saved_tag or 'none yet'}); "
                          f"resume with run.resume=auto")
         raise _StoppedOutsideStep
@@ -328,8 +319,3 @@ class Trainer:
 def fit(run: Run) -> FitResult:
     """Train a built run (framework.build.build_run) to its end; see Trainer.fit."""
     return Trainer(run).fit()
-
-
-@functools.lru_cache(maxsize=None)
-def _parse_every_cached(every: str) -> tuple[int, str]:
-    return parse_every(every)

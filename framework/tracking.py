@@ -1,10 +1,11 @@
 """Run logging: TensorBoard scalars/text/images on rank 0 and a compact console progress line."""
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import torch
 
@@ -30,17 +31,24 @@ class RunLogger:
         summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
         self.writer._get_file_writer().add_summary(summary, step)
 
-    def text(self, step: int, tag: str, text: str) -> None:
+    def evaluation(self, step: int, metrics: dict[str, Any]) -> None:
+        """An evaluation's results under eval/: numbers as scalars (and one console line), str as Markdown text,
+        [3,H,W] tensors in [0,1] as images (sample predictions)."""
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.scalars(step, {f"eval/{k}": v for k, v in numbers.items()})
         if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+            for k, v in metrics.items():
+                if isinstance(v, str):
+                    self.writer.add_text(f"eval/{k}", v, step)
+                elif isinstance(v, torch.Tensor) and v.dim() == 3:
+                    self.writer.add_image(f"eval/{k}", v, step)
+            self.writer.flush()
+        if numbers:
+            self.message(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
 
-    def image(self, step: int, tag: str, image: torch.Tensor) -> None:
-        """image: [3,H,W] float in [0,1]."""
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step)
-
-    def progress(self, step: int, epoch: int, values: dict[str, float], force: bool = False) -> None:
-        if self.rank != 0 or not (force or step % self.log_every == 0 or step == self.total_steps):
+    def progress(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        """The console line, every run.log_every steps and at the last step."""
+        if self.rank != 0 or not (step % self.log_every == 0 or step == self.total_steps):
             return
         losses = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in values.items()
                           if k.startswith("loss/") and k != "loss/total")
@@ -55,10 +63,6 @@ class RunLogger:
         if self.rank == 0:
             print(text, file=sys.stderr, flush=True)
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -67,17 +71,15 @@ class RunLogger:
 
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def peak_memory(device: torch.device) -> Optional[dict[str, float]]:
+def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak GPU memory (GiB) allocated and reserved since the last reset; on the CPU the process's peak RSS."""
     gib = 1024 ** 3
-    if device.type != "cuda":
-        try:
-            import resource  # POSIX only
-        except ImportError:
-            return None
+    if device.type != "cuda":  # (POSIX only, as the run directory's lock)
         return {"mem/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib}  # KiB on Linux
     return {"mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
             "mem/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}
