@@ -17,7 +17,7 @@ from .distributed import any_true
 from .health import HealthMonitor, TrainingStopped
 from .preflight import GIB
 from .rundir import RunLock
-from .tracking import RunLogger, peak_memory
+from .tracking import RunLogger, StepWindow, peak_memory
 
 __all__ = ["FitResult", "TrainingStopped", "fit"]
 
@@ -29,39 +29,6 @@ class FitResult:
     reason: str  # finished | preempted | time_budget
     last_checkpoint: Optional[str] = None
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class StepWindow:
-    """What the micro-batches of one optimizer step add up to: times, samples, summed logs, the rate used."""
-
-    data_s: float = 0.0
-    forward_s: float = 0.0
-    backward_s: float = 0.0
-    optimizer_s: float = 0.0
-    samples: int = 0
-    micro: int = 0
-    lr: float = 0.0
-    logs: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, logs: dict[str, Any], samples: int, times: tuple[float, float, float, float]) -> None:
-        """One micro-batch: its logs (summed), its samples, and times (start, after forward, backward, step)."""
-        for k, v in logs.items():  # tensors stay on their device until the step ends (no host sync here)
-            self.logs[k] = self.logs.get(k, 0.0) + v
-        self.samples += samples
-        self.micro += 1
-        self.forward_s += times[1] - times[0]
-        self.backward_s += times[2] - times[1]
-        self.optimizer_s += times[3] - times[2]
-
-    def scalars(self) -> dict[str, float]:
-        """Per-step means of the logs and the step's performance figures."""
-        out = {k: float(v) / max(1, self.micro) for k, v in self.logs.items()}
-        busy = self.data_s + self.forward_s + self.backward_s + self.optimizer_s
-        return out | {"train/lr": self.lr, "perf/samples_per_s": self.samples / max(busy, 1e-9),
-                      "perf/data_wait_frac": self.data_s / max(busy, 1e-9), "perf/data_s": self.data_s,
-                      "perf/forward_s": self.forward_s, "perf/backward_s": self.backward_s,
-                      "perf/optimizer_s": self.optimizer_s}
 
 
 class _Interrupt(BaseException):
@@ -125,22 +92,13 @@ class Trainer:
                         self.log.scalars(pos.step, scalars)  # log ...
                         self.log.progress(pos.step, pos.epoch, scalars)
                         self.health.check(pos.step, scalars, output, self.log, self.min_loss_scale)
-                        if self._due(self.eval_every, end_of_epoch=False) and run.task.evaluate:
-                            self._evaluate()  # ... -> evaluate ...
-                        reason = self._stop_reason()
-                        done = pos.step >= run.total_steps
-                        if self._due(self.save_every, False) or reason != "finished" or done:
-                            self._save()  # ... -> save ...
-                        if reason != "finished" or done:
+                        reason = self._boundary(end_of_epoch=False)  # ... -> evaluate -> save ...
+                        if reason != "finished" or pos.step >= run.total_steps:
                             break  # ... -> stop
                         window = StepWindow()
                     else:  # the epoch ran out
                         pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-                        if self._due(self.eval_every, end_of_epoch=True) and run.task.evaluate:
-                            self._evaluate()
-                        reason = self._stop_reason(end_of_epoch=True)
-                        if self._due(self.save_every, True) or reason != "finished":
-                            self._save()
+                        reason = self._boundary(end_of_epoch=True)
                 if reason == "finished" and self.saved_step != pos.step:
                     self._save()
                 if reason == "finished" and run.task.evaluate:
@@ -190,7 +148,17 @@ class Trainer:
             yield {k: v.to(run.dist.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                    for k, v in batch.items()}
 
-    def _stop_reason(self, end_of_epoch: bool = False) -> str:
+    def _boundary(self, end_of_epoch: bool) -> str:
+        """Evaluate (if due), then save (if due, stopping, or at the last step); returns the stop reason."""
+        if self._due(self.eval_every, end_of_epoch) and self.run.task.evaluate:
+            self._evaluate()
+        reason = self._stop_reason(end_of_epoch)
+        last = not end_of_epoch and self.pos.step >= self.run.total_steps
+        if self._due(self.save_every, end_of_epoch) or reason != "finished" or last:
+            self._save()
+        return reason
+
+    def _stop_reason(self, end_of_epoch: bool) -> str:
         """finished (keep going) | preempted (a signal or run.stop_at_step, on any rank) | time_budget."""
         stop_at = self.cfg.run.stop_at_step
         if stop_at is not None and self.pos.step >= stop_at and not end_of_epoch:
@@ -263,22 +231,18 @@ class Trainer:
     def _run_dir(self) -> Iterator[None]:
         """Rank 0 locks the run directory and writes the resolved config; the logger opens; all close at the end."""
         run = self.run
-        lock = RunLock(run.run_dir) if run.dist.is_main else None
-        try:
-            if lock:
-                lock.acquire()
+        with RunLock(run.run_dir) if run.dist.is_main else contextlib.nullcontext():
+            if run.dist.is_main:
                 save_resolved(self.cfg, run.run_dir)
             self.log = RunLogger(run.run_dir, run.dist.rank, run.total_steps, self.cfg.run.log_every)
-            yield
-        except TrainingStopped as e:
-            self._save()
-            self.log.message(f"stopped: {e}; last good state saved in {run.ckpt_dir}")
-            raise
-        finally:
-            if self.log is not None:
+            try:
+                yield
+            except TrainingStopped as e:
+                self._save()
+                self.log.message(f"stopped: {e}; last good state saved in {run.ckpt_dir}")
+                raise
+            finally:
                 self.log.close()
-            if lock:
-                lock.release()
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:

@@ -1,13 +1,47 @@
-"""Run logging: TensorBoard scalars/text/images on rank 0 and a compact console progress line."""
+"""Run logging: a step's figures, TensorBoard scalars/text/images on rank 0, a compact console progress line."""
 from __future__ import annotations
 
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+@dataclass
+class StepWindow:
+    """What the micro-batches of one optimizer step add up to: times, samples, summed logs, the rate used."""
+
+    data_s: float = 0.0
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    optimizer_s: float = 0.0
+    samples: int = 0
+    micro: int = 0
+    lr: float = 0.0
+    logs: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, logs: dict[str, Any], samples: int, times: tuple[float, float, float, float]) -> None:
+        """One micro-batch: its logs (summed), its samples, and times (start, after forward, backward, step)."""
+        for k, v in logs.items():  # tensors stay on their device until the step ends (no host sync here)
+            self.logs[k] = self.logs.get(k, 0.0) + v
+        self.samples += samples
+        self.micro += 1
+        self.forward_s += times[1] - times[0]
+        self.backward_s += times[2] - times[1]
+        self.optimizer_s += times[3] - times[2]
+
+    def scalars(self) -> dict[str, float]:
+        """Per-step means of the logs and the step's performance figures."""
+        out = {k: float(v) / max(1, self.micro) for k, v in self.logs.items()}
+        busy = self.data_s + self.forward_s + self.backward_s + self.optimizer_s
+        return out | {"train/lr": self.lr, "perf/samples_per_s": self.samples / max(busy, 1e-9),
+                      "perf/data_wait_frac": self.data_s / max(busy, 1e-9), "perf/data_s": self.data_s,
+                      "perf/forward_s": self.forward_s, "perf/backward_s": self.backward_s,
+                      "perf/optimizer_s": self.optimizer_s}
 
 
 class RunLogger:
