@@ -194,7 +194,6 @@ class Run:
     plugins: list[Plugin]  # the recipe's, then the framework's (EMA teacher, adaptive weighter)
     stream: Union[ShardStream, MapStream]
     precision: Precision
-    gpu: Optional[GpuFacts]
     memory: MemoryEstimate
     total_steps: int
     steps_per_epoch: int
@@ -247,7 +246,7 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
     for plugin in plugins:
         plugin.setup(ds.module, precision.dtype, dist.device)
     run = Run(cfg, dist, task, ds, distillation.forward(ds) if distillation else ds, combine, plugins, stream,
-              precision, gpu, memory, total_steps, steps_per_epoch)
+              precision, memory, total_steps, steps_per_epoch)
     restore(run)
     return run
 

@@ -255,14 +255,13 @@ def coerce(tp: Any, value: Any, path: str, source: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return coerce(a, value, path, source)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{source}: {path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
@@ -415,15 +414,8 @@ def parse_duration(text: str) -> float:
 
 def config_to_dict(cfg: Config) -> dict:
     """Plain-data view of a config (its YAML keys), for saving and comparing."""
-    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.metadata.get("yaml", True)}
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+    keys = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("yaml", True)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in keys}
 
 
 def save_resolved(cfg: Config, run_dir: Union[str, Path]) -> Path:
