@@ -1,20 +1,9 @@
 """The study's adaptive loss weighting for self-distillation: softmax over smoothed student/teacher loss ratios.
 
-Per objective t, with student loss L_t^S, teacher loss L_t^T and distillation term D_t (framework.distill):
-
-    r_t = L_t^S / (L_t^T + eps)               ratio of this micro-batch
-    w_t = softmax_t(a * r_hat_t + (1 - a) * r_t)
-    total = sum_t c_t * L_t^S + sum_t w_t * D_t   (c_t: the static objectives.<t>.weight, 1 by default)
-
-When r_hat moves: once per optimizer step (after_optimizer_step), r_hat_t <- a * r_hat_t + (1 - a) * mean_t, the
-mean being over the step's micro-batches (and ranks, one all-reduce). Each micro-batch's weights use the smoothed
-ratio as it would stand with its own ratio folded in, so with train.grad_accum = 1 this is exactly the study's
-per-iteration form (r_hat_k = a*r_hat_{k-1} + (1-a)*r_k, then w_k = softmax(r_hat_k)); under accumulation every
-micro-batch of a step sees the same r_hat. r_hat starts at 1 for every objective: the teacher starts as a copy of
-the student, so the first ratios are 1 (up to dropout, which the teacher runs without).
-
-Caveat of the study's D_t = MSE(L^S, L^T): its gradient 2 (L^S - L^T) dL^S/dtheta pushes the student's loss *up*
-whenever the student beats the teacher (L^S < L^T); distill.mode output_kl distils output distributions instead.
+Per objective t: r_t = L_t^S / (L_t^T + eps), w_t = softmax_t(a * r_hat_t + (1 - a) * r_t),
+total = sum_t c_t * L_t^S + sum_t w_t * D_t (c_t: objectives.<t>.weight). r_hat moves once per optimizer step, by the
+step's mean ratio over micro-batches and ranks: with train.grad_accum = 1 exactly the study's per-iteration rule.
+docs/psd.md has the whole rule and the gradient caveat of D_t = MSE(L^S, L^T).
 """
 from __future__ import annotations
 
@@ -27,17 +16,14 @@ from .task import ModelOutput
 
 
 class AdaptiveLossWeighter:
-    """Combiner (output, step) -> (total, logs) and plugin owning r_hat; see the module docstring for the rule."""
+    """Combiner (output, step) -> (total, logs) and plugin owning r_hat (distill.ratio_momentum and eps are checked
+    by framework.config.DistillConfig)."""
 
     name = "adaptive_loss_weights"
     per_rank_state = False  # r_hat is all-reduced: every rank holds the same
 
     def __init__(self, static_weight: Callable[[str, int], float], *, momentum: float = 0.9, eps: float = 1e-8,
                  detach_weights: bool = True):
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"distill.ratio_momentum must be in [0, 1], got {momentum}")
-        if eps < 0:
-            raise ValueError(f"distill.eps must be >= 0, got {eps}")
         self.static_weight = static_weight
         self.momentum, self.eps, self.detach_weights = momentum, eps, detach_weights
         self.r_hat: dict[str, float] = {}  # smoothed ratios; 1.0 until an objective's first update

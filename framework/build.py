@@ -81,20 +81,10 @@ def deepspeed_config(cfg: Config, precision: Precision, world_size: int) -> dict
             raise ValueError(f"{cfg.source}: deepspeed.{key}={ds[key]} conflicts with the recipe's value {value}; "
                              "set it in train:/data: instead")
         ds[key] = value
-    fp16 = dict(ds.get("fp16", {}))
-    bf16 = dict(ds.get("bf16", {}))
-    fp16["enabled"] = precision.name == "fp16"
-    bf16["enabled"] = precision.name == "bf16"
-    if fp16["enabled"]:
-        fp16.setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
-        fp16.setdefault("initial_scale_power", 16)
-        fp16.setdefault("loss_scale_window", 1000)
-        fp16.setdefault("hysteresis", 2)
-        fp16.setdefault("min_loss_scale", 1)
-    ds["fp16"], ds["bf16"] = fp16, bf16
-    ds.setdefault("zero_optimization", {"stage": 0})
+    # DeepSpeed's own defaults fill in the rest (fp16: dynamic loss scaling from 2^16, window 1000, minimum 1)
+    ds["fp16"] = {"loss_scale": 0, **ds.get("fp16", {}), "enabled": precision.name == "fp16"}
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision.name == "bf16"}
     ds.setdefault("steps_per_print", 10 ** 9)  # the engine prints its own progress
-    ds.setdefault("wall_clock_breakdown", False)
     if "optimizer" in ds or "scheduler" in ds:
         raise ValueError(f"{cfg.source}: deepspeed.optimizer/scheduler are set by train: (AdamW, warmup + cosine); "
                          "remove them from the deepspeed block")
@@ -204,7 +194,6 @@ class Run:
     plugins: list[Plugin]  # the recipe's, then the framework's (EMA teacher, adaptive weighter)
     stream: Union[ShardStream, MapStream]
     precision: Precision
-    gpu: Optional[GpuFacts]
     memory: MemoryEstimate
     total_steps: int
     steps_per_epoch: int
@@ -257,7 +246,7 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
     for plugin in plugins:
         plugin.setup(ds.module, precision.dtype, dist.device)
     run = Run(cfg, dist, task, ds, distillation.forward(ds) if distillation else ds, combine, plugins, stream,
-              precision, gpu, memory, total_steps, steps_per_epoch)
+              precision, memory, total_steps, steps_per_epoch)
     restore(run)
     return run
 

@@ -5,6 +5,7 @@ Loading never unpickles arbitrary objects: every file of a resumed checkpoint go
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import pickle
@@ -12,7 +13,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -182,25 +183,22 @@ def load(ds_engine: Any, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dic
     return client_state, rank_state
 
 
-class _safe_deepspeed_reads:
-    """Context: the DeepSpeed engine's checkpoint reads go through `safe_load` (its torch engine only), and model
-    states saved under the old self-distillation wrapper ("student." before every name) load into the model."""
-
-    def __init__(self, ds_engine: Any):
-        self.engine = getattr(ds_engine, "checkpoint_engine", None)
-        module = getattr(ds_engine, "module", None)
-        self.names = set(module.state_dict()) if module is not None else set()
-
-    def __enter__(self) -> None:
-        if type(self.engine).__name__ != "TorchCheckpointEngine":
-            return  # another engine (Nebula, async...) reads its own way; it is the user's explicit choice
-        names = self.names
-        self.engine.load = lambda path, map_location=None: _without_wrapper_prefix(
-            safe_load(path, map_location=map_location), names)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.engine is not None and "load" in vars(self.engine):
-            del self.engine.load  # back to the class's method
+@contextlib.contextmanager
+def _safe_deepspeed_reads(ds_engine: Any) -> Iterator[None]:
+    """The DeepSpeed engine's checkpoint reads go through `safe_load` (its torch engine only), and model states
+    saved under the old self-distillation wrapper ("student." before every name) load into the model."""
+    engine = getattr(ds_engine, "checkpoint_engine", None)
+    if type(engine).__name__ != "TorchCheckpointEngine":
+        yield  # another engine (Nebula, async...) reads its own way; it is the user's explicit choice
+        return
+    module = getattr(ds_engine, "module", None)
+    names = set(module.state_dict()) if module is not None else set()
+    engine.load = lambda path, map_location=None: _without_wrapper_prefix(
+        safe_load(path, map_location=map_location), names)
+    try:
+        yield
+    finally:
+        del engine.load  # back to the class's method
 
 
 WRAPPER_PREFIX = "student."  # PSD checkpoints written before 2026-12 held the model under a wrapper module

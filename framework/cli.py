@@ -42,22 +42,14 @@ def run_cli(main: Callable[[], int]) -> int:
             print("error: another rank failed before the end (its output says why)", file=sys.stderr)
             return code or 1
         return code
-    except PreflightError as e:
+    except (PreflightError, TrainingStopped) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except OSError as e:
-        if e.errno in _DISK_ERRNOS and not isinstance(e, FileNotFoundError):
+        return 3 if isinstance(e, TrainingStopped) else 2
+    except (OSError, *USER_ERRORS) as e:
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS and not isinstance(e, FileNotFoundError):
             print(f"error: {_disk_message(e)}", file=sys.stderr)
             return 2
         if not isinstance(e, USER_ERRORS) or os.environ.get("FRAMEWORK_DEBUG"):
-            raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as e:
-        if os.environ.get("FRAMEWORK_DEBUG"):
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

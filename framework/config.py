@@ -20,6 +20,15 @@ class ConfigError(ValueError):
     """A recipe problem, reported as one line naming the file and the key path."""
 
 
+def check_at_least(section: str, obj: Any, minimums: dict[str, float]) -> None:
+    """ConfigError `<section>.<key> must be >= <minimum>, got <value>` for the first key below its minimum (None,
+    an unset optional value, passes)."""
+    for key, low in minimums.items():
+        value = getattr(obj, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{section}.{key} must be >= {low}, got {value}")
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -47,9 +56,7 @@ class RunConfig:
             parse_duration(self.time_budget)
         if self.memory_cap_gib is not None and self.memory_cap_gib <= 0:
             raise ConfigError(f"run.memory_cap_gib must be > 0 (GiB) or null, got {self.memory_cap_gib}")
-        for key in ("keep_last", "log_every", "max_nonfinite", "health_window"):
-            if getattr(self, key) < (0 if key == "keep_last" else 1):
-                raise ConfigError(f"run.{key} must be >= {0 if key == 'keep_last' else 1}, got {getattr(self, key)}")
+        check_at_least("run", self, {"keep_last": 0, "log_every": 1, "max_nonfinite": 1, "health_window": 1})
         if not 0 <= self.health_tolerance < 1:
             raise ConfigError(f"run.health_tolerance must be in [0, 1), got {self.health_tolerance}")
 
@@ -71,20 +78,12 @@ class TrainConfig:
     seed: int = 42
 
     def check(self) -> None:
-        if self.grad_accum < 1:
-            raise ConfigError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"train.precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
         if self.epochs is None and self.max_steps is None:
             raise ConfigError("set train.epochs or train.max_steps")
-        for key in ("epochs", "max_steps"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1 or null, got {getattr(self, key)}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        for key in ("lr", "warmup_lr", "min_lr", "weight_decay", "clip_grad"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        check_at_least("train", self, {"grad_accum": 1, "epochs": 1, "max_steps": 1, "warmup_steps": 0, "lr": 0,
+                                       "warmup_lr": 0, "min_lr": 0, "weight_decay": 0, "clip_grad": 0})
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas must be two numbers, got {self.betas}")
 
@@ -100,10 +99,7 @@ class DataConfig:
     verify_checksums: bool = False  # check shards against manifest.json sha256 before training
 
     def check(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        check_at_least("data", self, {"batch_size": 1, "num_workers": 0})
 
 
 @dataclass
@@ -147,8 +143,7 @@ class DistillConfig:
         check_distill_modes(self.mode)
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
-        if self.eps < 0:
-            raise ConfigError(f"distill.eps must be >= 0, got {self.eps}")
+        check_at_least("distill", self, {"eps": 0})
 
 
 @dataclass
@@ -255,14 +250,13 @@ def coerce(tp: Any, value: Any, path: str, source: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return coerce(a, value, path, source)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{source}: {path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
@@ -415,15 +409,8 @@ def parse_duration(text: str) -> float:
 
 def config_to_dict(cfg: Config) -> dict:
     """Plain-data view of a config (its YAML keys), for saving and comparing."""
-    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.metadata.get("yaml", True)}
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+    keys = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("yaml", True)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in keys}
 
 
 def save_resolved(cfg: Config, run_dir: Union[str, Path]) -> Path:

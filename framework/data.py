@@ -84,27 +84,27 @@ def read_manifest(urls: list[str]) -> Optional[dict]:
     return doc
 
 
-def _manifest_entries(manifest: Optional[dict]) -> dict[str, dict]:
-    if not manifest:
-        return {}
-    return {Path(str(e.get("name", e.get("file", "")))).name: e for e in manifest.get("shards", [])}
+def manifest_entries(urls: list[str]) -> dict[str, dict]:
+    """{shard: its entry} for the shards that the manifest.json of their folder lists."""
+    by_dir: dict[Path, dict[str, dict]] = {}
+    found = {}
+    for url in urls:
+        folder, name = Path(url).parent, Path(url).name
+        if folder not in by_dir:
+            doc = read_manifest([url]) or {}
+            by_dir[folder] = {Path(str(e.get("name", e.get("file", "")))).name: e for e in doc.get("shards", [])}
+        if name in by_dir[folder]:
+            found[url] = by_dir[folder][name]
+    return found
 
 
 def manifest_counts(urls: list[str]) -> dict[str, int]:
     """{shard: samples} for the shards that the manifest.json of their folder lists with a count."""
-    by_dir: dict[Path, dict[str, dict]] = {}
-    counts = {}
-    for url in urls:
-        folder = Path(url).parent
-        if folder not in by_dir:
-            by_dir[folder] = _manifest_entries(read_manifest([url]))
-        entry = by_dir[folder].get(Path(url).name)
-        if entry is not None and "samples" in entry:
-            n = entry["samples"]
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise DataError(f"{folder / 'manifest.json'}: {Path(url).name} has samples={n!r}, not a count; "
-                                "re-run the data preparation or delete the manifest")
-            counts[url] = n
+    counts = {url: entry["samples"] for url, entry in manifest_entries(urls).items() if "samples" in entry}
+    for url, n in counts.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise DataError(f"{Path(url).parent / 'manifest.json'}: {Path(url).name} has samples={n!r}, not a count; "
+                            "re-run the data preparation or delete the manifest")
     return counts
 
 
@@ -127,11 +127,11 @@ def count_samples(urls: list[str]) -> int:
 
 def verify_checksums(urls: list[str]) -> None:
     """Check every shard against the sha256 in manifest.json; raise DataError naming the first mismatch."""
-    entries = _manifest_entries(read_manifest(urls))
+    entries = manifest_entries(urls)
     if not entries:
         raise DataError(f"data.verify_checksums: no manifest.json beside {urls[0]}")
     for url in urls:
-        entry = entries.get(Path(url).name)
+        entry = entries.get(url)
         if entry is None or "sha256" not in entry:
             raise DataError(f"data.verify_checksums: {url} is not listed (with sha256) in manifest.json")
         if sha256_file(url) != entry["sha256"]:
@@ -210,19 +210,13 @@ class _Tally:
 class ShardStream(IterableDataset):
     """Batches from WebDataset shards; every rank yields exactly `len(self)` batches per epoch.
 
-    Shard order is shuffled per epoch with `seed`; shards are dealt to ranks then to DataLoader workers
-    (a worker cycles its shards when they run out, so ranks stay equal); samples pass through a seeded
-    shuffle buffer, `decode` (a raising or None-returning sample is skipped and counted) and `collate`.
-    Batch b of an epoch belongs to logical worker b % W. The DataLoader reads its workers round-robin
-    starting at worker 0, so on a resume at batch k worker w plays logical worker (w + k) % W: the
-    remaining batches then arrive in exactly the uninterrupted order. Decode randomness comes from
-    streams seeded by (seed, epoch, rank, logical worker), so resumed batches are identical too.
-
-    Data that cannot work is a DataError, never a hang: `failures_in_a_row` samples rejected by decode in a
-    row, or a whole pass over a worker's shards without one decoded sample, names the shard, the sample's keys
-    and the keys decode expects (from a DecodeError). The constructor already decodes the first usable sample,
-    so wrong shards fail before training starts. A shard that yields fewer samples than its manifest.json
-    lists is damaged: the missing samples are counted as skipped and a one-line warning names the shard.
+    Shard order is shuffled per epoch with `seed`; shards are dealt to ranks then to DataLoader workers (a worker
+    cycles its shards when they run out, so ranks stay equal); samples pass through a seeded shuffle buffer,
+    `decode` (a raising or None-returning sample is skipped and counted) and `collate`. Batch b of an epoch belongs
+    to logical worker b % W; the DataLoader reads workers round-robin from worker 0, so on a resume at batch k
+    worker w plays logical worker (w + k) % W and the remaining batches arrive in the uninterrupted order, decoded
+    under RNG streams seeded by (seed, epoch, rank, logical worker). Data that cannot work is a DataError, never a
+    hang (docs/data.md); the constructor decodes a first sample, so wrong shards fail before training starts.
     """
 
     def __init__(self, urls: list[str], decode: Callable[[dict], Optional[dict]], collate: Callable[[list], dict],

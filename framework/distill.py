@@ -1,10 +1,6 @@
-"""Self-distillation: a wrapper that runs the student and its EMA teacher on each batch, and the distillation terms.
+"""Self-distillation: the student's forward and its EMA teacher's on each batch, and the distillation terms.
 
-A recipe needs nothing special for the default (mode loss_mse): its model's forward(batch) returns per-objective
-losses. For mode output_kl its forward takes `return_logits=True` and then returns `"logits": {objective: X}`,
-X being a logits tensor [..., C], a dict {"logits": [..., C], "mask" or "labels": [...]} (labels -100 = ignored
-rows), or a dict/list of those (averaged). A forward that takes `reuse=` gets the student's output["reuse"]
-(e.g. sampled negatives), so the teacher scores the very same pairs.
+loss_mse needs nothing of the model; output_kl and reuse= use the optional Model keywords (framework.task).
 """
 from __future__ import annotations
 
@@ -52,7 +48,8 @@ def kl_with_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tens
 
 
 def logits_kl(student: Any, teacher: Any, temperature: float = 1.0) -> torch.Tensor:
-    """kl_with_temperature over a recipe's logits structure (see the module docstring); lists/dicts are averaged."""
+    """kl_with_temperature over a recipe's logits: a tensor [..., C], {"logits": [..., C], "mask" or "labels": [...]}
+    (labels -100 are ignored rows), or a dict/list of those (averaged)."""
     if isinstance(student, torch.Tensor):
         return kl_with_temperature(student, teacher, temperature)
     if isinstance(student, dict) and "logits" in student:
@@ -74,10 +71,9 @@ class SelfDistillation:
     "distill" ({objective: D_t}), D_t = (L_t^S - L_t^T)^2 (loss_mse, the study's) or logits_kl of the objective's
     outputs (output_kl).
 
-    `student` is what computes the student's output: the DeepSpeed engine in training (which wraps the recipe's
-    model itself: no wrapper module, no "student." prefix on parameter names), or the model itself. The teacher
-    lives in the `ema` plugin, out of DeepSpeed's reach. `keywords`: which of the Model keywords (return_logits,
-    reuse) the recipe's forward accepts (framework.task.forward_keywords; default: read from `student`).
+    `student` computes the student's output: the DeepSpeed engine wrapping the recipe's model (in training), or the
+    model itself; the teacher lives in the `ema` plugin, out of DeepSpeed's reach. `keywords`: the optional Model
+    keywords the forward accepts (default: read from `student`).
     """
 
     def __init__(self, student: Callable[..., ModelOutput], ema: EMATeacher, mode: Union[str, dict[str, str]] =

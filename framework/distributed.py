@@ -91,20 +91,13 @@ def _skip_shared_memory_allreduce() -> None:
         ds_torch.build_shm_op = lambda: None  # TorchBackend treats None as "no shm op": plain all_reduce
 
 
-def all_true(flag: bool) -> bool:
-    """True only if `flag` is True on every rank (one tiny all-reduce; free in a world of one)."""
+def any_true(flag: bool) -> bool:
+    """True if `flag` is True on any rank (one tiny all-reduce; free in a world of one)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
-    t = torch.tensor([0.0 if flag else 1.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.item() == 0.0
-
-
-def any_true(flag: bool) -> bool:
-    """True if `flag` is True on any rank."""
-    return not all_true(not flag)
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0.0
 
 
 def barrier() -> None:

@@ -64,9 +64,9 @@ class EMATeacher:
         for key, v in (("tau_start", tau_start), ("tau_end", tau_end)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"distill.{key} must be in [0, 1], got {v}")
-        tau_at(0, start=tau_start, end=tau_end, steps=tau_steps, schedule=tau_schedule)  # validates the name
-        if any(hasattr(p, "ds_id") for p in student.parameters()):
-            raise ZeroStage3Error(ZERO3_MESSAGE)
+        self.tau_start, self.tau_end, self.tau_schedule, self.tau_steps = tau_start, tau_end, tau_schedule, tau_steps
+        self.step = 0  # optimizer steps whose update has been applied
+        self.tau = self.tau_at(0)  # (refuses an unknown schedule before anything is copied)
         self.student = student
         shared = list(shared or [])
         memo = {id(t): t for m in shared for t in [*m.parameters(), *m.buffers()]}  # deepcopy keeps these as-is
@@ -75,11 +75,7 @@ class EMATeacher:
         for t in [*self.teacher.parameters(), *self.teacher.buffers()]:
             if id(t) not in self._shared and t.is_floating_point():
                 t.data = t.data.float()  # fp32 copies; the shared towers keep their own dtype
-        self.tau_start, self.tau_end, self.tau_schedule, self.tau_steps = tau_start, tau_end, tau_schedule, tau_steps
-        self.step = 0  # optimizer steps whose update has been applied
-        self.tau = self.tau_at(0)
         self.compute_dtype: Optional[torch.dtype] = None  # the training precision, set by setup()
-        self._check_mirrors()
 
     def tau_at(self, step: int) -> float:
         return tau_at(step, start=self.tau_start, end=self.tau_end, steps=self.tau_steps, schedule=self.tau_schedule)
@@ -124,11 +120,7 @@ class EMATeacher:
     @torch.no_grad()
     def update(self, tau: float) -> None:
         """theta_t <- tau*theta_t + (1-tau)*theta_s for every own parameter (fp32 math); buffers copied."""
-        t_params, s_params = self._pairs("named_parameters")
-        if t_params and t_params[0].device != s_params[0].device:  # used without setup() after the student moved
-            self.teacher.to(s_params[0].device)
-            t_params, s_params = self._pairs("named_parameters")
-        ema_update_(t_params, s_params, tau)
+        ema_update_(*self._pairs("named_parameters"), tau)
         self.copy_buffers()
 
     @torch.no_grad()
@@ -156,10 +148,3 @@ class EMATeacher:
             raise RuntimeError(f"EMA teacher: the student has {len(s)} {kind[6:]}, the teacher {len(t)}")
         pairs = [(a, b) for a, b in zip(t, s) if id(a) not in self._shared]
         return [a for a, _ in pairs], [b for _, b in pairs]
-
-    def _check_mirrors(self) -> None:
-        for kind in ("named_parameters", "named_buffers"):
-            t = [n for n, _ in getattr(self.teacher, kind)()]
-            s = [n for n, _ in getattr(self.student, kind)()]
-            if t != s:
-                raise RuntimeError(f"EMA teacher: the student's {kind[6:]} changed after the copy")

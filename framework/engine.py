@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import signal
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from .distributed import any_true
 from .health import HealthMonitor, TrainingStopped
 from .preflight import GIB
 from .rundir import RunLock
-from .tracking import RunLogger, peak_memory
+from .tracking import RunLogger, StepWindow, peak_memory
 
 __all__ = ["FitResult", "TrainingStopped", "fit"]
 
@@ -32,40 +31,13 @@ class FitResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class StepWindow:
-    """What the micro-batches of one optimizer step add up to: times, samples, summed logs, the rate used."""
-
-    data_s: float = 0.0
-    forward_s: float = 0.0
-    backward_s: float = 0.0
-    optimizer_s: float = 0.0
-    samples: int = 0
-    micro: int = 0
-    lr: float = 0.0
-    logs: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, logs: dict[str, Any]) -> None:
-        for k, v in logs.items():  # tensors stay on their device until the step ends (no host sync here)
-            self.logs[k] = self.logs.get(k, 0.0) + v
-
-    def scalars(self) -> dict[str, float]:
-        """Per-step means of the logs and the step's performance figures."""
-        out = {k: float(v) / max(1, self.micro) for k, v in self.logs.items()}
-        busy = self.data_s + self.forward_s + self.backward_s + self.optimizer_s
-        return out | {"train/lr": self.lr, "perf/samples_per_s": self.samples / max(busy, 1e-9),
-                      "perf/data_wait_frac": self.data_s / max(busy, 1e-9), "perf/data_s": self.data_s,
-                      "perf/forward_s": self.forward_s, "perf/backward_s": self.backward_s,
-                      "perf/optimizer_s": self.optimizer_s}
-
-
 class _Interrupt(BaseException):
     """A stop signal that arrived while waiting for data or evaluating (phases a step boundary may never end).
     A BaseException, as KeyboardInterrupt: code that skips a failing sample (`except Exception`) must not eat it."""
 
 
 class _StoppedOutsideStep(Exception):
-    """Raised by Trainer._interrupted once the stop is handled: fit ends as a preempted run."""
+    """Raised by Trainer._interrupted once the stop is handled: fit ends as a preempted run (with no evaluation)."""
 
 
 class Trainer:
@@ -74,18 +46,17 @@ class Trainer:
     def __init__(self, run: Run):
         self.run, self.cfg, self.ds, self.pos = run, run.cfg, run.ds, run.position
         self.health = HealthMonitor(run.cfg.run)
-        fp16 = run.ds.config.get("fp16", {}) if isinstance(run.ds.config, dict) else {}
-        self.min_loss_scale = float(fp16.get("min_loss_scale", 1.0))
+        self.min_loss_scale = float(run.ds.config.get("fp16", {}).get("min_loss_scale", 1.0))  # DeepSpeed's default
         self.log: Optional[RunLogger] = None  # opened by fit(): a start that failed earlier wrote nothing
         self.stop_signal: Optional[str] = None
         self.phase = "start"  # data | step | eval: where a stop signal lands
-        self.stopped_outside_step = False
         self.started = time.time()
         self.start_step = self.pos.step
         self.saved_step, self.saved_tag = (self.pos.step, run.resumed_from) if run.resumed_from else (-1, None)
         self.last_save_s = 0.0
         self.last_eval: tuple[int, dict[str, Any]] = (-1, {})
         self.budget = parse_duration(run.cfg.run.time_budget) if run.cfg.run.time_budget else None
+        self.save_every, self.eval_every = parse_every(run.cfg.run.save_every), parse_every(run.cfg.run.eval_every)
 
     # ------------------------------------------------------------------ the loop
 
@@ -93,58 +64,46 @@ class Trainer:
         """Train until the configured length, a stop signal, the time budget, or a failure; returns where it ended."""
         run, ds, pos = self.run, self.ds, self.pos
         reason, metrics = "finished", {}
-        with self._run_dir(), self._signals(), contextlib.suppress(_StoppedOutsideStep):
-            while pos.step < run.total_steps and reason == "finished":
-                window, tick = StepWindow(), time.time()
-                for batch in self._epoch_batches():
-                    window.data_s += time.time() - tick
-                    t0 = time.time()
-                    run.skipped_samples += int(batch.pop(SKIPPED, 0))
-                    output = run.forward(batch)  # {"losses": ..., "metrics": ..., "chance": ...}
-                    loss, logs = run.combine(output, pos.step)
-                    pos.batch_in_epoch += 1
-                    t1 = self._clock()
-                    if self.health.nonfinite(loss, output, pos.step, self.log):
-                        continue  # skip this micro-batch: no backward, no step
-                    ds.backward(loss)
-                    t2 = self._clock()
-                    boundary = ds.is_gradient_accumulation_boundary()  # ask before step()
-                    window.lr = ds.get_lr()[0]  # the rate this step uses
-                    ds.step()
-                    tick = self._clock()
-                    window.forward_s, window.backward_s = window.forward_s + t1 - t0, window.backward_s + t2 - t1
-                    window.optimizer_s += tick - t2
-                    window.samples += batch_size_of(batch) * run.dist.world_size
-                    window.micro += 1
-                    window.add(logs)
-                    if not boundary:
-                        continue
-                    pos.step += 1
-                    scalars = self._step_scalars(window, output)  # plugins run here, right after the step
-                    self.log.scalars(pos.step, scalars)  # log ...
-                    self.log.progress(pos.step, pos.epoch, scalars)
-                    self.health.check(pos.step, scalars, output, self.log, self.min_loss_scale)
-                    if self._due(self.cfg.run.eval_every, end_of_epoch=False) and run.task.evaluate:
-                        self._evaluate()  # ... -> evaluate ...
-                    reason = self._stop_reason()
-                    if self._due(self.cfg.run.save_every, False) or reason != "finished" or \
-                            pos.step >= run.total_steps:
-                        self._save()  # ... -> save ...
-                    if reason != "finished" or pos.step >= run.total_steps:
-                        break  # ... -> stop
-                    window = StepWindow()
-                else:  # the epoch ran out
-                    pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-                    if self._due(self.cfg.run.eval_every, end_of_epoch=True) and run.task.evaluate:
-                        self._evaluate()
-                    reason = self._stop_reason(end_of_epoch=True)
-                    if self._due(self.cfg.run.save_every, True) or reason != "finished":
-                        self._save()
-            if reason == "finished" and self.saved_step != pos.step:
-                self._save()
-            if reason == "finished" and run.task.evaluate:
-                metrics = self.last_eval[1] if self.last_eval[0] == pos.step else self._evaluate()
-        if self.stopped_outside_step:
+        try:
+            with self._run_dir(), self._signals():
+                while pos.step < run.total_steps and reason == "finished":
+                    window, tick = StepWindow(), time.time()
+                    for batch in self._epoch_batches():
+                        t0 = time.time()
+                        window.data_s += t0 - tick
+                        run.skipped_samples += int(batch.pop(SKIPPED, 0))
+                        output = run.forward(batch)  # {"losses": ..., "metrics": ..., "chance": ...}
+                        loss, logs = run.combine(output, pos.step)
+                        pos.batch_in_epoch += 1
+                        t1 = self._clock()
+                        if self.health.nonfinite(loss, output, pos.step, self.log):
+                            continue  # skip this micro-batch: no backward, no step
+                        ds.backward(loss)
+                        t2 = self._clock()
+                        boundary = ds.is_gradient_accumulation_boundary()  # ask before step()
+                        window.lr = ds.get_lr()[0]  # the rate this step uses
+                        ds.step()
+                        tick = self._clock()
+                        window.add(logs, batch_size_of(batch) * run.dist.world_size, (t0, t1, t2, tick))
+                        if not boundary:
+                            continue
+                        pos.step += 1
+                        scalars = self._step_scalars(window, output)  # plugins run here, right after the step
+                        self.log.scalars(pos.step, scalars)  # log ...
+                        self.log.progress(pos.step, pos.epoch, scalars)
+                        self.health.check(pos.step, scalars, output, self.log, self.min_loss_scale)
+                        reason = self._boundary(end_of_epoch=False)  # ... -> evaluate -> save ...
+                        if reason != "finished" or pos.step >= run.total_steps:
+                            break  # ... -> stop
+                        window = StepWindow()
+                    else:  # the epoch ran out
+                        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+                        reason = self._boundary(end_of_epoch=True)
+                if reason == "finished" and self.saved_step != pos.step:
+                    self._save()
+                if reason == "finished" and run.task.evaluate:
+                    metrics = self.last_eval[1] if self.last_eval[0] == pos.step else self._evaluate()
+        except _StoppedOutsideStep:
             reason = "preempted"
         return FitResult(pos.step, pos.epoch, reason, self.saved_tag, metrics)
 
@@ -157,13 +116,13 @@ class Trainer:
             scalars |= plugin.after_optimizer_step(self.pos.step)
         scalars |= {f"metrics/{k}": float(v) for k, v in output.get("metrics", {}).items()}
         scalars |= {"train/epoch": self.pos.epoch, "data/skipped_samples": self.run.skipped_samples}
-        norm = self.ds.get_global_grad_norm() if hasattr(self.ds, "get_global_grad_norm") else None
+        norm = self.ds.get_global_grad_norm()
         if norm is not None:
             scalars["train/grad_norm"] = float(norm)
         if self.run.precision.name == "fp16":
             scalars |= {"fp16/loss_scale": float(self.ds.optimizer.cur_scale),
                         "fp16/skipped_steps": float(self.ds.skipped_steps)}
-        scalars |= peak_memory(self.run.dist.device) or {}
+        scalars |= peak_memory(self.run.dist.device)
         scalars["mem/estimate_gib"] = self.run.memory.total / GIB  # the pre-flight figure, beside the peaks
         return scalars
 
@@ -189,7 +148,17 @@ class Trainer:
             yield {k: v.to(run.dist.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                    for k, v in batch.items()}
 
-    def _stop_reason(self, end_of_epoch: bool = False) -> str:
+    def _boundary(self, end_of_epoch: bool) -> str:
+        """Evaluate (if due), then save (if due, stopping, or at the last step); returns the stop reason."""
+        if self._due(self.eval_every, end_of_epoch) and self.run.task.evaluate:
+            self._evaluate()
+        reason = self._stop_reason(end_of_epoch)
+        last = not end_of_epoch and self.pos.step >= self.run.total_steps
+        if self._due(self.save_every, end_of_epoch) or reason != "finished" or last:
+            self._save()
+        return reason
+
+    def _stop_reason(self, end_of_epoch: bool) -> str:
         """finished (keep going) | preempted (a signal or run.stop_at_step, on any rank) | time_budget."""
         stop_at = self.cfg.run.stop_at_step
         if stop_at is not None and self.pos.step >= stop_at and not end_of_epoch:
@@ -200,8 +169,8 @@ class Trainer:
             return "time_budget"
         return "finished"
 
-    def _due(self, every: str, end_of_epoch: bool) -> bool:
-        n, unit = _parse_every_cached(every)
+    def _due(self, every: tuple[int, str], end_of_epoch: bool) -> bool:
+        n, unit = every
         if n <= 0:
             return False
         if unit == "epoch":
@@ -240,7 +209,7 @@ class Trainer:
             self.log.message(f"time budget {self.cfg.run.time_budget} nearly spent: saved {self.saved_tag}")
 
     def _evaluate(self) -> dict[str, Any]:
-        """The recipe's evaluation on every rank (eval mode, no_grad); scalars, text and images to TensorBoard."""
+        """The recipe's evaluation on every rank (eval mode, no_grad), logged (framework.tracking)."""
         module, step = self.ds.module, self.pos.step
         was_training, self.phase = module.training, "eval"
         module.eval()
@@ -253,16 +222,7 @@ class Trainer:
             module.train(was_training)
             self.phase = "step"
         self.last_eval = (step, metrics)
-        self.log.scalars(step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        for k, v in metrics.items():  # sample predictions: text (Markdown) or an image tensor [3,H,W]
-            if isinstance(v, str):
-                self.log.text(step, f"eval/{k}", v)
-            elif isinstance(v, torch.Tensor) and v.dim() == 3:
-                self.log.image(step, f"eval/{k}", v)
-        self.log.flush()
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        if numbers:
-            self.log.message(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
+        self.log.evaluation(step, metrics)
         return metrics
 
     # ------------------------------------------------------------------ the run directory and signals
@@ -271,22 +231,18 @@ class Trainer:
     def _run_dir(self) -> Iterator[None]:
         """Rank 0 locks the run directory and writes the resolved config; the logger opens; all close at the end."""
         run = self.run
-        lock = RunLock(run.run_dir) if run.dist.is_main else None
-        try:
-            if lock:
-                lock.acquire()
+        with RunLock(run.run_dir) if run.dist.is_main else contextlib.nullcontext():
+            if run.dist.is_main:
                 save_resolved(self.cfg, run.run_dir)
             self.log = RunLogger(run.run_dir, run.dist.rank, run.total_steps, self.cfg.run.log_every)
-            yield
-        except TrainingStopped as e:
-            self._save()
-            self.log.message(f"stopped: {e}; last good state saved in {run.ckpt_dir}")
-            raise
-        finally:
-            if self.log is not None:
+            try:
+                yield
+            except TrainingStopped as e:
+                self._save()
+                self.log.message(f"stopped: {e}; last good state saved in {run.ckpt_dir}")
+                raise
+            finally:
                 self.log.close()
-            if lock:
-                lock.release()
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -319,7 +275,6 @@ class Trainer:
         pending = self.pos.batch_in_epoch % self.run.accum and self.phase == "data"
         if not pending and self.saved_step != self.pos.step:
             self._save()
-        self.stopped_outside_step = True
         self.log.message(f"stopped {where} at step {self.pos.step} (checkpoint: {self.saved_tag or 'none yet'}); "
                          f"resume with run.resume=auto")
         raise _StoppedOutsideStep
@@ -328,8 +283,3 @@ class Trainer:
 def fit(run: Run) -> FitResult:
     """Train a built run (framework.build.build_run) to its end; see Trainer.fit."""
     return Trainer(run).fit()
-
-
-@functools.lru_cache(maxsize=None)
-def _parse_every_cached(every: str) -> tuple[int, str]:
-    return parse_every(every)

@@ -52,17 +52,9 @@ class MemoryEstimate:
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts; shared tensors are counted once."""
-    seen, trainable, frozen = set(), 0, 0
-    for p in module.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.requires_grad:
-            trainable += p.numel()
-        else:
-            frozen += p.numel()
-    return trainable, frozen
+    """(trainable, frozen) parameter counts; shared tensors are counted once (as Module.parameters() yields them)."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in module.parameters()) - trainable
 
 
 def estimate_memory(model: nn.Module, precision: str, zero_stage: int, world_size: int = 1,

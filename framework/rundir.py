@@ -98,13 +98,13 @@ def _short(value: Any) -> str:
 
 
 class RunLock:
-    """An exclusive lock on the run directory for the life of the training process (rank 0 takes it)."""
+    """`with RunLock(run_dir):` an exclusive lock on the run directory while training (rank 0 takes it)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
         self.file: Optional[Any] = None
 
-    def acquire(self) -> None:
+    def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a+")
         try:
@@ -120,8 +120,9 @@ class RunLock:
         self.file.truncate()
         self.file.write(f"training process {os.getpid()} on {os.uname().nodename}\n")
         self.file.flush()
+        return self
 
-    def release(self) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self.file is not None:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()

@@ -1,12 +1,47 @@
-"""Run logging: TensorBoard scalars/text/images on rank 0 and a compact console progress line."""
+"""Run logging: a step's figures, TensorBoard scalars/text/images on rank 0, a compact console progress line."""
 from __future__ import annotations
 
+import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import torch
+
+
+@dataclass
+class StepWindow:
+    """What the micro-batches of one optimizer step add up to: times, samples, summed logs, the rate used."""
+
+    data_s: float = 0.0
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    optimizer_s: float = 0.0
+    samples: int = 0
+    micro: int = 0
+    lr: float = 0.0
+    logs: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, logs: dict[str, Any], samples: int, times: tuple[float, float, float, float]) -> None:
+        """One micro-batch: its logs (summed), its samples, and times (start, after forward, backward, step)."""
+        for k, v in logs.items():  # tensors stay on their device until the step ends (no host sync here)
+            self.logs[k] = self.logs.get(k, 0.0) + v
+        self.samples += samples
+        self.micro += 1
+        self.forward_s += times[1] - times[0]
+        self.backward_s += times[2] - times[1]
+        self.optimizer_s += times[3] - times[2]
+
+    def scalars(self) -> dict[str, float]:
+        """Per-step means of the logs and the step's performance figures."""
+        out = {k: float(v) / max(1, self.micro) for k, v in self.logs.items()}
+        busy = self.data_s + self.forward_s + self.backward_s + self.optimizer_s
+        return out | {"train/lr": self.lr, "perf/samples_per_s": self.samples / max(busy, 1e-9),
+                      "perf/data_wait_frac": self.data_s / max(busy, 1e-9), "perf/data_s": self.data_s,
+                      "perf/forward_s": self.forward_s, "perf/backward_s": self.backward_s,
+                      "perf/optimizer_s": self.optimizer_s}
 
 
 class RunLogger:
@@ -30,17 +65,24 @@ class RunLogger:
         summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
         self.writer._get_file_writer().add_summary(summary, step)
 
-    def text(self, step: int, tag: str, text: str) -> None:
+    def evaluation(self, step: int, metrics: dict[str, Any]) -> None:
+        """An evaluation's results under eval/: numbers as scalars (and one console line), str as Markdown text,
+        [3,H,W] tensors in [0,1] as images (sample predictions)."""
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.scalars(step, {f"eval/{k}": v for k, v in numbers.items()})
         if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+            for k, v in metrics.items():
+                if isinstance(v, str):
+                    self.writer.add_text(f"eval/{k}", v, step)
+                elif isinstance(v, torch.Tensor) and v.dim() == 3:
+                    self.writer.add_image(f"eval/{k}", v, step)
+            self.writer.flush()
+        if numbers:
+            self.message(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
 
-    def image(self, step: int, tag: str, image: torch.Tensor) -> None:
-        """image: [3,H,W] float in [0,1]."""
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step)
-
-    def progress(self, step: int, epoch: int, values: dict[str, float], force: bool = False) -> None:
-        if self.rank != 0 or not (force or step % self.log_every == 0 or step == self.total_steps):
+    def progress(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        """The console line, every run.log_every steps and at the last step."""
+        if self.rank != 0 or not (step % self.log_every == 0 or step == self.total_steps):
             return
         losses = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in values.items()
                           if k.startswith("loss/") and k != "loss/total")
@@ -55,10 +97,6 @@ class RunLogger:
         if self.rank == 0:
             print(text, file=sys.stderr, flush=True)
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -67,17 +105,15 @@ class RunLogger:
 
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def peak_memory(device: torch.device) -> Optional[dict[str, float]]:
+def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak GPU memory (GiB) allocated and reserved since the last reset; on the CPU the process's peak RSS."""
     gib = 1024 ** 3
-    if device.type != "cuda":
-        try:
-            import resource  # POSIX only
-        except ImportError:
-            return None
+    if device.type != "cuda":  # (POSIX only, as the run directory's lock)
         return {"mem/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib}  # KiB on Linux
     return {"mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
             "mem/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}

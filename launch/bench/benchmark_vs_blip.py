@@ -187,7 +187,8 @@ def ours_variant(cfg: Any, batch: dict, ds_allreduce: bool) -> Any:
     """A step function of framework.engine.Trainer.fit's per-step calls on framework.build.build_run's run."""
     from framework.build import build_run
     from framework.distributed import init_distributed
-    from framework.engine import StepWindow, Trainer
+    from framework.engine import Trainer
+    from framework.tracking import StepWindow
     from recipes.medblip import pretrain
 
     dist = init_distributed()
@@ -211,8 +212,7 @@ def ours_variant(cfg: Any, batch: dict, ds_allreduce: bool) -> Any:
         boundary = ds.is_gradient_accumulation_boundary()
         window.lr = ds.get_lr()[0]
         ds.step()
-        window.micro, window.samples = 1, batch["input_ids"].shape[0]
-        window.add(logs)
+        window.add(logs, batch["input_ids"].shape[0], (t0, t1, t2, time.perf_counter()))
         assert boundary
         pos.step += 1
         scalars = trainer._step_scalars(window, output)  # the plugins (momentum bookkeeping) and the step's scalars
