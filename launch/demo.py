@@ -105,11 +105,13 @@ def plan_stages(data: Path, runs: Path, common: list[str], compare: bool = False
 
 
 def capfilt_summary(runs: Path, capfilt: CompareRuns) -> dict:
-    """How the comparison's filter did against the captions it knows were swapped: removal_quality + counts."""
+    """How the comparison's filter did against the captions it knows were swapped (removal_quality, counts), and
+    the held-out validation (final_eval, on the clean data.val) of DAPT on the noisy and on the cleaned shards."""
     manifest = json.loads((runs / "capfilt-shards" / "manifest.json").read_text())
     quality = removal_quality(manifest["decisions"], set(capfilt.noise["swapped"]))
     return {**quality, "noise": capfilt.noise["fraction"], "threshold": manifest["options"]["threshold"],
-            "counts": manifest["counts"], "pairs": manifest["totals"]["samples"]}
+            "counts": manifest["counts"], "pairs": manifest["totals"]["samples"],
+            "dapt_noisy": final_eval(runs / "dapt-noisy.log"), "dapt_capfilt": final_eval(runs / "dapt-capfilt.log")}
 
 
 def final_eval(log: Path) -> dict[str, float]:
@@ -178,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{capfilt['removed']} of {capfilt['images']} originals, {capfilt['swapped_removed']} of the "
               f"{capfilt['swapped']} swapped (precision {_fmt(capfilt['precision'])}, recall "
               f"{_fmt(capfilt['recall'])}); {capfilt['pairs']} pairs to DAPT", flush=True)
+        for name in ("dapt_noisy", "dapt_capfilt"):  # the clean held-out pairs: what the captions taught
+            ev = capfilt[name]
+            print(f"  held-out after DAPT {name[5:]:<7}: ITM accuracy {_fmt(ev.get('itm_acc'))}, recall@1 "
+                  f"{_fmt(ev.get('i2t_r1'))} / {_fmt(ev.get('t2i_r1'))} (image->text / text->image)", flush=True)
     print(f"{verdict['message']}\nstage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
           + f"; total {total:.0f}s\nTensorBoard: tensorboard --logdir {runs}   (then open http://localhost:6006)",
           flush=True)
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fmt(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x:.2f}"
+    return "-" if x is None else f"{x:.3f}"
 
 
 def environment(threads: int) -> dict[str, object]:

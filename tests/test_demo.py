@@ -263,8 +263,12 @@ def test_capfilt_summary_scores_the_filter_against_the_swapped_captions(tmp_path
                 "counts": {"original": {"kept": 6, "removed": 4}}, "totals": {"samples": 6}}
     (tmp_path / "capfilt-shards").mkdir()
     (tmp_path / "capfilt-shards" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "dapt-noisy.log").write_text("eval step 248: itm_acc 0.6667, i2t_r1 0.0208, samples 192.0000\n")
+    (tmp_path / "dapt-capfilt.log").write_text("eval step 292: itm_acc 0.6788, i2t_r1 0.0521, samples 192.0000\n")
     noise = {"fraction": 0.4, "swapped": {k: "x" for k in "abcd"}}
     got = demo.capfilt_summary(tmp_path, CompareRuns([], [], noise))
     assert (got["removed"], got["swapped"], got["swapped_removed"]) == (4, 4, 3)
     assert got["precision"] == 0.75 and got["recall"] == 0.75 and got["clean_removed"] == 1 / 6
     assert got["threshold"] == 0.3 and got["noise"] == 0.4 and got["pairs"] == 6
+    assert got["dapt_noisy"]["itm_acc"] == 0.6667 and got["dapt_capfilt"] == {"step": 292.0, "itm_acc": 0.6788,
+                                                                                "i2t_r1": 0.0521, "samples": 192.0}
