@@ -20,7 +20,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -76,7 +75,7 @@ class Plan:
 
     stages: list[Stage]
     table: list[str]
-    capfilt: Optional[CompareRuns]
+    capfilt: CompareRuns | None
 
 
 def plan_stages(data: Path, runs: Path, common: list[str], compare: bool = False, seed: int = 0) -> Plan:
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if verdict["passed"] else 1
 
 
-def _fmt(x: Optional[float]) -> str:
+def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
