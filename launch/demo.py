@@ -3,7 +3,9 @@
 
 Every stage is the command a user would run on real data (printed as it starts), with the demo recipes in
 recipes/medblip/demo/ and paths pointed at --data and --runs. The verdict checks that every objective learned, each by
-a margin over its chance level (the `CHECKS` below); the exit status is 1 if one of them did not.
+a margin over its chance level (the `CHECKS` below); the exit status is 1 if one of them did not. --compare adds
+what pretraining adds (VQA from DAPT only, from random weights) and CapFilt (DAPT on noisy phantom captions vs on
+their CapFilt bootstrap, each through VQA; recipes/medblip/capfilt/compare.py) to the same table1.md.
 """
 from __future__ import annotations
 
@@ -16,15 +18,18 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from corpora.phantoms import PhantomSpec, write_demo_data  # noqa: E402
+from recipes.medblip.capfilt.compare import CompareRuns, Stage, compare_runs  # noqa: E402
+from recipes.medblip.capfilt.noise import removal_quality  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "medblip" / "demo"
-# VQA runs: (run dir, init_from run, make_table label, title); --compare adds the last two (~2 more minutes).
+# VQA runs: (run dir, init_from run, make_table label, title); --compare adds the last two and CapFilt's stages.
 VQA_RUNS = [("vqa-psd", "psd", "psd", "from DAPT+PSD"), ("vqa-dapt", "dapt", "dapt", "from DAPT only"),
             ("vqa-scratch", None, "scratch", "from random weights (no pretraining)")]
 STAGES = ("dapt", "psd", *(r[0] for r in VQA_RUNS))
@@ -37,7 +42,8 @@ RECALL_CHANCE_X = 3  # held-out recall@1 (mean of image->text, text->image) afte
 _EVAL = re.compile(r"^eval step (\d+): (.*)$")
 # Lines of a stage's output worth showing live (the full output goes to <runs>/<stage>.log).
 _SHOW = re.compile(r"^(step \d|eval step|done:|error|VQA-RAD split|stopped"  # training
-                   r"|split:|\s+acc\s|-{20}|model |majority)|Error")  # evaluate.py's table
+                   r"|split:|\s+acc\s|-{20}|model |majority"  # evaluate.py's table
+                   r"|capfilt: \d+ images|warning)|Error")  # capfilt.py's summary
 
 
 class DemoError(RuntimeError):
@@ -61,6 +67,50 @@ def _run(name: str, args: list[str], log: Path, env: dict[str, str]) -> float:
     took = time.time() - t0
     print(f"   ({took:.0f} s)", flush=True)
     return took
+
+
+@dataclass
+class Plan:
+    """The demo's stages in order, make_table's RUN=LABEL specs, and --compare's CapFilt comparison (or None)."""
+
+    stages: list[Stage]
+    table: list[str]
+    capfilt: CompareRuns | None
+
+
+def plan_stages(data: Path, runs: Path, common: list[str], compare: bool = False, seed: int = 0) -> Plan:
+    """What the demo runs on the phantoms in `data` (write_demo_data) into `runs`; `common` goes to every training
+    stage. With `compare` this also writes CapFilt's noisy shards (runs/capfilt-noisy, seeded by `seed`)."""
+    shards = [f"data.train={data / 'shards' / 'train'}", f"data.val={data / 'shards' / 'val'}"]
+    train, evaluate = str(ROOT / "launch" / "train.py"), str(ROOT / "launch" / "evaluate.py")
+    stages = [Stage("DAPT (ITC + ITM + LM)", [train, "--recipe", str(RECIPES / "dapt.yaml"), f"run.dir={runs / 'dapt'}",
+                                              *shards, *common], "dapt.log"),
+              Stage("PSD (EMA teacher, adaptive loss weights)",
+                    [train, "--recipe", str(RECIPES / "psd.yaml"), f"run.dir={runs / 'psd'}",
+                     f"run.init_from={runs / 'dapt'}", *shards, *common], "psd.log")]
+    table = []
+    for name, init, label, title in VQA_RUNS[: 3 if compare else 1]:
+        # run.init_from also goes to evaluate.py: metrics.json records it (make_table names rows by it)
+        vqa_args = ["--recipe", str(RECIPES / "vqa.yaml"), f"run.dir={runs / name}", f"vqa.root={data / 'vqa'}",
+                    f"run.init_from={runs / init if init else 'null'}", *common]
+        stages += [Stage(f"VQA fine-tuning (vision frozen) {title}", [train, *vqa_args], f"{name}.log"),
+                   Stage(f"evaluation {title}", [evaluate, *vqa_args], f"evaluate-{name}.log")]
+        table.append(f"{runs / name}={label}")
+    capfilt = compare_runs(data, runs, common, seed=seed) if compare else None
+    if capfilt:
+        stages += capfilt.stages
+        table += capfilt.table
+    return Plan(stages, table, capfilt)
+
+
+def capfilt_summary(runs: Path, capfilt: CompareRuns) -> dict:
+    """How the comparison's filter did against the captions it knows were swapped (removal_quality, counts), and
+    the held-out validation (final_eval, on the clean data.val) of DAPT on the noisy and on the cleaned shards."""
+    manifest = json.loads((runs / "capfilt-shards" / "manifest.json").read_text())
+    quality = removal_quality(manifest["decisions"], set(capfilt.noise["swapped"]))
+    return {**quality, "noise": capfilt.noise["fraction"], "threshold": manifest["options"]["threshold"],
+            "counts": manifest["counts"], "pairs": manifest["totals"]["samples"],
+            "dapt_noisy": final_eval(runs / "dapt-noisy.log"), "dapt_capfilt": final_eval(runs / "dapt-capfilt.log")}
 
 
 def final_eval(log: Path) -> dict[str, float]:
@@ -87,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per stage (default 1: at these sizes more threads only contend)")
     parser.add_argument("--compare", action="store_true",
-                        help="also fine-tune from DAPT only and from random weights, to show what pretraining adds")
+                        help="also fine-tune from DAPT only and from random weights (what pretraining adds), and "
+                             "DAPT on noisy captions vs on their CapFilt bootstrap (what CapFilt adds)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every training stage")
     args = parser.parse_args(argv)
     data, runs = Path(args.data).resolve(), Path(args.runs).resolve()
@@ -107,29 +158,15 @@ def main(argv: list[str] | None = None) -> int:
         times["data"] = time.time() - t0
         runs.mkdir(parents=True, exist_ok=True)
         for stage in STAGES:
-            shutil.rmtree(runs / stage, ignore_errors=True)  # a fresh demo every time
+            shutil.rmtree(runs / stage, ignore_errors=True)  # a fresh demo every time (compare_runs cleans its own)
         common = [f"model.tokenizer={data / 'vocab.txt'}", "run.resume=none", *args.overrides]
-        shards = [f"data.train={data / 'shards' / 'train'}", f"data.val={data / 'shards' / 'val'}"]
-        train = str(ROOT / "launch" / "train.py")
-        times["dapt"] = _run("DAPT (ITC + ITM + LM)", [train, "--recipe", str(RECIPES / "dapt.yaml"),
-                                                          f"run.dir={runs / 'dapt'}", *shards, *common],
-                             runs / "dapt.log", env)
-        times["psd"] = _run("PSD (EMA teacher, adaptive loss weights)",
-                            [train, "--recipe", str(RECIPES / "psd.yaml"), f"run.dir={runs / 'psd'}",
-                             f"run.init_from={runs / 'dapt'}", *shards, *common], runs / "psd.log", env)
-        runs_for_table = []
-        for name, init, label, title in VQA_RUNS[: 3 if args.compare else 1]:
-            # run.init_from also goes to evaluate.py: metrics.json records it (make_table names rows by it)
-            vqa_args = ["--recipe", str(RECIPES / "vqa.yaml"), f"run.dir={runs / name}", f"vqa.root={data / 'vqa'}",
-                        f"run.init_from={runs / init if init else 'null'}", *common]
-            times[name] = _run(f"VQA fine-tuning (vision frozen) {title}", [train, *vqa_args],
-                               runs / f"{name}.log", env)
-            times[f"evaluate {name}"] = _run(f"evaluation {title}", [str(ROOT / "launch" / "evaluate.py"), *vqa_args],
-                                             runs / f"evaluate-{name}.log", env)
-            runs_for_table.append(f"{runs / name}={label}" if label else str(runs / name))
-        times["report"] = _run("report (Table 1 layout)", [str(ROOT / "launch" / "make_table.py"), *runs_for_table,
+        plan = plan_stages(data, runs, common, args.compare, args.seed)
+        for stage in plan.stages:
+            times[stage.log.removesuffix(".log")] = _run(stage.title, stage.args, runs / stage.log, env)
+        times["report"] = _run("report (Table 1 layout)", [str(ROOT / "launch" / "make_table.py"), *plan.table,
                                                            "--data", "phantoms", "--out", str(runs)],
                                runs / "report.log", env)
+        capfilt = capfilt_summary(runs, plan.capfilt) if plan.capfilt else None
     except (DemoError, ValueError, OSError) as e:  # a failed stage, bad --seed/--data: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -137,13 +174,26 @@ def main(argv: list[str] | None = None) -> int:
     report = runs / "table1.md"
     print("\n" + report.read_text() if report.is_file() else "", flush=True)
     verdict = check(runs / "vqa-psd" / "metrics.json", final_eval(runs / "dapt.log"))
+    if capfilt:
+        print(f"CapFilt on {capfilt['noise']:.0%} swapped captions (threshold {capfilt['threshold']:g}): removed "
+              f"{capfilt['removed']} of {capfilt['images']} originals, {capfilt['swapped_removed']} of the "
+              f"{capfilt['swapped']} swapped (precision {_fmt(capfilt['precision'])}, recall "
+              f"{_fmt(capfilt['recall'])}); {capfilt['pairs']} pairs to DAPT", flush=True)
+        for name in ("dapt_noisy", "dapt_capfilt"):  # the clean held-out pairs: what the captions taught
+            ev = capfilt[name]
+            print(f"  held-out after DAPT {name[5:]:<7}: ITM accuracy {_fmt(ev.get('itm_acc'))}, recall@1 "
+                  f"{_fmt(ev.get('i2t_r1'))} / {_fmt(ev.get('t2i_r1'))} (image->text / text->image)", flush=True)
     print(f"{verdict['message']}\nstage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
           + f"; total {total:.0f}s\nTensorBoard: tensorboard --logdir {runs}   (then open http://localhost:6006)",
           flush=True)
-    (runs / "demo.json").write_text(json.dumps({**verdict, "seconds": times, "total_seconds": total,
+    (runs / "demo.json").write_text(json.dumps({**verdict, "capfilt": capfilt, "seconds": times, "total_seconds": total,
                                                 "environment": environment(args.threads),
                                                 "data_sha256": data_fingerprint(data)}, indent=1))
     return 0 if verdict["passed"] else 1
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def environment(threads: int) -> dict[str, object]:

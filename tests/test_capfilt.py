@@ -171,6 +171,8 @@ def test_same_output_byte_for_byte_whatever_the_batch_size_and_a_rerun_does_noth
     inputs = tiny.shards(tmp_path)
     a = run_capfilt(tiny.options(tmp_path, tmp_path / "a", inputs, batch_size=4), **QUIET)
     b = run_capfilt(tiny.options(tmp_path, tmp_path / "b", inputs, batch_size=3), **QUIET)
+    assert len(a["shards"]) == 3 and all(a["counts"][kind]["kept"] and a["counts"][kind]["removed"]
+                                         for kind in ("original", "synthetic"))  # not two empty outputs
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert a["decisions"] == b["decisions"] and a["fingerprint"] == b["fingerprint"]
     lines: list[str] = []
@@ -183,6 +185,7 @@ def test_same_output_byte_for_byte_whatever_the_batch_size_and_a_rerun_does_noth
 def test_an_interrupted_run_keeps_finished_shards_and_finishes_identically(tmp_path: Path, monkeypatch) -> None:
     inputs = tiny.shards(tmp_path)
     clean = run_capfilt(tiny.options(tmp_path, tmp_path / "clean", inputs), **QUIET)
+    assert len(clean["shards"]) == 3  # every shard keeps something (the threshold of capfilt_tiny)
     out = tmp_path / "out"
     real = writing.filter_shard
     done: list[str] = []

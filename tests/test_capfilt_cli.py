@@ -17,7 +17,7 @@ from tests.conftest import fake_gpu, load_launch, run_entry
 
 def cli_args(folder: Path, inputs: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(tiny.weights(folder)), "--recipe", tiny.RECIPE, "--shards", str(inputs), "--out", str(out),
-            "--k", "2", "--batch-size", "3", "--precision", "fp32", *extra, *tiny.overrides(folder)]
+            "--k", "2", "--batch-size", "3", "--precision", "fp32", "--threshold", str(tiny.THRESHOLD), *extra, *tiny.overrides(folder)]
 
 
 def errors(stderr: str) -> list[str]:

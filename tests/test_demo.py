@@ -187,3 +187,88 @@ def test_make_table_labels_phantom_results_as_phantoms(tmp_path: Path) -> None:
     assert "- Data: phantoms, not VQA-RAD." in table and "- Split:" not in table
     assert make_table.main([f"{run}=psd", "--out", str(tmp_path)]) == 0  # real VQA-RAD runs: as before
     assert "| official |" in (tmp_path / "table1.md").read_text()
+
+
+# ----------------------------------------------------------------------------- --compare: CapFilt beside the ablations
+
+
+def _outputs(args: list[str]) -> set[str]:
+    """The folders a stage writes: its run.dir, or capfilt.py's --out."""
+    out = {a.partition("=")[2] for a in args if a.startswith("run.dir=")}
+    return out | {args[i + 1] for i, a in enumerate(args) if a == "--out"}
+
+
+def _inputs(args: list[str], runs: Path) -> set[str]:
+    """The folders under `runs` a stage reads: run.init_from, data.train, capfilt.py's models and shards."""
+    got = {a.partition("=")[2] for a in args if a.startswith(("run.init_from=", "data.train="))}
+    got |= {args[i + 1] for i, a in enumerate(args) if a in ("--captioner", "--filter", "--shards")}
+    return {g for g in got if g.startswith(str(runs))}
+
+
+def test_compare_plan_runs_capfilt_between_the_ablations_and_tables_both(tmp_path: Path) -> None:
+    from corpora.phantoms import PhantomSpec, write_demo_data
+    from tests.conftest import load_launch
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    write_demo_data(data, PhantomSpec(train_captions=40, val_captions=8, samples_per_shard=20, vqa_train_images=4,
+                                      vqa_test_images=2))
+    common = [f"model.tokenizer={data / 'vocab.txt'}", "run.resume=none"]
+    plain = demo.plan_stages(data, runs, common)
+    assert [s.log for s in plain.stages] == ["dapt.log", "psd.log", "vqa-psd.log", "evaluate-vqa-psd.log"]
+    assert plain.table == [f"{runs / 'vqa-psd'}=psd"] and plain.capfilt is None
+    assert not (runs / "capfilt-noisy").exists()  # nothing of CapFilt's is written without --compare
+
+    plan = demo.plan_stages(data, runs, common, compare=True, seed=3)
+    logs = [s.log for s in plan.stages]
+    assert logs[:8] == [*[s.log for s in plain.stages], "vqa-dapt.log", "evaluate-vqa-dapt.log", "vqa-scratch.log",
+                        "evaluate-vqa-scratch.log"]
+    assert logs[8:] == ["dapt-noisy.log", "capfilt-filter.log", "capfilt.log", "dapt-capfilt.log",
+                        "vqa-dapt-noisy.log", "evaluate-vqa-dapt-noisy.log", "vqa-dapt-capfilt.log",
+                        "evaluate-vqa-dapt-capfilt.log"]
+    # every folder a stage reads under runs/ is written by an earlier stage (or is the noisy copy written now)
+    written = {str(runs / "capfilt-noisy")}
+    for stage in plan.stages:
+        assert _inputs(stage.args, runs) <= written, (stage.title, _inputs(stage.args, runs) - written)
+        written |= _outputs(stage.args)
+    by_log = {s.log: s.args for s in plan.stages}
+    capfilt = by_log["capfilt.log"]
+    assert Path(capfilt[0]).name == "capfilt.py" and capfilt[capfilt.index("--shards") + 1] == str(runs / "capfilt-noisy")
+    assert capfilt[capfilt.index("--captioner") + 1] == str(runs / "dapt-noisy")
+    assert capfilt[capfilt.index("--filter") + 1] == str(runs / "capfilt-filter")
+    assert f"data.train={runs / 'capfilt-shards'}" in by_log["dapt-capfilt.log"]
+    assert f"data.train={runs / 'capfilt-noisy'}" in by_log["dapt-noisy.log"]
+    for run, init in (("vqa-dapt-noisy", "dapt-noisy"), ("vqa-dapt-capfilt", "dapt-capfilt")):
+        assert f"run.init_from={runs / init}" in by_log[f"{run}.log"]
+        assert by_log[f"{run}.log"][1:] == by_log[f"evaluate-{run}.log"][1:]  # evaluated as trained
+    # the two CapFilt rows join the three of the ablation in one table, under make_table's labels
+    assert plan.table == [f"{runs / 'vqa-psd'}=psd", f"{runs / 'vqa-dapt'}=dapt", f"{runs / 'vqa-scratch'}=scratch",
+                          f"{runs / 'vqa-dapt-noisy'}=dapt-noisy", f"{runs / 'vqa-dapt-capfilt'}=dapt-capfilt"]
+    make_table = load_launch("make_table")
+    assert {spec.rpartition("=")[2] for spec in plan.table} <= set(make_table.ALIASES)
+    # the noisy copy holds the known truth the summary scores the filter against
+    truth = json.loads((runs / "capfilt-noisy" / "noise.json").read_text())
+    assert truth["seed"] == 3 and len(truth["swapped"]) == round(0.4 * 40) == len(plan.capfilt.noise["swapped"])
+
+
+def test_capfilt_summary_scores_the_filter_against_the_swapped_captions(tmp_path: Path) -> None:
+    from recipes.medblip.capfilt.compare import CompareRuns
+
+    def decision(key: str, score: float) -> dict:
+        return {"key": key, "original": {"score": score, "decision": "kept" if score >= 0.3 else "removed"},
+                "synthetic": []}
+
+    # 4 swapped (a-d), 6 clean (e-j); removed: a, b, c (swapped) and e (clean) -> precision 3/4, recall 3/4
+    scores = {"a": 0.1, "b": 0.2, "c": 0.25, "d": 0.6, "e": 0.29, "f": 0.5, "g": 0.7, "h": 0.4, "i": 0.9, "j": 0.31}
+    manifest = {"decisions": [decision(k, v) for k, v in scores.items()], "options": {"threshold": 0.3},
+                "counts": {"original": {"kept": 6, "removed": 4}}, "totals": {"samples": 6}}
+    (tmp_path / "capfilt-shards").mkdir()
+    (tmp_path / "capfilt-shards" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "dapt-noisy.log").write_text("eval step 248: itm_acc 0.6667, i2t_r1 0.0208, samples 192.0000\n")
+    (tmp_path / "dapt-capfilt.log").write_text("eval step 292: itm_acc 0.6788, i2t_r1 0.0521, samples 192.0000\n")
+    noise = {"fraction": 0.4, "swapped": {k: "x" for k in "abcd"}}
+    got = demo.capfilt_summary(tmp_path, CompareRuns([], [], noise))
+    assert (got["removed"], got["swapped"], got["swapped_removed"]) == (4, 4, 3)
+    assert got["precision"] == 0.75 and got["recall"] == 0.75 and got["clean_removed"] == 1 / 6
+    assert got["threshold"] == 0.3 and got["noise"] == 0.4 and got["pairs"] == 6
+    assert got["dapt_noisy"]["itm_acc"] == 0.6667 and got["dapt_capfilt"] == {"step": 292.0, "itm_acc": 0.6788,
+                                                                                "i2t_r1": 0.0521, "samples": 192.0}

@@ -5,7 +5,9 @@ the synthetic captions, with a BLIP-sized model of random weights (no download) 
     python launch/bench/capfilt_cost.py [--preset base] [--batch 8] [--k 1] [--repeats 3] [--device cpu] [--precision auto]
 
 Random weights rarely stop early: a caption runs to --max-length, the upper bound of the generation cost. Prints
-seconds per image (median of the repeats, and their range) and the settings.
+seconds per image (median of the repeats, and their range) of each part: the ViT image embedding, captioning (k
+sampled captions from the decoder) and filtering (ITM of the original and the k synthetic captions), and their sum
+with one model for both (one embedding; separate captioner and filter models embed each image twice).
 """
 from __future__ import annotations
 
@@ -49,23 +51,33 @@ def main(argv: list[str] | None = None) -> int:
     captions = ["axial ct of the chest shows a right lower lobe consolidation with a small pleural effusion"] * args.batch
     seeds = [[i * 10 + j for j in range(args.k)] for i in range(args.batch)]
 
-    def once() -> float:
+    def clock() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        return time.perf_counter()
+
+    def once() -> dict[str, float]:
+        """Seconds per image of each part of one batch."""
         with torch.no_grad():
+            t0 = clock()
             embeds = model.image_embeddings(images)
+            t1 = clock()
             synthetic = sample_captions(model, embeds, seeds, opts)
+            t2 = clock()
             match_scores(model, embeds, [[c] + s for c, s in zip(captions, synthetic)])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / args.batch
+            t3 = clock()
+        parts = {"embedding": t1 - t0, "captioning": t2 - t1, "filtering": t3 - t2}
+        return {k: v / args.batch for k, v in {**parts, "total": t3 - t0}.items()}
 
     once()  # warm-up
-    times = [once() for _ in range(args.repeats)]
-    print(f"capfilt cost: {statistics.median(times):.3f} s/image (range {min(times):.3f}-{max(times):.3f}, "
-          f"{args.repeats} repeats) | preset {args.preset}, image {args.image_size}, batch {args.batch}, k {args.k}, "
-          f"max_length {args.max_length}, {precision.name} on {device} ({torch.get_num_threads()} threads)")
+    runs = [once() for _ in range(args.repeats)]
+    print(f"capfilt cost, s/image, median (range) of {args.repeats} repeats | preset {args.preset}, image "
+          f"{args.image_size}, batch {args.batch}, k {args.k}, max_length {args.max_length}, {precision.name} on "
+          f"{device} ({torch.get_num_threads()} threads)")
+    for part, what in (("embedding", "ViT image embedding"), ("captioning", f"decoder: {args.k} nucleus caption(s)"),
+                       ("filtering", f"ITM: original + {args.k} synthetic"), ("total", "one model for both")):
+        times = [r[part] for r in runs]
+        print(f"  {part:<10} {statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})  {what}")
     return 0
 
 
