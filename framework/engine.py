@@ -63,7 +63,7 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train until the configured length, a stop signal, the time budget, or a failure; returns where it ended."""
         run, ds, pos = self.run, self.ds, self.pos
-        reason, metrics = "finished", {}
+        reason, metrics, unchecked = "finished", {}, []
         try:
             with self._run_dir(), self._signals():
                 while pos.step < run.total_steps and reason == "finished":
@@ -76,7 +76,9 @@ class Trainer:
                         loss, logs = run.combine(output, pos.step)
                         pos.batch_in_epoch += 1
                         t1 = self._clock()
-                        if self.health.nonfinite(loss, output, pos.step, self.log):
+                        if run.finite_check_per_step:
+                            unchecked.append(loss.detach())  # checked at the step's end: no host sync here
+                        elif self.health.nonfinite(loss, output, pos.step, self.log):
                             continue  # skip this micro-batch: no backward, no step
                         ds.backward(loss)
                         t2 = self._clock()
@@ -88,6 +90,10 @@ class Trainer:
                         if not boundary:
                             continue
                         pos.step += 1
+                        if unchecked:  # fp16: the loss scaler has skipped the step if one of them was not finite
+                            self.health.nonfinite(torch.stack(unchecked).sum(), output, pos.step, self.log,
+                                                  skipped="step skipped by the loss scaler")
+                            unchecked.clear()
                         scalars = self._step_scalars(window, output)  # plugins run here, right after the step
                         self.log.scalars(pos.step, scalars)  # log ...
                         self.log.progress(pos.step, pos.epoch, scalars)

@@ -34,12 +34,11 @@ class HealthMonitor:
         self.zero_grad_run = self.low_scale_run = 0
         self.min_scale: Optional[float] = None
 
-    def nonfinite(self, loss: torch.Tensor, output: dict[str, Any], step: int, log: Any) -> bool:
-        """True if this micro-batch's total loss is not finite (it is then skipped); stops after too many in a row.
-
-        One host sync per micro-batch: the decision to run backward needs the value. (Under fp16 a non-finite
-        gradient is also caught by DeepSpeed's loss scaler, which skips the step.)
-        """
+    def nonfinite(self, loss: torch.Tensor, output: dict[str, Any], step: int, log: Any,
+                  skipped: str = "micro-batch skipped") -> bool:
+        """True if `loss` is not finite (a micro-batch's, then skipped; or a step's sum under fp16, whose step the
+        loss scaler skipped); stops after too many in a row. The value needs a host sync: under fp32/bf16 one per
+        micro-batch (the decision to run backward), under fp16 one per step (Run.finite_check_per_step)."""
         if torch.isfinite(loss):  # a non-finite objective makes the total non-finite (even at weight 0)
             self.nonfinite_run = 0
             return False
@@ -47,7 +46,7 @@ class HealthMonitor:
         self.nonfinite_run += 1
         self.nonfinite_total += 1
         log.scalars(step, {"train/nonfinite_losses": self.nonfinite_total})
-        log.message(f"step {step}: non-finite loss in {', '.join(bad)}; micro-batch skipped")
+        log.message(f"step {step}: non-finite loss in {', '.join(bad)}; {skipped}")
         if self.nonfinite_run > self.max_nonfinite:
             raise TrainingStopped(f"{self.nonfinite_run} non-finite losses in a row (objective: {', '.join(bad)})"
                                   f" > run.max_nonfinite={self.max_nonfinite}; lower the learning rate or check the "

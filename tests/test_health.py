@@ -78,3 +78,30 @@ def test_a_model_that_learns_nothing_is_flagged_in_a_real_run(tmp_path):
     flags = [e.value for e in acc.Scalars("health/at_chance/mse")]
     assert flags[:3] == [0.0, 0.0, 0.0] and flags[3] == 1.0
     assert "train/grad_norm" in acc.Tags()["scalars"]
+
+
+def test_under_fp16_losses_are_checked_once_a_step_without_a_sync_per_micro_batch(tmp_path, one_rank, capsys):
+    """fp16 runs check the step's summed loss after the step (DeepSpeed's loss scaler skips a step whose gradients
+    overflow): a non-finite micro-batch is counted once per step, not skipped before backward, and too many in a row
+    still stop the run. fp16 needs a GPU, so the CPU run takes the fp16 path's setting build_run gives fp16."""
+    from framework.build import build_run
+    from framework.config import import_recipe, load_config
+    from framework.distributed import init_distributed
+    from framework.engine import fit
+    from recipes.toy import make_shards
+
+    make_shards(tmp_path / "shards", 64, 4)
+    cfg = load_config(ROOT / "recipes" / "toy" / "toy.yaml",
+                      [f"run.dir={tmp_path / 'run'}", f"data.train={tmp_path / 'shards'}", "model.nan_after=6",
+                       "run.max_nonfinite=3", "train.grad_accum=2", "run.save_every=0", "data.num_workers=0"])
+    dist = init_distributed()
+    run = build_run(cfg, import_recipe(cfg.recipe).build(cfg, dist), dist)
+    assert run.precision.name == "fp32" and not run.finite_check_per_step  # the CPU's own path checks each one
+    run.finite_check_per_step = True
+    with pytest.raises(TrainingStopped, match=r"4 non-finite losses in a row \(objective: mse\)"):
+        fit(run)
+    err = capsys.readouterr().err
+    # forwards 7, 8, ... are NaN: steps 4-7 (2 micro-batches each) are flagged once each, then the run stops
+    assert err.count("non-finite loss in mse; step skipped by the loss scaler") == 4
+    assert "micro-batch skipped" not in err
+    assert [f"step {s}: non-finite" in err for s in (3, 4, 7, 8)] == [False, True, True, False]
