@@ -27,5 +27,5 @@ setup(
         "safetensors>=0.4",
         "pyarrow>=14",  # reads ROCOv2's parquet files in row batches
     ],
-    extras_require={"test": ["pytest>=7.4"]},
+    extras_require={"test": ["pytest>=7.4", "pytest-xdist>=3.5"]},
 )

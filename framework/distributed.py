@@ -60,17 +60,21 @@ def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); single process if no launcher."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one, no MPI discovery
+    alone = "RANK" not in os.environ  # plain `python launch/train.py`: a world of one, no MPI discovery
+    if alone:  # (DeepSpeed reads these variables; the port is never listened on, see below)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         if not cuda:
             _skip_shared_memory_allreduce()
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        if alone:  # an in-memory store: no TCP rendezvous, so no port another process can take in between
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts an existing group
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

@@ -95,19 +95,28 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    """A world of one (gloo), as `deepspeed --num_gpus 1` gives on a CPU machine."""
-    import deepspeed
+def world_of_one() -> Iterator[None]:
+    """framework.distributed's world of one (an in-memory store, no TCP port), its variables set while in use."""
     import torch.distributed as dist
 
+    from framework.distributed import init_distributed
+
     saved = {k: os.environ.get(k) for k in DIST_ENV}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    for k in DIST_ENV:
+        os.environ.pop(k, None)
+    if dist.is_initialized():  # made by an earlier module: DeepSpeed still reads the variables at initialize()
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+    else:
+        init_distributed()
     yield
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A world of one (gloo) in this process, as `python launch/train.py` makes it (framework.distributed)."""
+    yield from world_of_one()

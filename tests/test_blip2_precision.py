@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from tests.blip2_tiny import captions, images, stage1, with_llm
-from tests.conftest import free_port
 
 
 def test_fp32_modules_are_the_trainable_modules_only_under_fp16():
@@ -33,16 +32,14 @@ def test_fp32_modules_are_the_trainable_modules_only_under_fp16():
 
 
 @pytest.fixture
-def single_rank(monkeypatch):
+def single_rank():
+    """An in-process world of one (gloo), as `python launch/train.py` makes it; yields deepspeed."""
     import deepspeed
-    import torch.distributed as dist
 
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
-        monkeypatch.setenv(k, v)
-    if not dist.is_initialized():
-        monkeypatch.setenv("MASTER_PORT", str(free_port()))
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    return deepspeed
+    from tests.conftest import world_of_one
+
+    for _ in world_of_one():
+        yield deepspeed
 
 
 def _engine(deepspeed, model, comm: str | None):

@@ -10,7 +10,6 @@ from framework.config import Config, DistillConfig
 from framework.distill import SelfDistillation, setup_distillation
 from framework.ema import EMATeacher, ZeroStage3Error, check_zero_stage, tau_at
 from framework.task import Task
-from tests.conftest import free_port
 
 
 class Tiny(nn.Module):
@@ -156,18 +155,14 @@ def test_zero_stage_3_is_refused_in_one_line():
 
 
 @pytest.fixture
-def single_rank(monkeypatch):
-    """An in-process world of one (gloo), as the deepspeed launcher would set up on the CPU."""
+def single_rank():
+    """An in-process world of one (gloo), as `python launch/train.py` makes it; yields deepspeed."""
     import deepspeed
-    import torch.distributed as dist
 
-    # always: DeepSpeed reads these at initialize() even when another test already made the process group
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
-        monkeypatch.setenv(k, v)
-    if not dist.is_initialized():
-        monkeypatch.setenv("MASTER_PORT", str(free_port()))
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    return deepspeed
+    from tests.conftest import world_of_one
+
+    for _ in world_of_one():
+        yield deepspeed
 
 
 def test_bf16_deepspeed_teacher_stays_fp32_and_tau_follows_optimizer_steps(single_rank):
