@@ -47,6 +47,11 @@ def serve_directory(directory: Path) -> Iterator[str]:
         server.shutdown()
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch thread each, not two each
+    import torch
+
+    torch.set_num_threads(1)
+
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what a launcher sets
 
 
