@@ -4,7 +4,8 @@
     python launch/bench/benchmark_vs_blip.py [--rounds 3] [--steps 2] [--batch 4] [--queue-size 256]
                                              [--grad-ckpt] [--variants blip,ours] [--json FILE]
 
-blip: BLIP_Pretrain.forward and pretrain.py's loop as salesforce/BLIP writes them (written out below: momentum update
+blip: BLIP_Pretrain.forward and pretrain.py's loop as salesforce/BLIP writes them (recipes/medblip/model/
+      blip_reference.py, which tests/test_blip_training_sequence.py proves equal to our step: momentum update
       in the forward, ITC against the queues, ITM with hard negatives drawn row by row, LM, every text pass
       projecting the image tokens itself; `optimizer.zero_grad(); loss.backward(); optimizer.step()` with
       torch.optim.AdamW at its defaults, no clipping), on our towers with transformers' written-out text attention
@@ -52,99 +53,13 @@ MOMENTUM = 0.995
 # ----------------------------------------------------------------------------- salesforce/BLIP's step, written out
 
 
-def blip_momentum_update(model: Any) -> None:
-    """BLIP_Pretrain._momentum_update: a new tensor per parameter, as BLIP writes it."""
-    import torch
-
-    with torch.no_grad():
-        for online, momentum in model.momentum_pairs():  # BLIP's model_pairs
-            for param, param_m in zip(online.parameters(), momentum.parameters()):
-                param_m.data = param_m.data * MOMENTUM + param.data * (1. - MOMENTUM)
-
-
-def blip_forward(model: Any, image: Any, ids: Any, att: Any, alpha: float) -> tuple[Any, Any, Any]:
-    """BLIP_Pretrain.forward(image, caption, alpha) on tokenised captions -> (loss_ita, loss_itm, loss_lm)."""
-    import torch
-    import torch.nn.functional as F
-
-    with torch.no_grad():
-        model.temp.clamp_(0.001, 0.5)
-    image_embeds = model.visual_encoder.forward_features(image)
-    image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long)
-    image_feat = F.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1)
-    text_output = model.text_encoder(ids, attention_mask=att)
-    text_feat = F.normalize(model.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
-
-    with torch.no_grad():
-        blip_momentum_update(model)
-        image_embeds_m = model.visual_encoder_m.forward_features(image)
-        image_feat_m = F.normalize(model.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
-        image_feat_all = torch.cat([image_feat_m.t(), model.image_queue.clone().detach()], dim=1)
-        text_output_m = model.text_encoder_m(ids, attention_mask=att)
-        text_feat_m = F.normalize(model.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
-        text_feat_all = torch.cat([text_feat_m.t(), model.text_queue.clone().detach()], dim=1)
-        sim_i2t_m = image_feat_m @ text_feat_all / model.temp
-        sim_t2i_m = text_feat_m @ image_feat_all / model.temp
-        sim_targets = torch.zeros(sim_i2t_m.size())
-        sim_targets.fill_diagonal_(1)
-        sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
-        sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
-    sim_i2t = image_feat @ text_feat_all / model.temp
-    sim_t2i = text_feat @ image_feat_all / model.temp
-    loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
-    loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
-    loss_ita = (loss_i2t + loss_t2i) / 2
-    with torch.no_grad():  # _dequeue_and_enqueue in a world of one
-        n, ptr = image_feat_m.shape[0], int(model.queue_ptr)
-        model.image_queue[:, ptr:ptr + n] = image_feat_m.T
-        model.text_queue[:, ptr:ptr + n] = text_feat_m.T
-        model.queue_ptr[0] = (ptr + n) % model.image_queue.shape[1]
-
-    encoder_input_ids = ids.clone()
-    encoder_input_ids[:, 0] = model.enc_token_id
-    bs = image.size(0)
-    output_pos = model.text_encoder(encoder_input_ids, attention_mask=att, encoder_hidden_states=image_embeds,
-                                    encoder_attention_mask=image_atts)
-    with torch.no_grad():
-        weights_t2i = F.softmax(sim_t2i[:, :bs], dim=1) + 1e-4
-        weights_t2i.fill_diagonal_(0)
-        weights_i2t = F.softmax(sim_i2t[:, :bs], dim=1) + 1e-4
-        weights_i2t.fill_diagonal_(0)
-    image_embeds_neg = []
-    for b in range(bs):
-        neg_idx = torch.multinomial(weights_t2i[b], 1).item()
-        image_embeds_neg.append(image_embeds[neg_idx])
-    image_embeds_neg = torch.stack(image_embeds_neg, dim=0)
-    text_ids_neg, text_atts_neg = [], []
-    for b in range(bs):
-        neg_idx = torch.multinomial(weights_i2t[b], 1).item()
-        text_ids_neg.append(encoder_input_ids[neg_idx])
-        text_atts_neg.append(att[neg_idx])
-    text_ids_all = torch.cat([encoder_input_ids, torch.stack(text_ids_neg, dim=0)], dim=0)
-    text_atts_all = torch.cat([att, torch.stack(text_atts_neg, dim=0)], dim=0)
-    image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
-    image_atts_all = torch.cat([image_atts, image_atts], dim=0)
-    output_neg = model.text_encoder(text_ids_all, attention_mask=text_atts_all, encoder_hidden_states=image_embeds_all,
-                                    encoder_attention_mask=image_atts_all)
-    vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0)
-    vl_output = model.itm_head(vl_embeddings)
-    itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)], dim=0)
-    loss_itm = F.cross_entropy(vl_output, itm_labels)
-
-    decoder_input_ids = ids.clone()
-    decoder_input_ids[:, 0] = model.bos_token_id
-    decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == model.pad_token_id, -100)
-    decoder_output = model.text_decoder(decoder_input_ids, attention_mask=att, encoder_hidden_states=image_embeds,
-                                        encoder_attention_mask=image_atts, labels=decoder_targets, use_cache=False)
-    return loss_ita, loss_itm, decoder_output.loss  # the LM loss with med.py's label smoothing 0.1
-
-
 def blip_variant(cfg: Any, batch: dict) -> Any:
     """A step function of BLIP's loop on a model with BLIP's own modules (plain Linear image projections)."""
     import torch
     from torch import nn
 
     from recipes.medblip import pretrain
+    from recipes.medblip.model.blip_reference import blip_forward
     from recipes.medblip.model.shared_kv import SharedKVLinear
 
     model = pretrain.build_model(cfg, load_weights=False).train()
@@ -152,12 +67,12 @@ def blip_variant(cfg: Any, batch: dict) -> Any:
         if type(m) is SharedKVLinear:
             m.__class__ = nn.Linear
     optimizer = torch.optim.AdamW(params=model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    image, ids, att = batch["image"], batch["input_ids"], batch["attention_mask"]
 
     def step() -> tuple[float, float, float]:
         t0 = time.perf_counter()
         optimizer.zero_grad()
-        loss_ita, loss_itm, loss_lm = blip_forward(model, image, ids, att, alpha=cfg.model.alpha)
+        losses, _ = blip_forward(model, batch, cfg.model.alpha, MOMENTUM)
+        loss_ita, loss_itm, loss_lm = losses["itc"], losses["itm"], losses["lm"]
         loss = loss_ita + loss_itm + loss_lm
         t1 = time.perf_counter()
         loss.backward()
