@@ -159,3 +159,14 @@ def test_stage1_trains_under_zero3_with_offload(phantoms, tmp_path):
                          "data.batch_size=8", "deepspeed=recipes/blip2/deepspeed/zero3_offload.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ZeRO stage 3" in r.stdout and "done: finished at step 2" in r.stdout
+
+
+@pytest.mark.slow
+def test_stage1_trains_on_two_ranks_through_launch_train(phantoms, tmp_path):
+    """Issue 20 item 1: each rank padded its captions to its own longest and gloo's ITM gather of the token ids
+    failed ("Received data size doesn't match expected size"); captions now have max_text_len tokens everywhere."""
+    r = run_entry("train.py", "--recipe", str(BLIP2 / "demo" / "stage1.yaml"),
+                  *_demo("stage1", phantoms, tmp_path / "r2", "model.vision_weights=null", "train.max_steps=2",
+                         "data.batch_size=4", "run.log_every=1"), ranks=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "done: finished at step 2" in r.stdout, r.stdout[-2000:]

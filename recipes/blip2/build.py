@@ -90,6 +90,8 @@ def build_model(cfg: Config, *, stage: str, load_weights: bool = True, dist: Opt
     """stage "stage1" (Q-Former heads, no LLM) | "lm" (captions through the LLM) | "vqa" (answers); weights from
     run.init_from + model.vision_weights + model.llm_weights, the same initial weights on every rank."""
     mc = cfg.model
+    if load_weights:
+        check_weight_files(cfg)  # before minutes of building ViT-g / OPT-2.7B
     torch.manual_seed(cfg.train.seed)
     if stage == "stage1":
         model = Blip2(mc, image_size=cfg.image.size, tokenizer=qformer_tokenizer(mc.tokenizer),
@@ -101,8 +103,6 @@ def build_model(cfg: Config, *, stage: str, load_weights: bool = True, dist: Opt
     device = dist.device if dist else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.keep_trainable_fp32 = keep_trainable_fp32(cfg, device)
     sources = weight_sources(cfg.run.init_from, mc.vision_weights, mc.llm_weights)
-    if load_weights:
-        check_weight_files(cfg)
     if load_weights and sources:
         report = load_pretrained(model, sources)
         say(report.summary())
