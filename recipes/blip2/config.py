@@ -62,7 +62,7 @@ class Blip2ModelConfig:
     end_text: str = "\n"  # what ends a caption/answer for a decoder-only LM (LAVIS: "\n" for OPT)
     max_text_len: int = 32  # Q-Former caption tokens (LAVIS: 32)
     max_llm_len: int = 64  # language-model tokens of prompt + caption/answer
-    temp: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5] as LAVIS)
+    temp: float = 0.07  # initial ITC temperature (learnable, clamped to BLIP's [0.001, 0.5]; LAVIS's BLIP-2 does not)
     itc_label_smoothing: float = 0.1  # LAVIS's ITC
     itg_label_smoothing: float = 0.1  # LAVIS's Q-Former LM head (BertLMHeadModel)
     grad_checkpointing: bool = False  # Q-Former activation checkpointing (non-reentrant)
