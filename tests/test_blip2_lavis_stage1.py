@@ -89,13 +89,16 @@ def test_stage1_collate_pads_every_batch_to_max_text_len():
 
 
 def test_stage1_losses_pad_shorter_captions_without_changing_them():
-    """A batch padded to its own longest gives the losses of the same batch padded to max_text_len."""
+    """The model pads a batch padded to its own longest to max_text_len (as the collate does), and that padding
+    leaves the losses as they were."""
     model = stage1(seed=0)
     tok = model.tokenizer
     texts = ["ct of the head", "a scan", "mri of the abdomen"]
     embeds = model.image_embeds(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     short = tok(texts, padding="longest", return_tensors="pt")
     fixed = tok(texts, padding="max_length", max_length=12, return_tensors="pt")
+    padded_ids, padded_mask = model.fixed_length(short.input_ids, short.attention_mask)
+    assert torch.equal(padded_ids, fixed.input_ids) and torch.equal(padded_mask, fixed.attention_mask)
     negatives = (torch.tensor([1, 2, 0]), torch.tensor([2, 0, 1]))
     with torch.no_grad():
         a = model.stage1_losses(embeds, short.input_ids, short.attention_mask, negatives=negatives)["losses"]
