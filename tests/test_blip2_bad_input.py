@@ -46,6 +46,7 @@ def test_tower_numbers_written_as_integers_or_yaml_strings_become_floats():
     load_config(ROOT / "recipes" / "blip2" / "vqa.yaml", ["model.preset=blip2-flan-t5-xl"])
 
 
+@pytest.mark.slow
 def test_a_list_for_a_size_ends_train_py_in_one_line():
     r = run_entry("train.py", "--recipe", str(DEMO / "stage1.yaml"), "model.vision.hidden_size=[64]")
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
