@@ -5,6 +5,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,17 +38,37 @@ def say(message: str, err: bool = False) -> None:
         print(message, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def all_gather_cat(t: torch.Tensor, keep_local_grad: bool = False) -> torch.Tensor:
-    """[b, ...] on each rank -> [world*b, ...] in rank order (t itself in a world of one). No gradient flows to
-    other ranks' rows; with keep_local_grad this rank's own rows keep theirs (LAVIS's BLIP-2 ITC)."""
+def all_gather_cat(t: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
+    """[b, ...] on each rank -> [world*b, ...] in rank order.
+
+    Default: a copy without gradient (detached in a world of one too), as LAVIS's concat_all_gather (BLIP-2's ITC
+    features, token ids). with_grad: every row keeps its gradient, sent back to the rank that owns it (summed over
+    ranks), as LAVIS's all_gather_with_grad (BLIP-2's ITM image embeddings); in a world of one, t itself.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
+        return t if with_grad else t.detach()
+    if with_grad:
+        return torch.cat(_GatherWithGrad.apply(t.contiguous()), dim=0)
     with torch.no_grad():
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, t.contiguous())
-    if keep_local_grad:
-        parts[dist.get_rank()] = t
     return torch.cat(parts, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums each rank's gradient for every row and hands each rank its own rows'."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
+        summed = torch.stack([g.contiguous() for g in grads])
+        dist.all_reduce(summed)  # rank r's rows were used by every rank's loss: their gradients add up
+        return summed[dist.get_rank()]
 
 
 def _free_port() -> int:

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         from recipes.medblip.vqa import load_trained
 
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
+        if not str(cfg.recipe).startswith("recipes.medblip."):  # the BlipForQuestionAnswering layout is BLIP's
+            raise ValueError(f"{cfg.source}: export_hf.py exports MedBLIP VQA models (recipes.medblip.vqa) to "
+                             f"BlipForQuestionAnswering; this is {cfg.recipe}, which it does not export")
         if not hasattr(cfg, "vqa"):
             raise ValueError(f"{cfg.source}: not a VQA recipe (recipe: recipes.medblip.vqa)")
         model = load_trained(cfg, trained_checkpoint(cfg, args.checkpoint))

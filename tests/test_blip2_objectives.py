@@ -279,19 +279,29 @@ def test_stage2_trains_projection_and_qformer_never_the_llm():
 
 @pytest.mark.slow
 def test_itm_leaves_the_label_prior_and_learns_to_match():
-    """ITM starts on the 1:2 label prior (loss ~0.6365, BLIP #51) and, on 4 distinct pairs, learns to match them."""
+    """ITM starts on the 1:2 label prior (loss ~0.6365, BLIP #51) and, on 4 distinct pairs, learns to match them.
+
+    The negatives cycle through the other pairs instead of coming from the global RNG (with lr 3e-3 and random
+    draws the run left the prior in 1 of 5 draw streams within 300 steps). Measured here: the loss leaves the prior
+    after 200-250 steps and the last 20 average 0.0003-0.0008 at step 400 (two initialisations).
+    """
     model = stage1(seed=0).train()
     model.objectives = ("itm",)
     ids, mask = captions(model.tokenizer, ["ct of the head", "mri of the abdomen shows a lesion",
                                            "a small bright lesion", "yes no"])
     pix = images(4)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(300):
-        loss = model({"image": pix, "input_ids": ids, "attention_mask": mask})["losses"]["itm"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    rows, last = torch.arange(4), []
+    for step in range(400):
+        shift = 1 + step % 3  # every other pair in turn, as image and as text negative
+        negatives = ((rows + shift) % 4, (rows - shift) % 4)
+        loss = model({"image": pix, "input_ids": ids, "attention_mask": mask},
+                     reuse={"negatives": negatives})["losses"]["itm"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.05
+        last = (last + [loss.item()])[-20:]
+    assert sum(last) / len(last) < 0.05, last
     model.eval()
     emb = model.image_embeds(pix)
     with torch.no_grad():

@@ -159,3 +159,38 @@ def test_stage1_trains_under_zero3_with_offload(phantoms, tmp_path):
                          "data.batch_size=8", "deepspeed=recipes/blip2/deepspeed/zero3_offload.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ZeRO stage 3" in r.stdout and "done: finished at step 2" in r.stdout
+
+
+def _uneven_captions(src: Path, dst: Path) -> Path:
+    """The caption shards with the first shard's captions cut to two words: the ranks' batches differ in length."""
+    import hashlib
+    import io
+    import tarfile
+
+    dst.mkdir(parents=True)
+    manifest = json.loads((src / "manifest.json").read_text())
+    for i, entry in enumerate(manifest["shards"]):
+        with tarfile.open(src / entry["name"]) as tin, tarfile.open(dst / entry["name"], "w",
+                                                                      format=tarfile.USTAR_FORMAT) as tout:
+            for m in tin.getmembers():
+                data = tin.extractfile(m).read()
+                if i == 0 and m.name.endswith(".txt"):
+                    data = " ".join(data.decode().split()[:2]).encode()
+                m.size = len(data)
+                tout.addfile(m, io.BytesIO(data))
+        path = dst / entry["name"]
+        entry.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), bytes=path.stat().st_size)
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return dst
+
+
+@pytest.mark.slow
+def test_stage1_trains_on_two_ranks_through_launch_train(phantoms, tmp_path):
+    """Issue 20 item 1: each rank padded its captions to its own longest and gloo's ITM gather of the token ids
+    failed ("Received data size doesn't match expected size"); captions now have max_text_len tokens everywhere."""
+    shards = _uneven_captions(phantoms / "shards" / "train", tmp_path / "shards")
+    r = run_entry("train.py", "--recipe", str(BLIP2 / "demo" / "stage1.yaml"),
+                  *_demo("stage1", phantoms, tmp_path / "r2", "model.vision_weights=null", "train.max_steps=2",
+                         "data.batch_size=4", "run.log_every=1", f"data.train={shards}"), ranks=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "done: finished at step 2" in r.stdout, r.stdout[-2000:]

@@ -11,6 +11,7 @@ from framework.build import PrecisionError, resolve_precision
 from framework.config import Config, ConfigError
 from framework.distributed import DistInfo, say
 from framework.task import Task
+from recipes.medblip.model.weights import CheckpointError
 from recipes.common.image_text import ImageConfig
 
 from .config import Blip2ModelConfig
@@ -68,10 +69,29 @@ def _tokenizer_dir(cfg: Config) -> Optional[str]:
     return None
 
 
+WEIGHT_KEYS = {"run.init_from": "the Q-Former (LAVIS's blip2_pretrained.pth), a transformers Blip2 directory or a run",
+               "model.vision_weights": "the frozen ViT (LAVIS's eva_vit_g.pth)",
+               "model.llm_weights": "the frozen language model (a transformers OPT / T5 directory)"}
+
+
+def check_weight_files(cfg: Config) -> None:
+    """Refuse a local weights path that does not exist in one line naming its key: BLIP-2's weights are never
+    downloaded, so the user must place the file or change (or null) that key."""
+    values = {"run.init_from": cfg.run.init_from, "model.vision_weights": cfg.model.vision_weights,
+              "model.llm_weights": cfg.model.llm_weights}
+    for key, where in values.items():
+        if where and not str(where).startswith(("http://", "https://")) and not Path(where).exists():
+            raise CheckpointError(f"{key}: checkpoint not found: {where} ({WEIGHT_KEYS[key]}; nothing is downloaded: "
+                                  f"put the file there, point {key} at it, or set {key}=null to start that part "
+                                  "from random weights)")
+
+
 def build_model(cfg: Config, *, stage: str, load_weights: bool = True, dist: Optional[DistInfo] = None) -> Blip2:
     """stage "stage1" (Q-Former heads, no LLM) | "lm" (captions through the LLM) | "vqa" (answers); weights from
     run.init_from + model.vision_weights + model.llm_weights, the same initial weights on every rank."""
     mc = cfg.model
+    if load_weights:
+        check_weight_files(cfg)  # before minutes of building ViT-g / OPT-2.7B
     torch.manual_seed(cfg.train.seed)
     if stage == "stage1":
         model = Blip2(mc, image_size=cfg.image.size, tokenizer=qformer_tokenizer(mc.tokenizer),

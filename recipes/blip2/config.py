@@ -62,7 +62,7 @@ class Blip2ModelConfig:
     end_text: str = "\n"  # what ends a caption/answer for a decoder-only LM (LAVIS: "\n" for OPT)
     max_text_len: int = 32  # Q-Former caption tokens (LAVIS: 32)
     max_llm_len: int = 64  # language-model tokens of prompt + caption/answer
-    temp: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5] as LAVIS)
+    temp: float = 0.07  # initial ITC temperature (learnable, clamped to BLIP's [0.001, 0.5]; LAVIS's BLIP-2 does not)
     itc_label_smoothing: float = 0.1  # LAVIS's ITC
     itg_label_smoothing: float = 0.1  # LAVIS's Q-Former LM head (BertLMHeadModel)
     grad_checkpointing: bool = False  # Q-Former activation checkpointing (non-reentrant)
@@ -81,6 +81,15 @@ class Blip2ModelConfig:
             raise ConfigError(f"model.text.model_type must be one of {', '.join(LANGUAGE_MODELS)}, got {kind!r}")
         if "{}" not in self.prompt:
             raise ConfigError(f"model.prompt must hold {{}} where the question goes, got {self.prompt!r}")
+        from transformers import AutoConfig, Blip2QFormerConfig, Blip2VisionConfig
+
+        tower = PRESETS[self.preset]
+        self.vision = check_tower("model.vision", self.vision, Blip2VisionConfig, tower["vision"])
+        self.qformer = check_tower("model.qformer", self.qformer, Blip2QFormerConfig, tower["qformer"])
+        base = {k: v for k, v in tower["text"].items() if k != "model_type"}
+        text = check_tower("model.text", {k: v for k, v in self.text.items() if k != "model_type"},
+                           type(AutoConfig.for_model(kind)), base if tower["text"]["model_type"] == kind else {})
+        self.text = {**({"model_type": self.text["model_type"]} if "model_type" in self.text else {}), **text}
 
     def vision_dict(self, image_size: Optional[int] = None) -> dict[str, Any]:
         out = {**PRESETS[self.preset]["vision"], **self.vision}
@@ -98,6 +107,49 @@ class Blip2ModelConfig:
     @property
     def is_encoder_decoder(self) -> bool:
         return self.text_dict()["model_type"] == "t5"
+
+
+# Token ids any transformers config takes as keyword arguments, whether or not its class declares them as fields.
+GENERIC_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id",
+                "tie_word_embeddings"}
+
+
+def check_tower(path: str, overrides: dict[str, Any], cls: type, base: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` of the transformers config `cls` checked (on top of the preset's `base`), numbers written as
+    integers or YAML strings ("1e-6") made floats where the field is one. Refuses, in one line naming the key
+    path, a key `cls` does not know (transformers would keep a typo as a silent extra attribute) or a value of
+    another type than the field's default."""
+    import dataclasses
+    import difflib
+
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)} | set(defaults.to_dict()) | GENERIC_KEYS
+    out = dict(overrides)
+    for key, value in overrides.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{path}.{key}: unknown key ({cls.__name__} has no such field{hint})")
+        default = getattr(defaults, key, None)
+        if isinstance(default, bool) or isinstance(value, bool):
+            ok = isinstance(value, bool) == isinstance(default, bool) or default is None
+        elif isinstance(default, float):
+            try:
+                out[key] = value = float(value) if isinstance(value, (int, str)) else value
+            except ValueError:
+                pass
+            ok = isinstance(value, float)
+        elif isinstance(default, (int, str)):
+            ok = isinstance(value, type(default))
+        else:
+            ok = True  # None or a structure by default: transformers' own validation below
+        if not ok:
+            raise ConfigError(f"{path}.{key}: expected {type(default).__name__}, got {value!r}")
+    try:
+        cls(**{**base, **out})
+    except Exception as e:  # transformers' strict validation: its last line names field and type
+        raise ConfigError(f"{path}: {str(e).strip().splitlines()[-1].strip()}") from None
+    return out
 
 
 def hf_config(mc: Blip2ModelConfig, *, image_size: int, qformer_vocab: int, text_input: bool,

@@ -13,8 +13,10 @@ generate, rank_answers); forward(batch) only dispatches to them and returns {"lo
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Optional, Sequence
+import logging
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,7 @@ from .objectives import (
 )
 
 STAGE1 = ("itc", "itm", "itg")
+LN_VISION_EPS = 1e-5  # LAVIS's ln_vision is nn.LayerNorm(width) at torch's default eps (the ViT's own use EVA's 1e-6)
 RANK_CHUNK_ROWS = 256  # (question, candidate) rows scored per language-model call in rank_answers
 
 
@@ -59,6 +62,25 @@ class _ParameterView(nn.Module):
         super().__init__()
         for name, p in params.items():
             self.register_parameter(name, p)
+
+
+class _DropMissingInputEmbeddings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "does not expose input embeddings" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_missing_input_embeddings() -> Iterator[None]:
+    """Drop transformers' "Blip2QFormerModel does not expose input embeddings" warning while checkpointing is
+    switched on: our text embeddings and query tokens live outside the Q-Former and already require grad, and
+    non-reentrant checkpointing does not need the input hook it warns about. Nothing else is filtered."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    dropped = _DropMissingInputEmbeddings()
+    logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropped)
 
 
 def _rank() -> int:
@@ -93,6 +115,9 @@ class Blip2(nn.Module):
         # transformers' post_layernorm) is LAVIS's own module and trains with the Q-Former
         self.vision_model.requires_grad_(False)
         self.vision_model.post_layernorm.requires_grad_(True)
+        # transformers builds post_layernorm with the ViT's layer_norm_eps (1e-6); on low-variance image tokens
+        # LAVIS's 1e-5 moves the embeddings by up to 1e-2, so ours takes LAVIS's (the weights are the same tensors)
+        self.vision_model.post_layernorm.eps = LN_VISION_EPS
         if text_heads:
             self.embeddings = Blip2TextEmbeddings(q)
             nn.init.normal_(self.embeddings.word_embeddings.weight, std=q.initializer_range)
@@ -120,7 +145,8 @@ class Blip2(nn.Module):
                 llm_tokenizer, encoder_decoder=self.config.is_encoder_decoder, end_text=mc.end_text,
                 max_len=mc.max_llm_len, config_pad_id=t.pad_token_id or 0)
         if mc.grad_checkpointing:
-            self.qformer.activation_checkpointing_enable({"use_reentrant": False})
+            with _quiet_missing_input_embeddings():
+                self.qformer.activation_checkpointing_enable({"use_reentrant": False})
         if mc.grad_checkpointing_llm and language_model:
             self.language_model.activation_checkpointing_enable({"use_reentrant": False})
         self.vision_model.eval()
@@ -229,6 +255,19 @@ class Blip2(nn.Module):
                               encoder_hidden_states=image_embeds).last_hidden_state
         return self.itg_head(hidden[:, q:, :])
 
+    def fixed_length(self, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions padded to model.max_text_len (LAVIS: padding="max_length"): every rank's token ids have one
+        shape, so ITM can all-gather them; padding is masked, so the losses do not change."""
+        missing = self.mc.max_text_len - input_ids.shape[1]
+        if missing < 0:
+            raise ValueError(f"captions of {input_ids.shape[1]} tokens are longer than model.max_text_len="
+                             f"{self.mc.max_text_len}: tokenise them with truncation at that length")
+        if missing == 0:
+            return input_ids, attention_mask
+        return (F.pad(input_ids, (0, missing), value=self.tokenizer.pad_token_id),
+                F.pad(attention_mask, (0, missing), value=0))
+
     def temperature(self) -> torch.Tensor:
         """The learnable ITC temperature, clamped to [0.001, 0.5] in place first (BLIP's range)."""
         with torch.no_grad():
@@ -238,7 +277,13 @@ class Blip2(nn.Module):
     def stage1_losses(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       negatives: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                       return_logits: bool = False) -> dict[str, Any]:
-        """ITC / ITM / ITG (the enabled ones) on one batch -> {"losses", "metrics", "negatives"[, "logits"]}."""
+        """ITC / ITM / ITG (the enabled ones) on one batch -> {"losses", "metrics", "negatives"[, "logits"]}.
+
+        Gradients as LAVIS's Blip2Qformer: the ITC similarities see the gathered (global) features without
+        gradient, so image-to-text sends gradient to this rank's image features only and text-to-image to its text
+        features only (one rank as on many); ITM's negative images keep theirs, sent back to the rank they came from.
+        """
+        input_ids, attention_mask = self.fixed_length(input_ids, attention_mask)
         b = input_ids.shape[0]
         losses, logits, metrics = {}, {}, {}
         need_sims = "itc" in self.objectives or ("itm" in self.objectives and negatives is None)
@@ -247,18 +292,16 @@ class Blip2(nn.Module):
                 image_feats, text_feats = self.itc_features(self.query_output(image_embeds),
                                                             self.text_output(input_ids, attention_mask))
                 temp = self.temperature()
-                sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats, temp,
-                                                    all_gather_cat(image_feats, keep_local_grad=True),
-                                                    all_gather_cat(text_feats, keep_local_grad=True))
+                sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats, temp, all_gather_cat(image_feats),
+                                                    all_gather_cat(text_feats))
             offset = _rank() * b
             if "itc" in self.objectives:
                 losses["itc"] = itc_loss(sim_i2t, sim_t2i, offset, self.mc.itc_label_smoothing)
                 logits["itc"] = [sim_i2t, sim_t2i]
                 metrics["temp"] = float(temp.detach()[0])
         if "itm" in self.objectives:
-            ids_all, mask_all, embeds_all = (all_gather_cat(input_ids, keep_local_grad=True),
-                                             all_gather_cat(attention_mask, keep_local_grad=True),
-                                             all_gather_cat(image_embeds, keep_local_grad=True))
+            ids_all, mask_all, embeds_all = (all_gather_cat(input_ids), all_gather_cat(attention_mask),
+                                             all_gather_cat(image_embeds, with_grad=True))
             if negatives is None:
                 negatives = hard_negatives(sim_i2t, sim_t2i, offset)
             neg_image, neg_text = negatives

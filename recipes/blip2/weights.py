@@ -155,7 +155,7 @@ def load_pretrained(model: nn.Module, sources: Union[Source, Sequence[Source]], 
             report.ignored += foreign
             report.notes.append(f"{where}: only its {role} tower is used ({len(foreign)} other tensors ignored)")
     report.layout = "+".join(layouts)
-    if any(STAGE1_ONLY.match(k) for k in report.ignored):
+    if any(STAGE1_ONLY.match(k) and not IGNORED.search(k) for k in report.ignored):  # not embeddings.position_ids
         report.notes.append("stage-1 heads (text embeddings, ITC/ITM/ITG heads, text FFN) are not used by this model")
     if any(LLM_ONLY.match(k) for k in report.ignored):
         report.notes.append("language-model tensors are not used by the stage-1 model")

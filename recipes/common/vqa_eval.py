@@ -137,6 +137,11 @@ def config_for_checkpoint(recipe: Optional[str], checkpoint: Optional[str],
     if saved is None:
         return load_config(recipe, overrides)
     data = config_to_dict(load_config(recipe))  # the recipe resolved (bases merged), validated: its errors name it
+    trained_with = str(saved.get("recipe", ""))
+    if trained_with and trained_with.split(".")[:2] != str(data.get("recipe", "")).split(".")[:2]:  # another model
+        raise ValueError(f"{run} was trained with {trained_with} (another model than {recipe}'s {data.get('recipe')}):"
+                         f" evaluate it with a {'.'.join(trained_with.split('.')[:2])} VQA recipe, or leave --recipe"
+                         " out to use the run's own config.yaml")
     data["model"] = saved.get("model", data["model"])
     data["image"] = {**data["image"], "size": saved.get("image", {}).get("size", data["image"]["size"])}
     say(f"model: the checkpoint's own shape from {run / 'config.yaml'} (model: and image.size; "
