@@ -65,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         doc["blank_image"] = bool(args.blank_image)
         out = recipe.write_results(out_dir, doc, result["predictions"])
         inf = doc["inference"]
+        def pct(v: float | None) -> str:  # None: no question of that type (a slice, or a split without one)
+            return "-" if v is None else f"{100 * v:.1f}%"
+
+        cov = inf.get("coverage", {})
         how = (f"rank over {inf['candidates']} candidates (k {inf['k_test']}); the candidates hold "
-               f"{100 * inf['coverage']['overall']:.1f}% of the test answers (closed "
-               f"{100 * inf['coverage']['closed']:.1f}%, open {100 * inf['coverage']['open']:.1f}%)"
+               f"{pct(cov.get('overall'))} of the test answers (closed {pct(cov.get('closed'))}, open "
+               f"{pct(cov.get('open'))})"
                if inf["mode"] == "rank" else f"generate (beam {inf['num_beams']}, max {inf['max_length']} tokens)")
         b = doc["baselines"]
         rows = [("blank image" if args.blank_image else "model", doc["scores"]),

@@ -186,6 +186,9 @@ class VqaEvaluator:
 
     def __init__(self, cfg: VqaRecipeConfig, split: VqaSplit):
         self.cfg, self.split = cfg, split.for_selection()
+        if self.split.evaluated == "validation":
+            say(f"evaluation during training: the {len(self.split.test)} validation questions (choose the checkpoint "
+                "there); the test split is scored only by launch/evaluate.py")
         self.candidates = candidate_answers(cfg, split) if cfg.vqa.inference == "rank" else None
 
     def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
