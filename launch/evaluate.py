@@ -19,6 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from framework.cli import run_cli  # noqa: E402
 
 
+def _is_retrieval(recipe: str, overrides: list[str]) -> bool:
+    """A retrieval recipe (recipes/medblip/retrieval.yaml) rather than a VQA one."""
+    from framework.config import load_config
+
+    return load_config(recipe, overrides).recipe == "recipes.medblip.retrieval"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=None,
@@ -43,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         from recipes.common.vqa_eval import blank_image_split, config_for_checkpoint, run_seed
         from recipes.common.vqa_metrics import format_table
 
+        if args.recipe is not None and _is_retrieval(args.recipe, args.overrides):
+            from recipes.medblip.retrieval import config_for, run
+
+            cfg = config_for(args.recipe, args.checkpoint, args.overrides)
+            checkpoint = args.checkpoint or cfg.run.dir
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            run(cfg, checkpoint, Path(args.out or cfg.run.dir), device)
+            return 0
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
         recipe = importlib.import_module(cfg.recipe)  # a VQA recipe module: load_vqa, evaluate_model, ...
         if not hasattr(recipe, "evaluate_model"):
