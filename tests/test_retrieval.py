@@ -107,3 +107,29 @@ def test_evaluate_py_runs_the_protocol_on_held_out_shards(tmp_path):
         assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "r_mean"} <= set(doc[name])
     assert doc["itc_itm"]["i2t_r10"] == 1.0  # 10 pairs: every query's true pair is within 10
     assert "ITC + ITM" in res.stdout and "ITC only" in res.stdout
+
+
+@torch.no_grad()
+def test_dapt_validation_option_equals_blips_evaluation(tmp_path):
+    """validation.itm_rerank_k: the DAPT/PSD evaluator's ITC + ITM recall equals BLIP's loop on the same pairs."""
+    import webdataset as wds
+    from test_validation import CAPTIONS, tiny_cfg, write_shards
+
+    from recipes.common.image_text import make_collate, make_decode
+    from recipes.medblip.pretrain import build_model
+    from recipes.medblip.pretrain.validation import ValidationConfig, caption_ids, make_pretrain_evaluator
+
+    val = write_shards(tmp_path / "val", CAPTIONS, per_shard=4)
+    cfg = tiny_cfg(val, 8)
+    model = build_model(cfg)
+    opts = ValidationConfig(captions=0, itm_rerank_k=3, itm_rerank_pairs=8, recall_k=[1, 2])
+    m = make_pretrain_evaluator(cfg, model.tokenizer, opts)(model, 0)
+    decode, collate = make_decode(cfg.image, train=False), make_collate(model.tokenizer, cfg.model.max_text_len)
+    batch = collate([decode(s) for s in wds.WebDataset(sorted(str(p) for p in val.glob("*.tar")), shardshuffle=False)])
+    model.eval()
+    _, ref_i2t, ref_t2i = _blip_evaluation(model, batch["image"], batch["captions"], k=3)
+    ids = caption_ids(batch["captions"])
+    ref = recalls(ref_i2t, ref_t2i, [1, 2], ids, ids)
+    assert m["itm_pairs"] == 8 and {k: m[f"itm_{k}"] for k in ref} == pytest.approx(ref)
+    itc = model.image_features(batch["image"]) @ model.text_features(batch["input_ids"], batch["attention_mask"]).t()
+    assert m["i2t_r1"] == pytest.approx(recalls(itc, itc.t(), [1], ids, ids)["i2t_r1"])  # ITC-only stays beside it
