@@ -144,8 +144,8 @@ def evaluate_model(model: Blip2, cfg: Blip2VqaConfig, split: VqaSplit, candidate
     for i, r in enumerate(test):
         primary = score_one(answers[v.primary][i], r.answer)
         row = {"qid": r.qid, "image": r.image, "question": r.question_raw, "answer_type": r.answer_type,
-               "question_type": r.question_type, "ground_truth": r.answer, "prediction": primary["prediction"], "match": primary["match"],
-               "edit_similarity": round(primary["edit_similarity"], 6)}
+               "question_type": r.question_type, "ground_truth": r.answer, "prediction": primary["prediction"],
+               "match": primary["match"], "edit_similarity": round(primary["edit_similarity"], 6)}
         for m in v.modes:
             one = score_one(answers[m][i], r.answer)
             row |= {f"prediction_{m}": one["prediction"], f"match_{m}": one["match"]}

@@ -131,7 +131,8 @@ def score_by_type(rows: Iterable[dict], field: str = "question_type") -> dict[st
             s["correct"] += int(row["match"])
             s["edit"] += float(row["edit_similarity"])
     order = sorted(sums, key=lambda k: (-sums[k]["count"], k))
-    return {k: {"accuracy": sums[k]["correct"] / sums[k]["count"], "edit_similarity": sums[k]["edit"] / sums[k]["count"],
+    return {k: {"accuracy": sums[k]["correct"] / sums[k]["count"],
+                "edit_similarity": sums[k]["edit"] / sums[k]["count"],
                 "correct": sums[k]["correct"], "count": sums[k]["count"]} for k in order}
 
 
