@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-# The reference study's Table 1 (DESIGN.md section 4). Fields it does not report are None.
+# The reference study's Table 1. Fields it does not report are None.
 PAPER: dict[str, dict[str, Optional[float]]] = {
     "baseline": {"accuracy": 0.662, "accuracy_closed": 0.782, "accuracy_open": 0.492, "edit_similarity": 0.754},
     "dapt": {"accuracy": 0.723, "accuracy_closed": None, "accuracy_open": None, "edit_similarity": 0.806},

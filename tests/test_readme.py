@@ -131,3 +131,12 @@ def test_the_new_recipe_example_trains(tmp_path):
     proc = run_entry("train.py", "--recipe", str(package / "mine.yaml"), "train.epochs=1", env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "done: finished" in proc.stdout and (tmp_path / "runs" / "mine" / "config.yaml").is_file()
+
+
+def test_the_product_cites_no_file_its_users_do_not_have():
+    """Code, recipes and docs explain themselves: none points at the developers' private design notes."""
+    cited = [str(p.relative_to(ROOT)) for folder in ("framework", "recipes", "launch", "corpora", "docs")
+             for p in (ROOT / folder).rglob("*") if p.suffix in {".py", ".yaml", ".md"}
+             and "DESIGN.md" in p.read_text(encoding="utf-8")]
+    cited += ["README.md"] if "DESIGN.md" in README else []
+    assert cited == []

@@ -4,7 +4,7 @@
   blocks.N.*, norm), LayerNorm eps 1e-6, no head; `forward_features(x) -> [B, 1+N, width]`.
 - `build_text_encoder` / `build_text_decoder`: transformers `BlipTextModel` (no pooler, with cross-attention
   layers) / `BlipTextLMHeadModel`, configured as BLIP's bert_config.json (dropout 0.1, LayerNorm eps 1e-12).
-- `fix_cross_attention_mask`: transformers drops the cross-attention padding mask (DESIGN.md section 3);
+- `fix_cross_attention_mask`: transformers drops the cross-attention padding mask;
   applied by both builders, so padded encoder states + mask give the unpadded result.
 - `set_text_attention`: transformers' BLIP text attention is written out (matmul, softmax, dropout, matmul; it has
   no attention-implementation switch); "sdpa" swaps in torch's scaled_dot_product_attention (fused kernels, no
