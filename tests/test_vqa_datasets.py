@@ -126,6 +126,10 @@ def test_pathvqa_pickles_are_refused_unopened(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VqaDataNotFound, match="no train-"):
         load_pathvqa(tmp_path / "empty")
+    write_pathvqa(tmp_path / "bad")
+    (tmp_path / "bad" / "data" / "test-00000-of-00001.parquet").write_bytes(b"not parquet")
+    with pytest.raises(VqaDataError, match="test-00000-of-00001.parquet: not a parquet file"):
+        load_pathvqa(tmp_path / "bad")
 
 
 def _rec(q, a, kind, image="i.jpg"):

@@ -53,11 +53,17 @@ def _read(files: list[Path], image_dir: Path, max_question_words: int) -> tuple[
     out, dropped = [], 0
     for path in files:
         try:
-            table = pq.read_table(path, columns=["image", "question", "answer"])
+            file = pq.ParquetFile(path)
+            missing = {"image", "question", "answer"} - set(file.schema_arrow.names)
+            if missing:
+                raise ValueError(f"no column {sorted(missing)[0]!r}")
+            # a few hundred rows at a time: a split's images are hundreds of MB
+            rows = (row for b in file.iter_batches(batch_size=256, columns=["image", "question", "answer"])
+                    for row in b.to_pylist())
         except (OSError, ValueError, KeyError) as e:  # pyarrow's errors subclass these
             raise VqaDataError(f"PathVQA: {path}: not a parquet file with columns image, question, answer "
                                f"({str(e).splitlines()[0]})") from None
-        for i, row in enumerate(table.to_pylist()):
+        for i, row in enumerate(rows):
             data = _image_bytes(row["image"], f"{path.name} row {i}")
             name = hashlib.sha1(data).hexdigest()[:20] + ".img"
             target = image_dir / name
