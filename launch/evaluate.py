@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["blank_image"] = bool(args.blank_image)
         out = recipe.write_results(out_dir, doc, result["predictions"])
         inf = doc["inference"]
+
         def pct(v: float | None) -> str:  # None: no question of that type (a slice, or a split without one)
             return "-" if v is None else f"{100 * v:.1f}%"
 
