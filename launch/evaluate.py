@@ -2,8 +2,10 @@
 """Evaluate a VQA run on its test split: `python launch/evaluate.py --recipe FILE [--checkpoint PATH] [key=value ...]`.
 
 Writes metrics.json and predictions.jsonl into the run directory (or --out) and prints accuracy and edit
-similarity (overall / closed / open, with counts) next to the majority-answer baselines. Without --checkpoint the
-newest complete checkpoint of run.dir is evaluated.
+similarity (overall / closed / open, with counts and 95% intervals by bootstrap over images) next to the
+majority-answer and question-only baselines. Without --checkpoint the newest complete checkpoint of run.dir is
+evaluated. --blank-image answers every question with the image replaced by one constant grey image (default
+output: RUN/blank_image/): how much of the score the image earns.
 """
 from __future__ import annotations
 
@@ -17,6 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from framework.cli import run_cli  # noqa: E402
 
 
+def _is_retrieval(recipe: str, overrides: list[str]) -> bool:
+    """A retrieval recipe (recipes/medblip/retrieval.yaml) rather than a VQA one."""
+    from framework.config import load_config
+
+    return load_config(recipe, overrides).recipe == "recipes.medblip.retrieval"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=None,
@@ -27,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                              "exported transformers dir (default: newest checkpoint of run.dir)")
     parser.add_argument("--out", default=None, help="directory for metrics.json / predictions.jsonl (default: run.dir)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    parser.add_argument("--blank-image", action="store_true",
+                        help="baseline: every image replaced by one constant grey image (writes RUN/blank_image/ "
+                             "unless --out); make_table labels it blank")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. vqa.inference=generate")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
@@ -35,15 +47,28 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
-        from recipes.common.vqa_eval import config_for_checkpoint
+        from recipes.common.vqa_eval import blank_image_split, config_for_checkpoint, run_seed
         from recipes.common.vqa_metrics import format_table
 
+        if args.recipe is not None and _is_retrieval(args.recipe, args.overrides):
+            from recipes.medblip.retrieval import config_for, run
+
+            cfg = config_for(args.recipe, args.checkpoint, args.overrides)
+            checkpoint = args.checkpoint or cfg.run.dir
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            run(cfg, checkpoint, Path(args.out or cfg.run.dir), device)
+            return 0
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
         recipe = importlib.import_module(cfg.recipe)  # a VQA recipe module: load_vqa, evaluate_model, ...
         if not hasattr(recipe, "evaluate_model"):
             raise ValueError(f"{cfg.source}: recipe {cfg.recipe!r} is not a VQA recipe (use recipes.medblip.vqa)")
         checkpoint = recipe.trained_checkpoint(cfg, args.checkpoint)
         split = recipe.load_vqa(cfg)
+        out_dir = Path(args.out or cfg.run.dir)
+        if args.blank_image:
+            out_dir = Path(args.out) if args.out else out_dir / "blank_image"
+            split = blank_image_split(split, out_dir / "blank_images")
+            print(f"blank-image baseline: every image replaced by one constant grey image ({split.image_dir})")
         model = recipe.load_trained(cfg, checkpoint)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(device)
@@ -51,18 +76,30 @@ def main(argv: list[str] | None = None) -> int:
         result = recipe.evaluate_model(model, cfg, split, num_workers=min(2, cfg.data.num_workers))
         doc = recipe.results_document(cfg, split, result, checkpoint=checkpoint)
         doc["seconds"] = round(time.time() - started, 1)
-        out = recipe.write_results(args.out or cfg.run.dir, doc, result["predictions"])
+        doc["seed"] = run_seed(cfg, checkpoint)
+        doc["blank_image"] = bool(args.blank_image)
+        out = recipe.write_results(out_dir, doc, result["predictions"])
         inf = doc["inference"]
+
+        def pct(v: float | None) -> str:  # None: no question of that type (a slice, or a split without one)
+            return "-" if v is None else f"{100 * v:.1f}%"
+
+        cov = inf.get("coverage", {})
         how = (f"rank over {inf['candidates']} candidates (k {inf['k_test']}); the candidates hold "
-               f"{100 * inf['coverage']['overall']:.1f}% of the test answers (closed "
-               f"{100 * inf['coverage']['closed']:.1f}%, open {100 * inf['coverage']['open']:.1f}%)"
+               f"{pct(cov.get('overall'))} of the test answers (closed {pct(cov.get('closed'))}, open "
+               f"{pct(cov.get('open'))})"
                if inf["mode"] == "rank" else f"generate (beam {inf['num_beams']}, max {inf['max_length']} tokens)")
         b = doc["baselines"]
-        rows = [("model", doc["scores"]),
+        rows = [("blank image" if args.blank_image else "model", doc["scores"]),
                 ("majority per type", b["majority_per_type"]["scores"]),
-                ("majority overall", b["majority_overall"]["scores"])]
+                ("majority overall", b["majority_overall"]["scores"]),
+                ("question-only majority", b["question_majority"]["scores"])]
         print(f"split: {split.name} ({doc['evaluated_questions']} test questions); inference: {how}")
         print(format_table(rows))
+        for group, ci in doc.get("intervals", {}).get("groups", {}).items():
+            print(f"95% interval ({group}, {ci['count']} questions on {ci['images']} images, bootstrap over images): "
+                  f"accuracy {ci['accuracy'][0]:.3f}-{ci['accuracy'][1]:.3f}, edit similarity "
+                  f"{ci['edit_similarity'][0]:.3f}-{ci['edit_similarity'][1]:.3f}")
         print(f"majority answers: closed {b['majority_per_type']['answers']['closed']!r}, open "
               f"{b['majority_per_type']['answers']['open']!r}, overall {b['majority_overall']['answers']['overall']!r}")
         print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'} ({doc['seconds']} s)", flush=True)

@@ -22,6 +22,7 @@ from framework.distributed import DistInfo, rank, say
 from framework.task import Recipe, Task
 from recipes.common.vqa_eval import (
     candidate_answers,
+    check_dataset,
     load_vqa,
     rank_coverage,
     sample_images,
@@ -46,8 +47,10 @@ INFERENCE = ("both",) + MODES
 class VqaConfig:
     """The `vqa:` section: data, split, the two inference modes and which one fills metrics.json's scores."""
 
+    dataset: str = "vqa_rad"  # vqa_rad | slake (English) | pathvqa (the parquet copy)
     root: str = "data/vqa_rad"  # 'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/'
     split: str = "official"  # official (451 test) | mevf
+    image_cache: Optional[str] = None  # pathvqa: where its parquet images are written once (default root/images)
     inference: str = "both"  # both | generate | rank
     primary: str = "generate"  # the mode whose scores are metrics.json's "scores"/"metrics" (make_table's row)
     answer_list: str = "train"  # rank candidates: the distinct training answers, or a JSON list file
@@ -61,6 +64,7 @@ class VqaConfig:
     save_predictions: bool = True
 
     def check(self) -> None:
+        check_dataset(self.dataset, self.split)
         if self.split not in SPLITS:
             raise ConfigError(f"vqa.split: unknown split {self.split!r}; known: {', '.join(SPLITS)}")
         if self.inference not in INFERENCE:
@@ -140,8 +144,8 @@ def evaluate_model(model: Blip2, cfg: Blip2VqaConfig, split: VqaSplit, candidate
     for i, r in enumerate(test):
         primary = score_one(answers[v.primary][i], r.answer)
         row = {"qid": r.qid, "image": r.image, "question": r.question_raw, "answer_type": r.answer_type,
-               "ground_truth": r.answer, "prediction": primary["prediction"], "match": primary["match"],
-               "edit_similarity": round(primary["edit_similarity"], 6)}
+               "question_type": r.question_type, "ground_truth": r.answer, "prediction": primary["prediction"],
+               "match": primary["match"], "edit_similarity": round(primary["edit_similarity"], 6)}
         for m in v.modes:
             one = score_one(answers[m][i], r.answer)
             row |= {f"prediction_{m}": one["prediction"], f"match_{m}": one["match"]}
@@ -163,14 +167,17 @@ def results_document(cfg: Blip2VqaConfig, split: VqaSplit, result: dict[str, Any
             "scores": result["scores"], "metrics": flatten(result["scores"]), "inference": result["inference"],
             "by_inference": result["by_inference"], "baselines": majority_baselines(split.train, test),
             "step": step, "checkpoint": checkpoint, "init_from": cfg.run.init_from, "recipe": cfg.source,
-            "image_size": cfg.image.size, "freeze_vision": True, "freeze_llm": True}
+            "image_size": cfg.image.size, "freeze_vision": True, "freeze_llm": True, "seed": cfg.train.seed}
 
 
 class VqaEvaluator:
     """Task.evaluate: scores the test split in both modes, writes metrics.json/predictions.jsonl (rank 0)."""
 
     def __init__(self, cfg: Blip2VqaConfig, split: VqaSplit):
-        self.cfg, self.split = cfg, split
+        self.cfg, self.split = cfg, split.for_selection()  # SLAKE/PathVQA: select on validation, never on test
+        if self.split.evaluated == "validation":
+            say(f"evaluation during training: the {len(self.split.test)} validation questions (choose the checkpoint "
+                "there); the test split is scored only by launch/evaluate.py")
         self.candidates = candidate_answers(cfg, split)
 
     def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
@@ -179,7 +186,8 @@ class VqaEvaluator:
             doc = results_document(self.cfg, self.split, result, step=step, checkpoint=f"step {step} (in training)")
             run_dir = Path(self.cfg.run.dir)
             write_results(run_dir / "eval" / f"step_{step:08d}", doc, result["predictions"])
-            write_results(run_dir, doc, result["predictions"])  # the latest result, for make_table
+            if self.split.evaluated == "test":  # validation scores never stand in for the test result
+                write_results(run_dir, doc, result["predictions"])  # the latest result, for make_table
         flat = dict(flatten(result["scores"]))
         for mode, r in result["by_inference"].items():
             flat |= {f"{mode}/{k}": v for k, v in r["metrics"].items()}

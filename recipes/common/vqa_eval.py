@@ -22,10 +22,33 @@ from recipes.common.vqa_rad import (
 )
 
 
+DATASETS = ("vqa_rad", "slake", "pathvqa")
+
+
+def check_dataset(dataset: str, split: str) -> None:
+    """vqa.dataset and vqa.split together: SLAKE and PathVQA have one split, their release's ('official')."""
+    from framework.config import ConfigError
+
+    if dataset not in DATASETS:
+        raise ConfigError(f"vqa.dataset: unknown data set {dataset!r}; known: {', '.join(DATASETS)}")
+    if dataset != "vqa_rad" and split != "official":
+        raise ConfigError(f"vqa.split: {dataset} has one split, its release's: use vqa.split=official, not {split!r}")
+
+
 def load_vqa(cfg: Any, announce: bool = True) -> VqaSplit:
-    """The configured split (printed, so every log names the split that was used)."""
+    """The configured data set and split (printed, so every log names the split that was used)."""
     v = cfg.vqa
-    split = load_split(v.root, v.split, v.max_question_words)
+    dataset = getattr(v, "dataset", "vqa_rad")
+    if dataset == "slake":
+        from recipes.common.slake import load_slake
+
+        split = load_slake(v.root, v.max_question_words)
+    elif dataset == "pathvqa":
+        from recipes.common.pathvqa import load_pathvqa
+
+        split = load_pathvqa(v.root, v.max_question_words, getattr(v, "image_cache", None))
+    else:
+        split = load_split(v.root, v.split, v.max_question_words)
     if announce:
         say(split.describe())
         for note in split.notes:
@@ -62,9 +85,64 @@ def rank_coverage(candidates: list[str], test: list[VqaRecord]) -> dict[str, Opt
     return out
 
 
+def add_statistics(document: dict[str, Any], predictions: list[dict]) -> dict[str, Any]:
+    """metrics.json's statistics from the predictions: 95% intervals by bootstrap over images (seeded) and the
+    per-type breakdown (VQA-RAD question_type, SLAKE content_type) when the rows carry a type."""
+    from recipes.common.stats import N_BOOT, prediction_intervals
+    from recipes.common.vqa_metrics import score_by_type
+
+    if predictions and all(k in predictions[0] for k in ("image", "match", "edit_similarity")):
+        document["intervals"] = {"method": f"percentile, cluster bootstrap over images, {N_BOOT} resamples, seed 0",
+                                 "level": 0.95, "groups": prediction_intervals(predictions)}
+    if predictions and any(p.get("question_type") for p in predictions):
+        field = document.get("split", {}).get("type_field", "question_type")
+        document["by_type"] = {"field": field, "groups": score_by_type(predictions)}
+    return document
+
+
+def run_seed(cfg: Any, checkpoint: Optional[str]) -> Optional[int]:
+    """train.seed of the run that made `checkpoint` (its config.yaml), else the config's: make_table aggregates
+    runs of one label over seeds and refuses two runs of one seed."""
+    import yaml
+
+    from framework.rundir import run_dir_of
+
+    try:
+        run = run_dir_of(checkpoint) if checkpoint else None
+        saved = yaml.safe_load((run / "config.yaml").read_text()) if run else None
+    except (OSError, ValueError, yaml.YAMLError):  # no run directory around the weights: the config's seed
+        saved = None
+    seed = (saved or {}).get("train", {}).get("seed") if isinstance(saved, dict) else None
+    return int(seed) if seed is not None else getattr(getattr(cfg, "train", None), "seed", None)
+
+
+BLANK_GREY = (128, 128, 128)  # a constant image: what the model answers without seeing anything
+
+
+def blank_image_split(split: VqaSplit, where: Union[str, Path]) -> VqaSplit:
+    """The split with every image replaced by one constant grey image (links to one file under `where`), for the
+    blank-image baseline: the fine-tuned model answering from the question alone."""
+    import dataclasses
+
+    from PIL import Image
+
+    folder = Path(where)
+    folder.mkdir(parents=True, exist_ok=True)
+    grey = folder / "_blank.png"
+    Image.new("RGB", (64, 64), BLANK_GREY).save(grey)
+    for name in {r.image for r in split.train + split.test + list(getattr(split, "validation", []))}:
+        link = folder / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(grey.resolve())
+    return dataclasses.replace(split, image_dir=folder)
+
+
 @torch.no_grad()
 def write_results(out_dir: Union[str, Path], document: dict[str, Any], predictions: list[dict]) -> Path:
-    """Write metrics.json and predictions.jsonl into out_dir (each atomically); returns out_dir."""
+    """Write metrics.json (with intervals and the per-type breakdown) and predictions.jsonl into out_dir (each
+    atomically); returns out_dir."""
+    add_statistics(document, predictions)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")

@@ -89,14 +89,51 @@ def majority_answers(train: list[VqaRecord]) -> dict[str, str]:
     return out
 
 
+def question_majority(train: list[VqaRecord], test: list[VqaRecord]) -> tuple[list[str], int]:
+    """Question-only answers: the most frequent training answer to the same normalised question (ties:
+    alphabetical), else the answer type's majority; returns (answers, how many test questions were unseen)."""
+    by_question: dict[str, Counter] = {}
+    for r in train:
+        by_question.setdefault(r.question, Counter())[r.answer] += 1
+    fallback = majority_answers(train)
+    answers, unseen = [], 0
+    for r in test:
+        counts = by_question.get(r.question)
+        if counts:
+            answers.append(min(counts, key=lambda a: (-counts[a], a)))
+        else:
+            unseen += 1
+            answers.append(fallback[r.answer_type])
+    return answers, unseen
+
+
 def majority_baselines(train: list[VqaRecord], test: list[VqaRecord]) -> dict[str, Any]:
-    """Scores of answering every test question with the majority training answer (per answer type; overall)."""
+    """Scores of answering every test question with the majority training answer (per answer type; overall) and
+    with the question-only majority (the answer most often given to the same question in training)."""
     answers = majority_answers(train)
     truths, kinds = [r.answer for r in test], [r.answer_type for r in test]
+    by_question, unseen = question_majority(train, test)
     return {"majority_per_type": {"answers": {k: answers[k] for k in ANSWER_TYPES},
                                   "scores": score([answers[k] for k in kinds], truths, kinds)},
             "majority_overall": {"answers": {"overall": answers["overall"]},
-                                 "scores": score([answers["overall"]] * len(test), truths, kinds)}}
+                                 "scores": score([answers["overall"]] * len(test), truths, kinds)},
+            "question_majority": {"unseen_questions": unseen, "scores": score(by_question, truths, kinds)}}
+
+
+def score_by_type(rows: Iterable[dict], field: str = "question_type") -> dict[str, dict[str, Any]]:
+    """Accuracy and edit similarity per question category (VQA-RAD question_type, SLAKE content_type), most
+    questions first; a question with several comma-separated types ("PRES, POS") counts under each of them."""
+    sums: dict[str, Counter] = {}
+    for row in rows:
+        for kind in {t.strip().upper() for t in str(row.get(field) or "").split(",") if t.strip()}:
+            s = sums.setdefault(kind, Counter())
+            s["count"] += 1
+            s["correct"] += int(row["match"])
+            s["edit"] += float(row["edit_similarity"])
+    order = sorted(sums, key=lambda k: (-sums[k]["count"], k))
+    return {k: {"accuracy": sums[k]["correct"] / sums[k]["count"],
+                "edit_similarity": sums[k]["edit"] / sums[k]["count"],
+                "correct": sums[k]["correct"], "count": sums[k]["count"]} for k in order}
 
 
 def format_table(rows: list[tuple[str, dict[str, dict]]], title: Optional[str] = None) -> str:

@@ -104,35 +104,55 @@ class VqaRecord:
     organ: str = ""
 
 
+DATASET_NAMES = {"vqa_rad": "VQA-RAD", "slake": "SLAKE", "pathvqa": "PathVQA"}
+
+
 @dataclass
 class VqaSplit:
-    """A train/test split of VQA-RAD with the image folder it refers to."""
+    """A train/test split of a VQA data set (VQA-RAD, SLAKE, PathVQA) with the image folder it refers to; SLAKE and
+    PathVQA also bring a validation split, the one checkpoints are selected on."""
 
-    name: str  # official | mevf
+    name: str  # official | mevf (VQA-RAD); official (SLAKE, PathVQA: the release's own split)
     train: list[VqaRecord]
     test: list[VqaRecord]
     image_dir: Path
     sources: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    validation: list[VqaRecord] = field(default_factory=list)
+    dataset: str = "vqa_rad"
+    type_field: str = "question_type"  # the release's field behind VqaRecord.question_type (SLAKE: content_type)
+    evaluated: str = "test"  # which questions `test` holds: "validation" when selecting checkpoints
+    description_text: str = ""
 
     @property
     def description(self) -> str:
-        return SPLIT_DESCRIPTIONS[self.name]
+        return self.description_text or SPLIT_DESCRIPTIONS[self.name]
+
+    def for_selection(self) -> "VqaSplit":
+        """The split whose `test` is the validation questions (when there are any): what training evaluates, so
+        checkpoints are chosen without looking at the test set."""
+        import dataclasses
+
+        return dataclasses.replace(self, test=self.validation, evaluated="validation") if self.validation else self
 
     def summary(self) -> dict[str, Any]:
         """Counts and provenance, printed at start-up and saved with every result."""
         test_types = Counter(r.answer_type for r in self.test)
         train_types = Counter(r.answer_type for r in self.train)
-        return {"split": self.name, "description": self.description, "sources": self.sources,
-                "train": len(self.train), "train_closed": train_types["closed"], "train_open": train_types["open"],
+        return {"split": self.name, "dataset": self.dataset, "description": self.description,
+                "sources": self.sources, "train": len(self.train), "train_closed": train_types["closed"],
+                "train_open": train_types["open"], "validation": len(self.validation), "evaluated": self.evaluated,
                 "test": len(self.test), "test_closed": test_types["closed"], "test_open": test_types["open"],
-                "test_images": len({r.image for r in self.test}), "notes": self.notes}
+                "test_images": len({r.image for r in self.test}), "type_field": self.type_field,
+                "notes": self.notes}
 
     def describe(self) -> str:
         s = self.summary()
-        return (f"VQA-RAD split '{s['split']}' ({s['description']}): train {s['train']} questions "
-                f"({s['train_closed']} closed / {s['train_open']} open), test {s['test']} "
-                f"({s['test_closed']} closed / {s['test_open']} open) on {s['test_images']} images")
+        val = f", validation {s['validation']}" if s["validation"] else ""
+        what = "test" if self.evaluated == "test" else "evaluated on validation"
+        return (f"{DATASET_NAMES.get(self.dataset, self.dataset)} split '{s['split']}' ({s['description']}): train "
+                f"{s['train']} questions ({s['train_closed']} closed / {s['train_open']} open){val}, {what} "
+                f"{s['test']} ({s['test_closed']} closed / {s['test_open']} open) on {s['test_images']} images")
 
 
 def _load_json(path: Path, what: str) -> object:

@@ -20,6 +20,7 @@ from framework.distributed import DistInfo, rank, say
 from framework.task import Recipe, Task
 from recipes.common.vqa_eval import (
     candidate_answers,
+    check_dataset,
     load_vqa,
     rank_coverage,
     sample_images,
@@ -43,8 +44,10 @@ INFERENCE_MODES = ("rank", "generate")
 class VqaConfig:
     """The `vqa:` section: data, split, inference and fine-tuning switches."""
 
+    dataset: str = "vqa_rad"  # vqa_rad | slake (English) | pathvqa (the parquet copy)
     root: str = "data/vqa_rad"  # folder of the release: 'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/'
     split: str = "official"  # official (451 test: test_freeform + test_para) | mevf (trainset/testset.json)
+    image_cache: Optional[str] = None  # pathvqa: where its parquet images are written once (default root/images)
     inference: str = "rank"  # rank (over answer_list, BLIP's default) | generate (beam search)
     answer_list: str = "train"  # rank candidates: "train" (distinct training answers) or a JSON list file
     k_test: int = 128  # rank: candidates kept by first-token probability, then rescored in full (BLIP: 128)
@@ -60,6 +63,7 @@ class VqaConfig:
     save_predictions: bool = True  # write metrics.json + predictions.jsonl at every evaluation (rank 0)
 
     def check(self) -> None:
+        check_dataset(self.dataset, self.split)
         if self.split not in SPLITS:
             raise ConfigError(f"vqa.split: unknown split {self.split!r}; known: {', '.join(SPLITS)}")
         if self.inference not in INFERENCE_MODES:
@@ -152,8 +156,8 @@ def evaluate_model(model: MedBlipVqa, cfg: VqaRecipeConfig, split: VqaSplit, can
             r = test[len(rows)]
             one = score_one(answer, r.answer)
             rows.append({"qid": r.qid, "image": r.image, "question": r.question_raw, "answer_type": r.answer_type,
-                         "ground_truth": r.answer, "prediction": one["prediction"], "match": one["match"],
-                         "edit_similarity": round(one["edit_similarity"], 6)})
+                         "question_type": r.question_type, "ground_truth": r.answer, "prediction": one["prediction"],
+                         "match": one["match"], "edit_similarity": round(one["edit_similarity"], 6)})
     model.train(was_training)
     scores = score([r["prediction"] for r in rows], [r["ground_truth"] for r in rows], [r["answer_type"] for r in rows])
     inference: dict[str, Any] = {"mode": v.inference}
@@ -173,14 +177,18 @@ def results_document(cfg: VqaRecipeConfig, split: VqaSplit, result: dict[str, An
             "scores": result["scores"], "metrics": flatten(result["scores"]), "inference": result["inference"],
             "baselines": majority_baselines(split.train, test), "step": step, "checkpoint": checkpoint,
             "init_from": cfg.run.init_from, "recipe": cfg.source, "image_size": cfg.image.size,
-            "freeze_vision": cfg.vqa.freeze_vision}
+            "freeze_vision": cfg.vqa.freeze_vision, "seed": cfg.train.seed}
 
 
 class VqaEvaluator:
-    """Task.evaluate: scores the test split, returns flat metrics (+ sample predictions) and writes the files."""
+    """Task.evaluate: scores the validation split when the data set has one (SLAKE, PathVQA: checkpoints are
+    selected there, never on test), else the test split; returns flat metrics (+ samples) and writes the files."""
 
     def __init__(self, cfg: VqaRecipeConfig, split: VqaSplit):
-        self.cfg, self.split = cfg, split
+        self.cfg, self.split = cfg, split.for_selection()
+        if self.split.evaluated == "validation":
+            say(f"evaluation during training: the {len(self.split.test)} validation questions (choose the checkpoint "
+                "there); the test split is scored only by launch/evaluate.py")
         self.candidates = candidate_answers(cfg, split) if cfg.vqa.inference == "rank" else None
 
     def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
@@ -189,7 +197,8 @@ class VqaEvaluator:
             doc = results_document(self.cfg, self.split, result, step=step, checkpoint=f"step {step} (in training)")
             run_dir = Path(self.cfg.run.dir)
             write_results(run_dir / "eval" / f"step_{step:08d}", doc, result["predictions"])
-            write_results(run_dir, doc, result["predictions"])  # the latest result, for make_table
+            if self.split.evaluated == "test":  # validation scores never stand in for the test result
+                write_results(run_dir, doc, result["predictions"])  # the latest result, for make_table
         return (flatten(result["scores"]) | {"samples": samples_markdown(result["predictions"])}
                 | sample_images(result["predictions"], self.split.image_dir))
 

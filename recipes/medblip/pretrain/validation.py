@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from framework.config import Config, ConfigError
@@ -43,8 +44,15 @@ class ValidationConfig:
     caption_min_len: int = 5  # tokens, [DEC] included (BLIP's generate: min_length 5)
     itm_seed: int = 0  # ITM negatives are drawn from this seed at every evaluation (comparable across steps)
     num_workers: Optional[int] = None  # None = data.num_workers (capped by the shards each rank reads)
+    # BLIP's retrieval protocol (ITC top k re-scored by ITM) on the first itm_rerank_pairs pairs; None = ITC only.
+    # Off by default: it runs 2 x k x pairs ITM forwards per evaluation (launch/evaluate.py with retrieval.yaml
+    # runs it on a held-out split after training)
+    itm_rerank_k: Optional[int] = None
+    itm_rerank_pairs: int = 256
 
     def check(self) -> None:
+        if self.itm_rerank_k is not None and (self.itm_rerank_k < 1 or self.itm_rerank_pairs < 2):
+            raise ConfigError("validation.itm_rerank_k must be >= 1 (or null) and validation.itm_rerank_pairs >= 2")
         if any(k < 1 for k in self.recall_k) or not self.recall_k:
             raise ConfigError(f"validation.recall_k must list integers >= 1, got {self.recall_k}")
         if self.max_batches is not None and self.max_batches < 1:
@@ -221,6 +229,8 @@ class PretrainEvaluator:
         # sums: per loss (weighted by samples, or LM target tokens), samples, LM tokens, ITM correct
         sums = torch.zeros(len(names) + 3, dtype=torch.float64, device=device)
         img_feats, txt_feats, ids, rows = [], [], [], []
+        rerank: dict[str, list[torch.Tensor]] = {"embeds": [], "ids": [], "mask": []}
+        per_rank = -(-self.opts.itm_rerank_pairs // world)  # every rank keeps the same number: gatherable
         for batch in self._batches(rank, world):
             batch.pop(SKIPPED, None)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -236,6 +246,13 @@ class PretrainEvaluator:
             img_feats.append(model.image_features(batch["image"]))
             txt_feats.append(model.text_features(batch["input_ids"], batch["attention_mask"]))
             ids.append(caption_ids(batch["captions"]).to(device))
+            kept = sum(len(e) for e in rerank["embeds"])
+            if self.opts.itm_rerank_k and kept < per_rank and "itm" in model.objectives:
+                take = min(per_rank - kept, bs)
+                pad = self.max_text_len - batch["input_ids"].shape[1]  # fixed width: ranks' tensors concatenate
+                rerank["embeds"].append(model.image_embeddings(batch["image"][:take]))
+                rerank["ids"].append(F.pad(batch["input_ids"][:take], (0, pad), value=model.pad_token_id))
+                rerank["mask"].append(F.pad(batch["attention_mask"][:take], (0, pad), value=0))
             if rank == 0 and not rows and self.opts.captions > 0 and "lm" in model.objectives:
                 rows = self._captions(model, batch)
         sums = _all_sum(sums)
@@ -247,11 +264,34 @@ class PretrainEvaluator:
         if "itm" in names:
             metrics["itm_acc"] = float(sums[-1]) / samples
         image_feat, text_feat = _all_cat(torch.cat(img_feats)), _all_cat(torch.cat(txt_feats))
-        metrics |= retrieval_recalls(image_feat, text_feat, self.opts.recall_k, ids=_all_cat(torch.cat(ids)))
+        all_ids = _all_cat(torch.cat(ids))
+        metrics |= retrieval_recalls(image_feat, text_feat, self.opts.recall_k, ids=all_ids)
+        if rerank["embeds"]:
+            metrics |= self._itm_recalls(model, image_feat, text_feat, all_ids, rerank, per_rank, world)
         metrics["samples"] = int(samples)
         if rows:
             metrics["captions"] = captions_markdown(rows)
         return metrics
+
+    def _itm_recalls(self, model: MedBlipPretrain, image_feat: torch.Tensor, text_feat: torch.Tensor,
+                     ids: torch.Tensor, kept: dict[str, list[torch.Tensor]], per_rank: int,
+                     world: int) -> dict[str, float]:
+        """BLIP's protocol on the kept pairs of every rank: {"itm_i2t_r1", ..., "itm_r_mean"}."""
+        from recipes.common.retrieval import itm_rerank, recalls
+
+        embeds, tok, mask = (_all_cat(torch.cat(kept[k])) for k in ("embeds", "ids", "mask"))
+        # the kept pairs are the first ones of each rank's share: their rows in the gathered features
+        local = embeds.shape[0] // world
+        n_rank = image_feat.shape[0] // world
+        rows = torch.cat([torch.arange(r * n_rank, r * n_rank + local) for r in range(world)]).to(image_feat.device)
+        sims = image_feat[rows] @ text_feat[rows].t()
+
+        def itm(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+            return model.itm_logits(embeds[img], tok[txt], mask[txt])[:, 1]
+
+        i2t, t2i = itm_rerank(sims, itm, self.opts.itm_rerank_k, pairs_per_call=8 * self.batch_size)
+        r = recalls(i2t, t2i, self.opts.recall_k, ids[rows].cpu(), ids[rows].cpu())
+        return {f"itm_{k}": v for k, v in r.items()} | {"itm_pairs": int(sims.shape[0])}
 
     def _captions(self, model: MedBlipPretrain, batch: dict) -> list[tuple[str, str, str]]:
         """Deterministic captions (beam search, BLIP's generate settings) for the batch's first few images."""
