@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object per question instead")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--serve", action="store_true", help="serve the web page instead of asking once")
-    parser.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (default: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="--serve: address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="--serve: port (0: any free port)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. vqa.root=data/vqa_rad")
     args = parser.parse_intermixed_args(argv)
@@ -125,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             pairs = read_pairs(Path(args.questions))
         elif not args.serve:
             pairs = [(Path(args.image), args.question)]
-            if not pairs[0][0].is_file():
-                raise AskError(f"image not found: {args.image}")
+            if not pairs[0][0].is_file():  # before the model loads
+                raise AskError(f"image not found: {args.image}" if not pairs[0][0].exists() else
+                               f"not a file: {args.image}")
         asker = Asker(args.checkpoint, recipe=args.recipe, overrides=args.overrides, device=args.device,
                       top=args.top)
         if args.serve:

@@ -9,9 +9,11 @@ import threading
 import urllib.error
 import urllib.request
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from corpora.phantoms import PhantomSpec, write_demo_data
 from tests.conftest import ROOT, load_launch, run_entry
@@ -136,14 +138,19 @@ def test_cli_bad_input_ends_in_one_line(data, medblip, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     with open(tmp_path / "huge.png", "wb") as f:  # sparse: 40 MB on paper, nothing on disk
         f.truncate(40 * 1024 * 1024)
+    bomb = tmp_path / "bomb.png"  # 140 kB of PNG, 144 Mpixel once decoded
+    Image.new("L", (12000, 12000)).save(bomb)
+    (tmp_path / "cut.jpg").write_bytes(Path(image).read_bytes()[:600])
     dapt = tmp_path / "dapt"
     (dapt / "checkpoints").mkdir(parents=True)
-    (dapt / "config.yaml").write_text((ROOT / "recipes" / "medblip" / "demo" / "dapt.yaml").read_text())
+    (dapt / "config.yaml").write_text(f"recipe: recipes.medblip.pretrain\nrun: {{dir: {dapt}}}\n")  # no vqa:
     (tmp_path / "bad.csv").write_text(f"image,question\n{image},what\nmissing.png,what\n")
     cases = [
         (["--image", str(tmp_path / "absent.png"), "--question", q], "image not found"),
         (["--image", str(tmp_path / "notes.png"), "--question", q], "is not an image"),
         (["--image", str(tmp_path / "huge.png"), "--question", q], "larger than the 32 MB"),
+        (["--image", str(tmp_path / "cut.jpg"), "--question", q], "cannot be decoded"),
+        (["--image", str(tmp_path), "--question", q], "not a file"),
         (["--image", image, "--question", "  "], "the question is empty"),
         (["--image", image, "--question", "!!"], "has no words"),
         (["--questions", str(tmp_path / "bad.csv")], "row 2: image not found"),
@@ -152,8 +159,12 @@ def test_cli_bad_input_ends_in_one_line(data, medblip, tmp_path, capsys):
         assert message in _one_line_error(ask, ["--checkpoint", str(run), *args], capsys), args
     assert "checkpoint not found" in _one_line_error(
         ask, ["--checkpoint", str(tmp_path / "no_such_run"), "--image", image, "--question", q], capsys)
-    assert "is a pretraining run" in _one_line_error(
+    assert "is a recipes.medblip.pretrain run, not a VQA run" in _one_line_error(
         ask, ["--checkpoint", str(dapt), "--image", image, "--question", q], capsys)
+    with warnings.catch_warnings():  # the test's own, so PIL's bomb warning is not left to pytest's filter
+        warnings.simplefilter("error")
+        assert "pixels is more than the" in _one_line_error(
+            ask, ["--checkpoint", str(run), "--image", str(bomb), "--question", q], capsys)
     with pytest.raises(SystemExit):  # argparse: a usage line, exit 2
         ask(["--checkpoint", str(run), "--image", image])
     assert "--question" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -88,15 +89,36 @@ def read_image(image: ImageInput) -> Image.Image:
         raise AskError(f"{name}: {len(data) / 2**20:.0f} MB is larger than the {MAX_IMAGE_BYTES // 2**20} MB an "
                        "image may be")
     try:
-        with Image.open(io.BytesIO(data)) as header:  # the size, before anything is decoded
-            if header.width * header.height > MAX_IMAGE_PIXELS:
-                raise AskError(f"{name}: {header.width}x{header.height} pixels is more than the "
-                               f"{MAX_IMAGE_PIXELS:,} an image may have")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it in one line
+            with Image.open(io.BytesIO(data)) as header:  # the size, before anything is decoded
+                width, height = header.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise AskError(f"{name}: {width}x{height} pixels is more than the {MAX_IMAGE_PIXELS:,} an image may have")
         return open_image(data)  # evaluate.py's decoder (16-bit greyscale scaled, not clipped); it decodes whole
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:  # PIL's message names a BytesIO object, which says nothing to a user
+        raise AskError(f"{name} is not an image (PNG, JPEG, ... that PIL can read)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, AskError):
             raise
-        raise AskError(f"{name} is not an image PIL can read (PNG, JPEG, ...): {str(e).splitlines()[0]}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AskError(f"{name} cannot be decoded as an image, damaged or cut short? ({why})") from None
+
+
+def _saved_config(checkpoint: str) -> Optional[dict[str, Any]]:
+    """The config.yaml of the run that holds `checkpoint` (None for a bare weights file or a missing path)."""
+    import yaml
+
+    from framework.rundir import run_dir_of
+
+    run = run_dir_of(checkpoint) if Path(checkpoint).exists() else None
+    if run is None:
+        return None
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None  # config_for_checkpoint reads it again and says what is wrong
+    return saved if isinstance(saved, dict) else None
 
 
 class Asker:
@@ -110,6 +132,11 @@ class Asker:
         self.top = top
         if checkpoint is None or not str(checkpoint).strip():
             raise AskError("give the checkpoint of a VQA run (--checkpoint RUN)")
+        saved = _saved_config(str(checkpoint))
+        if recipe is None and saved is not None and "vqa" not in saved:  # evaluate.py's message would say evaluate
+            raise AskError(f"{checkpoint} is a {saved.get('recipe') or 'pretraining'} run, not a VQA run: its answer "
+                           "decoder was never fine-tuned to answer questions; ask a run of recipes/medblip/vqa.yaml "
+                           "or recipes/blip2/vqa.yaml")
         self.cfg = config_for_checkpoint(recipe, str(checkpoint), list(overrides))
         module = importlib.import_module(self.cfg.recipe)
         if not hasattr(module, "evaluate_model") or not hasattr(self.cfg, "vqa"):

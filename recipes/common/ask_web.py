@@ -87,7 +87,8 @@ h1 {{ font-size: 1.3em; }} .run {{ color: #666; font-size: .9em; }}
 form {{ display: grid; grid-template-columns: 7em 1fr; gap: .6em; align-items: center; margin: 1.2em 0; }}
 input[type=text] {{ font: inherit; padding: .3em; }} button {{ font: inherit; padding: .3em 1.2em; width: 8em; }}
 .error {{ color: #a00; border: 1px solid #a00; padding: .5em; }}
-.result {{ display: flex; gap: 1.5em; align-items: flex-start; }} .result img {{ max-width: 256px; border: 1px solid #ccc; }}
+.result {{ display: flex; gap: 1.5em; align-items: flex-start; }}
+.result img {{ width: 256px; image-rendering: pixelated; border: 1px solid #ccc; }}
 table {{ border-collapse: collapse; }} td, th {{ padding: .2em .8em; border-bottom: 1px solid #ddd; text-align: left; }}
 td.score {{ font-family: monospace; text-align: right; }} tr.top td {{ font-weight: bold; }}
 </style></head><body>
@@ -214,7 +215,8 @@ def make_handler(asker: Asker) -> type[BaseHTTPRequestHandler]:
                     self._send(status, json.dumps({"error": message}), "application/json")
                 return
             except Exception as e:  # a bug: one line for the user, not a traceback on their screen
-                message = f"the model failed on this input ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                why = str(e).splitlines()[0] if str(e) else ""
+                message = f"the model failed on this input ({type(e).__name__}: {why})"
                 self._send(500, render_page(asker, error=message) if page else json.dumps({"error": message}),
                            "text/html" if page else "application/json")
                 return
