@@ -61,6 +61,13 @@ def blip2(data, tmp_path_factory) -> tuple[Path, list[dict]]:
     return run, _evaluate(run, run.parent / "eval")
 
 
+def _same_top(answer, expected: str) -> bool:
+    """The top answer is `expected`, or ties it within float noise (a lone question pads differently from a batch,
+    which may move the last bits of a score on another CPU's kernels)."""
+    scores = {r.answer: r.score for r in answer.ranked}
+    return answer.top == expected or (expected in scores and scores[answer.top] - scores[expected] < 1e-4)
+
+
 def _image(data: Path, row: dict) -> Path:
     return data / "vqa" / "VQA_RAD Image Folder" / row["image"]
 
@@ -79,7 +86,7 @@ def test_medblip_top_ranked_answer_is_evaluate_py_prediction(data, medblip, medb
     assert asker.kind == "medblip" and asker.mode == "rank"
     for row in rows:  # one question at a time, as a user asks
         answer = asker.ask(_image(data, row), row["question"])
-        assert answer.ranked[0].answer == answer.top == answer.prediction == row["prediction"], row
+        assert answer.ranked[0].answer == answer.top == answer.prediction and _same_top(answer, row["prediction"])
         scores = [r.score for r in answer.ranked]
         assert scores == sorted(scores, reverse=True) and len(scores) == 4  # vqa.k_test=4 candidates rescored
         assert all(r.answer in asker.candidates for r in answer.ranked)
@@ -99,7 +106,7 @@ def test_blip2_top_ranked_answer_is_evaluate_py_rank_prediction(data, blip2):
     assert asker.kind == "blip2" and asker.mode == "generate"  # BLIP-2's metrics.json scores its generated answers
     for row in rows:
         answer = asker.ask(_image(data, row), row["question"])
-        assert answer.top == row["prediction_rank"], row
+        assert _same_top(answer, row["prediction_rank"]), (row, answer.ranked)
         assert answer.generated == row["prediction_generate"] == answer.prediction, row
         assert len(answer.ranked) == 3 and answer.ranked[0].score >= answer.ranked[1].score >= answer.ranked[2].score
 
