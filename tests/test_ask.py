@@ -98,6 +98,7 @@ def test_medblip_top_ranked_answer_is_evaluate_py_prediction(data, medblip, medb
     assert [a.generated for a in batch] == [r["prediction"] for r in gen]
 
 
+@pytest.mark.slow  # its own BLIP-2 run: ~25 s of training and evaluation at a load of 13 on 2 cores
 def test_blip2_top_ranked_answer_is_evaluate_py_rank_prediction(data, blip2):
     from recipes.common.ask import Asker
 
