@@ -605,11 +605,12 @@ def encode_image(data: bytes, max_side: int, quality: int,
     8-bit PNGs within max_side when keep_png, or when they have transparency ("alpha") or at most PNG_FEW_COLOURS
     colours ("few_colours"), or when their JPEG would not be smaller ("smaller"); other PNGs, photographs, are
     re-encoded once as JPEG at `quality` ("jpeg"). Everything else (larger, 16-bit, other formats) is decoded
-    once, shrunk to max_side (bicubic) and saved as JPEG with fixed settings ("resized" for a PNG).
+    once, shrunk to max_side (bicubic) and saved as JPEG with fixed settings (a PNG: "resized" when it was larger
+    than max_side, else "converted").
     """
     im = Image.open(io.BytesIO(data))
     fmt, (w, h) = im.format, im.size
-    png = "resized" if fmt == "PNG" else None
+    png = None if fmt != "PNG" else "resized" if max_side and max(w, h) > max_side else "converted"  # 16-bit
     if fmt in ("JPEG", "PNG") and im.mode in _KEEP_MODES and (not max_side or max(w, h) <= max_side):
         if fmt == "JPEG":  # a 1/8-scale decode still reads every scan, so truncation is still detected
             im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
@@ -1037,15 +1038,18 @@ def _write_all(opts: PrepareOptions, listing: Listing, kept: list[Record], plan:
 def png_summary(png: dict[str, Any], opts: PrepareOptions) -> str:
     """One line: what became of the PNG sources and their bytes before and after."""
     fate = png["fate"]
-    kept = {k: v for k, v in fate.items() if k not in ("jpeg", "resized", "keep_png")}
+    kept = {k: v for k, v in fate.items() if k not in ("jpeg", "resized", "converted", "keep_png")}
     mib = 2 ** 20
     if opts.keep_png:
+        changed = fate.get("resized", 0) + fate.get("converted", 0)
         return (f"{png['sources']} PNG images ({png['bytes_in'] / mib:.1f} MiB) stored as they are (--keep-png)"
-                + (f", {fate['resized']} larger than --max-side shrunk to JPEG" if fate.get("resized") else ""))
+                + (f", except {changed} larger than --max-side or 16-bit, as JPEG" if changed else ""))
     how = (f"{png['sources']} PNG images ({png['bytes_in'] / mib:.1f} MiB) stored in {png['bytes_out'] / mib:.1f} "
            f"MiB: {fate.get('jpeg', 0)} photographs re-encoded as JPEG (quality {opts.jpeg_quality})")
     if fate.get("resized"):
         how += f", {fate['resized']} larger than --max-side shrunk to JPEG"
+    if fate.get("converted"):
+        how += f", {fate['converted']} 16-bit or other modes converted to JPEG"
     if kept:
         how += ", kept as PNG: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(kept.items()))
     return how + ("" if opts.keep_png else "; --keep-png keeps PNGs as they are")

@@ -91,12 +91,15 @@ def test_png_photographs_become_jpeg_and_line_art_stays_png(tmp_path: Path, caps
     rows = [{"id": k, "bytes": v, "caption": f"CT slice {k}", "cui": [CT]} for k, v in scans.items()]
     rows += [{"id": "diagram", "bytes": _png(_line_art()), "caption": "Schematic of the approach", "cui": ["nan"]},
              {"id": "overlay", "bytes": _png(_transparent()), "caption": "CT overlay", "cui": [CT]},
-             {"id": "photo_jpg", "ext": "jpg", "bytes": _jpeg(9), "caption": "CT", "cui": [CT]}]
+             {"id": "photo_jpg", "ext": "jpg", "bytes": _jpeg(9), "caption": "CT", "cui": [CT]},
+             {"id": "scan16", "bytes": _png(Image.fromarray(np.asarray(_scan(8), dtype=np.uint16) * 200)),
+              "caption": "CT, 16-bit", "cui": [CT]}]
     inp = _hub(tmp_path / "hub" / "data", rows)
     assert cli_main(["--input", str(inp), "--out", str(tmp_path / "out"), "--samples-per-shard", "2",
                      "--workers", "1"]) == 0
     err = capsys.readouterr().err
-    assert "6 PNG images" in err and "4 photographs re-encoded as JPEG (quality 90)" in err and "--keep-png" in err
+    assert "7 PNG images" in err and "4 photographs re-encoded as JPEG (quality 90)" in err and "--keep-png" in err
+    assert "1 16-bit or other modes converted to JPEG" in err
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     got = read_back(tmp_path / "out")
     src = {r["id"]: r["bytes"] for r in rows}
@@ -105,21 +108,22 @@ def test_png_photographs_become_jpeg_and_line_art_stays_png(tmp_path: Path, caps
         assert np.abs(pixels(got[k]["image"]).astype(float) - pixels(src[k])).mean() < 4
     for k in ("diagram", "overlay", "photo_jpg"):  # line art, transparency and JPEGs are stored as they came
         assert got[k]["image"] == src[k]
-    assert m["png"]["fate"] == {"alpha": 1, "few_colours": 1, "jpeg": 4}
-    png_in = sum(len(src[k]) for k in (*scans, "diagram", "overlay"))
+    assert m["png"]["fate"] == {"alpha": 1, "converted": 1, "few_colours": 1, "jpeg": 4}
+    assert got["scan16"]["ext"] == "jpg"  # 16-bit: 8-bit JPEG, as before
+    png_in = sum(len(src[k]) for k in (*scans, "diagram", "overlay", "scan16"))
     assert m["png"]["bytes_in"] == png_in
-    assert m["png"]["bytes_out"] == png_in - sum(len(src[k]) - len(got[k]["image"]) for k in scans)
+    assert m["png"]["bytes_out"] == png_in - sum(len(src[k]) - len(got[k]["image"]) for k in (*scans, "scan16"))
     assert sum(len(got[k]["image"]) for k in scans) < 0.7 * sum(len(src[k]) for k in scans)  # measured: 0.53
-    assert m["totals"]["reencoded"] == 4
+    assert m["totals"]["reencoded"] == 5
 
     # --keep-png: every PNG byte for byte; the shards are larger
     assert cli_main(["--input", str(inp), "--out", str(tmp_path / "keep"), "--samples-per-shard", "2",
                      "--workers", "1", "--keep-png"]) == 0
-    assert "--keep-png keeps" not in capsys.readouterr().err
+    assert "stored as they are (--keep-png), except 1 larger than --max-side or 16-bit" in capsys.readouterr().err
     kept = read_back(tmp_path / "keep")
-    assert all(kept[r["id"]]["image"] == r["bytes"] for r in rows)
+    assert all(kept[r["id"]]["image"] == r["bytes"] for r in rows if r["id"] != "scan16")
     k = json.loads((tmp_path / "keep" / "manifest.json").read_text())
-    assert k["png"]["fate"] == {"keep_png": 6} and k["totals"]["reencoded"] == 0
+    assert k["png"]["fate"] == {"converted": 1, "keep_png": 6} and k["totals"]["reencoded"] == 1
     assert k["totals"]["bytes"] > m["totals"]["bytes"]
 
 
