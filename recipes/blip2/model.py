@@ -364,7 +364,8 @@ class Blip2(nn.Module):
 
         candidate_ids/mask [C, La] from self.text.targets (the tokens training scores). As BLIP's rank: the k candidates whose first token is most
         likely are rescored in full (k >= C scores every candidate). Returns (candidate indices [B, k],
-        their log-likelihoods [B, k]), best first. The prompt is run once per question; candidates reuse its key/value cache.
+        their log-likelihoods [B, k]), best first. The prompt is run once per question; candidates reuse its
+        key/value cache.
         """
         soft = self.llm_inputs(self.query_output(image_embeds))
         ids, mask = self.text.prompts(prompts, soft.device)
