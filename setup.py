@@ -27,5 +27,7 @@ setup(
         "safetensors>=0.4",
         "pyarrow>=14",  # reads ROCOv2's parquet files in row batches
     ],
-    extras_require={"test": ["pytest>=7.4", "pytest-xdist>=3.5"]},
+    # web: launch/ask.py --serve, the local question page; it is the standard library's http.server, so the extra
+    # installs nothing more and exists so that `pip install -e ".[web]"` keeps working if the page ever needs more
+    extras_require={"test": ["pytest>=7.4", "pytest-xdist>=3.5"], "web": []},
 )

@@ -37,7 +37,7 @@ from PIL import Image
 
 from framework.files import atomic_write_text, fsync_dir, sha256_file
 
-FORMAT_VERSION = 2  # 2: modality_source in each sample's json (the caption-keyword rule)
+FORMAT_VERSION = 3  # 2: modality_source in each sample's json; 3: PNG photographs as JPEG, cui ['nan'] = none
 STATE_DIR = ".prepare"  # per-shard reports; kept beside the shards so a re-run knows what is complete
 CRASH_ENV = "MEDBLIP_PREPARE_CRASH_AFTER"  # test hook: a writer process dies after writing this many samples
 LISTED_KEYS_CAP = 1000  # at most this many keys listed per filter reason in the manifest (all are counted)
@@ -79,6 +79,12 @@ _KEYWORD_RES = {name: re.compile(r"\b(?:" + "|".join(words) + r")\b", re.IGNOREC
                 for name, words in CAPTION_KEYWORDS.items()}
 _KEEP_MODES = ("L", "RGB", "RGBA", "LA", "P", "1", "CMYK", "YCbCr")  # 8-bit images every reader decodes alike
 _CUI_RE = re.compile(r"^C\d{7}$")
+# What the Hugging Face copy of ROCOv2 (and pandas-written tables) put where an image has no manual concept: the
+# string 'nan' (about 1% of its rows carry cui ['nan']). Not a concept: such an image is judged by its caption.
+NO_CONCEPT = frozenset({"NAN", "NONE", "NULL", "NA", "N/A", ""})
+# PNGs within --max-side with at most this many colours (diagrams, line art, annotated drawings) stay PNG: JPEG
+# blurs their edges and seldom saves bytes. Radiographs and photographs use far more (an 8-bit CT: ~200 grey levels).
+PNG_FEW_COLOURS = 64
 _SHARD_NAME = re.compile(r"^(train|valid|test|all)-\d{5}\.tar$")  # the names prepare() gives its shards
 _SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "validation", "val", "dev"),
                   "test": ("test",)}
@@ -103,6 +109,7 @@ class PrepareOptions:
     modality: list[str] = field(default_factory=list)  # names (CT, MRI, X-ray...) or raw CUIs; [] keeps all
     max_side: int = 512  # longer image side above which an image is re-encoded once as JPEG (0: never)
     jpeg_quality: int = 90
+    keep_png: bool = False  # store PNGs within max_side as they are (default: photographs re-encoded as JPEG)
     samples_per_shard: Optional[int] = None  # None: DEFAULT_SAMPLES_PER_SHARD, fewer for small inputs
     workers: int = 1
     limit: Optional[int] = None  # keep only the first N samples after filtering (quick trials)
@@ -131,6 +138,7 @@ class Listing:
     parquet_files: list[str] = field(default_factory=list)
     source_files: list[str] = field(default_factory=list)  # files whose sizes enter the fingerprint
     has_cui: bool = True
+    no_concept: list[str] = field(default_factory=list)  # keys whose concepts were a 'nan' placeholder
     filtered: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys
     hint: str = ""  # which image names were looked for and which were found (for "no images matched")
 
@@ -200,11 +208,26 @@ def decide_modality(cuis: Iterable[str], caption: str) -> tuple[Optional[str], O
 
 
 def _split_cuis(text: Any) -> tuple[str, ...]:
+    """A cell of concepts (a list, or text with ; , or spaces) -> upper-case CUIs; 'nan' placeholders dropped."""
     if text is None:
         return ()
+    if isinstance(text, float) and text != text:  # a float NaN (pandas' empty cell)
+        return ()
     if isinstance(text, (list, tuple)):
-        return tuple(str(c).strip().upper() for c in text if str(c).strip())
-    return tuple(c.upper() for c in re.split(r"[;,\s]+", str(text)) if c.strip())
+        cuis = (str(c).strip().upper() for c in text if c is not None)
+    else:
+        cuis = (c.strip().upper() for c in re.split(r"[;,\s]+", str(text)))
+    return tuple(c for c in cuis if c not in NO_CONCEPT)
+
+
+def _is_placeholder(text: Any) -> bool:
+    """True for a concept cell that holds only 'nan'-like placeholders (the image has no manual concept)."""
+    if text is None:
+        return False
+    if isinstance(text, float):
+        return text != text
+    items = [str(c).strip() for c in text] if isinstance(text, (list, tuple)) else re.split(r"[;,\s]+", str(text))
+    return any(c.strip() for c in items) and not _split_cuis(text)
 
 
 # ----------------------------------------------------------------------------- listing each layout
@@ -247,8 +270,11 @@ def _parquet_listing(root: Path, split: str) -> Listing:
             for i in range(batch.num_rows):
                 image_id = data["image_id"][i] if "image_id" in data else f"{path.stem}_{row}"
                 cuis = _split_cuis(data["cui"][i]) if "cui" in data else ()
-                listing.records.append(Record(sanitize_key(str(image_id)), str(image_id), data["caption"][i] or "",
-                                              cuis, f"{rel}#{row}", (fi, row)))
+                key = sanitize_key(str(image_id))
+                if "cui" in data and _is_placeholder(data["cui"][i]):
+                    listing.no_concept.append(key)
+                listing.records.append(Record(key, str(image_id), data["caption"][i] or "", cuis, f"{rel}#{row}",
+                                              (fi, row)))
                 row += 1
     return listing
 
@@ -553,20 +579,53 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L")
 
 
-def encode_image(data: bytes, max_side: int, quality: int) -> tuple[bytes, str, bool]:
-    """Image bytes -> (bytes to store, "jpg"|"png", re-encoded?). Raises for an undecodable image.
+def _jpeg(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
-    8-bit JPEG and PNG no larger than max_side are stored unchanged (after a full decode proves them readable);
-    everything else (larger, 16-bit, other formats) is decoded once, shrunk to max_side (bicubic) and saved as
-    JPEG with fixed settings.
+
+def _png_stays(im: Image.Image) -> Optional[str]:
+    """Why a decoded 8-bit PNG should stay PNG ("alpha", "few_colours"), or None for a photograph."""
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        alpha = im.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:  # transparency JPEG cannot hold
+            return "alpha"
+    if im.mode == "1" or im.getcolors(PNG_FEW_COLOURS) is not None:  # None: more colours than that
+        return "few_colours"
+    return None
+
+
+def encode_image(data: bytes, max_side: int, quality: int,
+                 keep_png: bool = False) -> tuple[bytes, str, bool, Optional[str]]:
+    """Image bytes -> (bytes to store, "jpg"|"png", re-encoded?, what became of a PNG source or None).
+    Raises for an undecodable image.
+
+    8-bit JPEGs no larger than max_side are stored unchanged (after a full decode proves them readable). So are
+    8-bit PNGs within max_side when keep_png, or when they have transparency ("alpha") or at most PNG_FEW_COLOURS
+    colours ("few_colours"), or when their JPEG would not be smaller ("smaller"); other PNGs, photographs, are
+    re-encoded once as JPEG at `quality` ("jpeg"). Everything else (larger, 16-bit, other formats) is decoded
+    once, shrunk to max_side (bicubic) and saved as JPEG with fixed settings (a PNG: "resized" when it was larger
+    than max_side, else "converted").
     """
     im = Image.open(io.BytesIO(data))
     fmt, (w, h) = im.format, im.size
+    png = None if fmt != "PNG" else "resized" if max_side and max(w, h) > max_side else "converted"  # 16-bit
     if fmt in ("JPEG", "PNG") and im.mode in _KEEP_MODES and (not max_side or max(w, h) <= max_side):
         if fmt == "JPEG":  # a 1/8-scale decode still reads every scan, so truncation is still detected
             im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
         im.load()
-        return data, "jpg" if fmt == "JPEG" else "png", False
+        if fmt == "JPEG":
+            return data, "jpg", False, None
+        if keep_png:
+            return data, "png", False, "keep_png"
+        why = _png_stays(im)
+        if why:
+            return data, "png", False, why
+        payload = _jpeg(im if im.mode in ("RGB", "L") else im.convert("RGB"), quality)
+        if len(payload) >= len(data):  # e.g. a tiny or flat image that PNG already compresses well
+            return data, "png", False, "smaller"
+        return payload, "jpg", True, "jpeg"
     if fmt == "JPEG" and max_side:
         im.draft("RGB" if im.mode not in ("L",) else "L", (max_side, max_side))  # exact scale, never below max_side
     im.load()
@@ -577,9 +636,7 @@ def encode_image(data: bytes, max_side: int, quality: int) -> tuple[bytes, str, 
     if max_side and max(im.size) > max_side:
         scale = max_side / max(im.size)
         im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.BICUBIC)
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), "jpg", True
+    return _jpeg(im, quality), "jpg", True, png
 
 
 class _ImageSource:
@@ -631,6 +688,7 @@ class ShardTask:
     jpeg_quality: int
     fingerprint: str
     kind: str
+    keep_png: bool = False
 
 
 def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -694,13 +752,17 @@ def write_shard(task: ShardTask) -> dict:
     out = Path(task.out)
     source = _ImageSource(task.parquet_files)
     report: dict[str, Any] = {"name": task.name, "fingerprint": task.fingerprint, "samples": 0, "reencoded": 0,
-                              "unreadable": [], "modalities": {}, "modality_sources": {}, "caption_modality": {}}
+                              "unreadable": [], "modalities": {}, "modality_sources": {}, "caption_modality": {},
+                              "png": {}, "png_bytes_in": 0, "png_bytes_out": 0, "image_sha256": {}}
+    png: Counter = Counter()
     modalities: Counter = Counter()
     sources: Counter = Counter()
     with atomic_shard(out, task.name) as shard:
         for rec in task.records:
             try:
-                payload, ext, reencoded = encode_image(source.read(rec), task.max_side, task.jpeg_quality)
+                data = source.read(rec)
+                payload, ext, reencoded, png_fate = encode_image(data, task.max_side, task.jpeg_quality,
+                                                                 task.keep_png)
             except Exception as e:  # a bad image is reported and skipped, never fatal
                 report["unreadable"].append({"key": rec.key, "source": rec.source,
                                              "error": f"{type(e).__name__}: {e}"[:200]})
@@ -713,6 +775,12 @@ def write_shard(task: ShardTask) -> dict:
             shard.add(f"{rec.key}.txt", rec.caption.strip().encode("utf-8"))
             report["samples"] += 1
             report["reencoded"] += int(reencoded)
+            # the source bytes' hash: the manifest lists samples that are the same image under other ids
+            report["image_sha256"][rec.key] = hashlib.sha256(data).hexdigest()
+            if png_fate:
+                png[png_fate] += 1
+                report["png_bytes_in"] += len(data)
+                report["png_bytes_out"] += len(payload)
             modalities[modality or "none"] += 1
             sources[decided_by or "none"] += 1
             if decided_by == "caption":
@@ -723,6 +791,7 @@ def write_shard(task: ShardTask) -> dict:
                 os._exit(17)  # simulate a kill: half a shard left in .tmp, no clean-up
     report["modalities"] = dict(sorted(modalities.items()))
     report["modality_sources"] = dict(sorted(sources.items()))
+    report["png"] = dict(sorted(png.items()))
     report["bytes"], report["sha256"] = shard.bytes, shard.sha256  # 0, None: every image unreadable, no file
     write_json_atomic(out / STATE_DIR / (task.name + ".json"), report)
     return report
@@ -735,7 +804,8 @@ def fingerprint(opts: PrepareOptions, listing: Listing, plan: list[list[Record]]
     """Hash of everything that determines the shards' bytes (not of --workers)."""
     h = hashlib.sha256()
     h.update(json.dumps({"v": FORMAT_VERSION, "kind": listing.kind, "max_side": opts.max_side,
-                         "q": opts.jpeg_quality, "n": opts.samples_per_shard}, sort_keys=True).encode())
+                         "q": opts.jpeg_quality, "n": opts.samples_per_shard, "keep_png": opts.keep_png},
+                        sort_keys=True).encode())
     for p in listing.source_files:
         h.update(f"{Path(p).name}:{os.path.getsize(p)}\n".encode())
     for i, shard in enumerate(plan):
@@ -926,7 +996,7 @@ def _write_all(opts: PrepareOptions, listing: Listing, kept: list[Record], plan:
         log(f"prepare: {out} is up to date")
         return json.loads(manifest_path.read_text())
     tasks = [ShardTask(i, names[i], plan[i], str(out), listing.parquet_files, opts.max_side, opts.jpeg_quality,
-                       fp, listing.kind) for i in range(len(plan)) if i not in reports]
+                       fp, listing.kind, opts.keep_png) for i in range(len(plan)) if i not in reports]
     done_samples = 0
     t1 = time.time()
 
@@ -955,7 +1025,47 @@ def _write_all(opts: PrepareOptions, listing: Listing, kept: list[Record], plan:
     t = manifest["totals"]
     log(f"prepare: wrote {t['samples']} samples in {t['shards']} shards ({t['bytes'] / 2**20:.1f} MiB), "
         f"{t['unreadable']} unreadable, {time.time() - t0:.1f} s -> {manifest_path}")
+    if manifest["png"]["sources"]:
+        log(f"prepare: {png_summary(manifest['png'], opts)}")
+    if manifest["no_concept"]["count"]:
+        log(f"prepare: {manifest['no_concept']['count']} samples have no concept (cui ['nan']): their modality comes "
+            "from the caption keywords (manifest: no_concept)")
+    for line in duplicate_lines(manifest):
+        log(f"prepare: {line}")
     return manifest
+
+
+def png_summary(png: dict[str, Any], opts: PrepareOptions) -> str:
+    """One line: what became of the PNG sources and their bytes before and after."""
+    fate = png["fate"]
+    kept = {k: v for k, v in fate.items() if k not in ("jpeg", "resized", "converted", "keep_png")}
+    mib = 2 ** 20
+    if opts.keep_png:
+        changed = fate.get("resized", 0) + fate.get("converted", 0)
+        return (f"{png['sources']} PNG images ({png['bytes_in'] / mib:.1f} MiB) stored as they are (--keep-png)"
+                + (f", except {changed} larger than --max-side or 16-bit, as JPEG" if changed else ""))
+    how = (f"{png['sources']} PNG images ({png['bytes_in'] / mib:.1f} MiB) stored in {png['bytes_out'] / mib:.1f} "
+           f"MiB: {fate.get('jpeg', 0)} photographs re-encoded as JPEG (quality {opts.jpeg_quality})")
+    if fate.get("resized"):
+        how += f", {fate['resized']} larger than --max-side shrunk to JPEG"
+    if fate.get("converted"):
+        how += f", {fate['converted']} 16-bit or other modes converted to JPEG"
+    if kept:
+        how += ", kept as PNG: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(kept.items()))
+    return how + ("" if opts.keep_png else "; --keep-png keeps PNGs as they are")
+
+
+def duplicate_lines(manifest: dict[str, Any]) -> list[str]:
+    """Console lines for the manifest's duplicates (same image id dropped, same image bytes under two ids)."""
+    d = manifest["duplicates"]
+    out = []
+    if d["same_image_id"]["count"]:
+        out.append(f"{d['same_image_id']['count']} rows repeat an earlier image id and were dropped (manifest: "
+                   "duplicates.same_image_id)")
+    if d["same_image_bytes"]["count"]:
+        out.append(f"{d['same_image_bytes']['count']} samples have the image bytes of another sample under another "
+                   "id; kept (manifest: duplicates.same_image_bytes)")
+    return out
 
 
 def _manifest(opts: PrepareOptions, listing: Listing, kept: list[Record], names: list[str],
@@ -975,6 +1085,22 @@ def _manifest(opts: PrepareOptions, listing: Listing, kept: list[Record], names:
     filtered["unreadable_image"] = {"count": len(unreadable), "keys": [u["key"] for u in unreadable][:LISTED_KEYS_CAP]}
     selected = resolve_modalities(opts.modality)
     options = {k: v for k, v in asdict(opts).items() if k not in ("out", "workers", "overwrite")}
+    png: Counter = Counter()
+    for r in reports.values():
+        png.update(r.get("png", {}))
+    by_key: dict[str, list[Record]] = {}
+    for r in listing.records:
+        by_key.setdefault(r.key, []).append(r)
+    same_id = [{"key": k, "rows": [r.source for r in rs], "same_caption": len({r.caption for r in rs}) == 1}
+               for k, rs in by_key.items() if len(rs) > 1]
+    by_hash: dict[str, list[str]] = {}
+    for i in range(len(names)):
+        for key, digest in reports[i].get("image_sha256", {}).items():
+            by_hash.setdefault(digest, []).append(key)
+    same_bytes = [keys for keys in by_hash.values() if len(keys) > 1]
+    written = {r.key: r for r in kept}
+    no_concept = [k for k in listing.no_concept if k in written]
+    judged = Counter(decide_modality(written[k].cui, written[k].caption)[0] or "none" for k in no_concept)
     return {
         "format_version": FORMAT_VERSION,
         "fingerprint": fp,
@@ -994,4 +1120,19 @@ def _manifest(opts: PrepareOptions, listing: Listing, kept: list[Record], names:
         "caption_modality": by_caption,  # every written sample whose modality came from a caption keyword
         "filtered": filtered,
         "unreadable": unreadable[:LISTED_KEYS_CAP],
+        # PNG sources: what became of them (jpeg | resized | few_colours | alpha | smaller | keep_png), bytes in/out
+        "png": {"sources": sum(png.values()), "fate": dict(sorted(png.items())),
+                "bytes_in": sum(r.get("png_bytes_in", 0) for r in reports.values()),
+                "bytes_out": sum(r.get("png_bytes_out", 0) for r in reports.values())},
+        # rows whose concepts were only a 'nan' placeholder (the hub copy's cui ['nan']): no concept, so the
+        # caption keywords decided their modality (counted here by what they decided)
+        "no_concept": {"count": len(no_concept), "modality_from_caption": dict(sorted(judged.items())),
+                       "keys": no_concept[:LISTED_KEYS_CAP],
+                       "listed": len(listing.no_concept)},
+        # the hub copy's train split has 4 rows more than the release (59,962 vs 59,958); repeats show here: an image
+        # id listed again (the later rows dropped, as filtered.duplicate_key) or one image under several ids (kept)
+        "duplicates": {"same_image_id": {"count": sum(len(d["rows"]) - 1 for d in same_id),
+                                         "ids": same_id[:LISTED_KEYS_CAP]},
+                       "same_image_bytes": {"count": sum(len(g) - 1 for g in same_bytes),
+                                            "groups": same_bytes[:LISTED_KEYS_CAP]}},
     }

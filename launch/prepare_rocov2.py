@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None) -> PrepareOptions:
     p.add_argument("--max-side", type=int, default=512,
                    help="re-encode images whose longer side exceeds this once, as JPEG (0: keep all as they are)")
     p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--keep-png", action="store_true",
+                   help="store PNGs within --max-side as they are; by default PNG photographs are re-encoded once as "
+                        "JPEG (--jpeg-quality) when that is smaller; PNGs with transparency or few colours (line art) "
+                        "stay PNG")
     p.add_argument("--samples-per-shard", type=int, default=None,
                    help=f"default {DEFAULT_SAMPLES_PER_SHARD}, or samples // {MIN_SHARDS} for smaller inputs: at least "
                         f"{MIN_SHARDS} shards")
@@ -54,8 +58,8 @@ def parse_args(argv: list[str] | None) -> PrepareOptions:
     p.add_argument("--overwrite", action="store_true", help="replace shards prepared from other inputs in --out")
     a = p.parse_args(argv)
     return PrepareOptions(input=a.input, out=a.out, format=a.format, split=a.split, modality=a.modality,
-                          max_side=a.max_side, jpeg_quality=a.jpeg_quality, samples_per_shard=a.samples_per_shard,
-                          workers=a.workers, limit=a.limit, images=a.images, image_column=a.image_column,
+                          max_side=a.max_side, jpeg_quality=a.jpeg_quality, keep_png=a.keep_png,
+                          samples_per_shard=a.samples_per_shard, workers=a.workers, limit=a.limit, images=a.images, image_column=a.image_column,
                           caption_column=a.caption_column, overwrite=a.overwrite)
 
 

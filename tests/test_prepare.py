@@ -163,7 +163,10 @@ def check_round_trip(out: Path, items: list[dict], keys: list[str], max_side: in
         assert item["json"]["image_id"] == key and item["json"]["cui"] == [c.upper() for c in src["cui"]]
         orig = pixels(src["bytes"])
         back = pixels(item["image"])
-        if max(orig.shape[:2]) <= max_side:  # stored unchanged
+        if max(orig.shape[:2]) <= max_side and src["ext"] == "png" and item["ext"] == "jpg":
+            # a PNG of many colours (a photograph; here img_1's RGB noise) is re-encoded once as JPEG, same size
+            assert item["image"] == png_as_jpeg(src["bytes"])
+        elif max(orig.shape[:2]) <= max_side:  # stored unchanged
             assert item["image"] == src["bytes"]
             np.testing.assert_array_equal(back, orig)
             # the training pipeline's decode sees exactly the source image
@@ -178,6 +181,13 @@ def check_round_trip(out: Path, items: list[dict], keys: list[str], max_side: in
     verify_checksums(expand_shards(str(out)))  # sizes and sha256 in the manifest match the files
     assert manifest["totals"]["samples"] == len(keys)
     return manifest
+
+
+def png_as_jpeg(data: bytes, quality: int = 90) -> bytes:
+    """What the default stores for a PNG photograph: the decoded image saved once as JPEG at `quality`."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def torch_equal(a, b) -> bool:
@@ -212,7 +222,8 @@ def test_each_layout_round_trips(tmp_path: Path, layout: str) -> None:
     assert m["filtered"]["empty_caption"]["keys"] == ["img_7"]
     assert [u["key"] for u in m["unreadable"]] == ["img_6"] and "truncated" in m["unreadable"][0]["error"]
     assert m["filtered"]["unreadable_image"]["count"] == 1
-    assert m["totals"]["reencoded"] == 1  # img_2 only
+    assert m["totals"]["reencoded"] == 2  # img_2 (larger than max_side) and img_1 (an RGB PNG photograph)
+    assert m["png"]["fate"] == {"jpeg": 1, "smaller": 1}  # img_3's grey PNG is smaller than its JPEG: kept
     # 7 planned, 3 per shard: the third holds only the unreadable img_6, so no third file is written
     assert [(s["name"], s["samples"]) for s in m["shards"]] == [("train-00000.tar", 3), ("train-00001.tar", 3)] \
         or layout in ("csv", "jsonl")
@@ -338,10 +349,14 @@ def test_medpix_sample_converts(tmp_path: Path) -> None:
     assert len(got) == 607
     for row in rows:
         assert got[Path(row["file_name"]).stem]["txt"] == row["caption"].strip()
-    for row in rows[::60]:  # pixels of a spread of images: unchanged, or shrunk to --max-side 512
-        src = pixels((csv_path.parent / "images" / row["file_name"]).read_bytes())
-        back = pixels(got[Path(row["file_name"]).stem]["image"])
-        if max(src.shape[:2]) <= 512:
+    for row in rows[::60]:  # a spread of images: unchanged, PNG photographs as JPEG, or shrunk to --max-side 512
+        data = (csv_path.parent / "images" / row["file_name"]).read_bytes()
+        src, item = pixels(data), got[Path(row["file_name"]).stem]
+        back = pixels(item["image"])
+        if max(src.shape[:2]) <= 512 and data[:4] == b"\x89PNG" and item["ext"] == "jpg":
+            assert item["image"] == png_as_jpeg(data)
+            assert np.abs(back.astype(float) - src).mean() < 3  # the same picture
+        elif max(src.shape[:2]) <= 512:
             np.testing.assert_array_equal(back, src)
         else:
             assert max(back.shape[:2]) == 512

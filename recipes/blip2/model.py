@@ -396,11 +396,19 @@ class Blip2(nn.Module):
     @torch.no_grad()
     def rank_answers(self, image_embeds: torch.Tensor, prompts: Sequence[str], candidate_ids: torch.Tensor,
                      candidate_mask: torch.Tensor, k: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        """rank_all_answers' best candidate: (index [B], its log-likelihood [B])."""
+        top, scores = self.rank_all_answers(image_embeds, prompts, candidate_ids, candidate_mask, k)
+        return top[:, 0], scores[:, 0]
+
+    @torch.no_grad()
+    def rank_all_answers(self, image_embeds: torch.Tensor, prompts: Sequence[str], candidate_ids: torch.Tensor,
+                         candidate_mask: torch.Tensor, k: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank candidate answers by the LLM's log-likelihood log p(answer tokens | image, prompt).
 
         candidate_ids/mask [C, La] from self.text.targets (the tokens training scores). As BLIP's rank: the k candidates whose first token is most
-        likely are rescored in full (k >= C scores every candidate). Returns (best candidate index [B],
-        its log-likelihood [B]). The prompt is run once per question; candidates reuse its key/value cache.
+        likely are rescored in full (k >= C scores every candidate). Returns (candidate indices [B, k],
+        their log-likelihoods [B, k]), best first. The prompt is run once per question; candidates reuse its
+        key/value cache.
         """
         soft = self.llm_inputs(self.query_output(image_embeds))
         ids, mask = self.text.prompts(prompts, soft.device)
@@ -436,8 +444,9 @@ class Blip2(nn.Module):
                 logp = torch.cat([first[q_idx, cand[:, 0]][:, None], following], dim=1)
             scores[start:start + len(q_idx)] = (logp * cand_mask).sum(1)
         scores = scores.view(b, k)
-        best = scores.argmax(1)
-        return top.gather(1, best[:, None]).squeeze(1), scores.gather(1, best[:, None]).squeeze(1)
+        # stable: among equal scores the earlier candidate wins, as argmax picked it before this returned them all
+        order = scores.sort(dim=1, descending=True, stable=True).indices
+        return top.gather(1, order), scores.gather(1, order)
 
     def _decoder_log_probs(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor, targets: torch.Tensor,
                            target_mask: torch.Tensor) -> torch.Tensor:

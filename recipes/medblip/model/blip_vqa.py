@@ -206,6 +206,22 @@ class MedBlipVqa(nn.Module):
                     answer_mask: torch.Tensor, k: int = 128,
                     label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """rank() from question states [B, Lq, H]."""
+        topk, scores = self.rank_all_states(states, question_mask, answer_ids, answer_mask, k, label_smoothing)
+        return topk[:, 0], scores[:, 0]
+
+    @torch.no_grad()
+    def rank_all(self, image: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                 answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """rank() with every rescored candidate: (candidate indices [B, k], their scores [B, k]), best first."""
+        states = self._question_states(image, question_ids, question_mask)
+        return self.rank_all_states(states, question_mask, answer_ids, answer_mask, k, label_smoothing)
+
+    @torch.no_grad()
+    def rank_all_states(self, states: torch.Tensor, question_mask: torch.Tensor, answer_ids: torch.Tensor,
+                        answer_mask: torch.Tensor, k: int = 128,
+                        label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """rank_all() from question states [B, Lq, H]; rank() keeps column 0."""
         b, n_cand = states.shape[0], answer_ids.shape[0]
         k = max(1, min(k, n_cand))
         start = torch.full((b, 1), self.bos_token_id, dtype=torch.long, device=states.device)
@@ -222,8 +238,9 @@ class MedBlipVqa(nn.Module):
             scores.append(self.answer_log_likelihood(states[q_index], question_mask[q_index], answer_ids[r],
                                                      answer_mask[r], label_smoothing))
         scores = torch.cat(scores).view(b, k)
-        best = scores.argmax(dim=1)
-        return topk.gather(1, best[:, None])[:, 0], scores.gather(1, best[:, None])[:, 0]
+        # stable: among equal scores the earlier candidate wins, as argmax picked it before this returned them all
+        order = scores.sort(dim=1, descending=True, stable=True).indices
+        return topk.gather(1, order), scores.gather(1, order)
 
     @torch.no_grad()
     def generate(self, image: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
