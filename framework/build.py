@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, deepspeed_patches
 from .config import Config
 from .data import MapStream, ShardStream, expand_shards, verify_checksums
 from .distill import setup_distillation
@@ -50,8 +50,6 @@ def resolve_precision(requested: str, device: torch.device, gpu: Optional[GpuFac
     if requested == "bf16" and cuda and not gpu.has_bf16:
         raise PrecisionError(f"train.precision=bf16 but {gpu.name} (compute capability {gpu.arch}) has no native "
                              "bf16 (needs >= 8.0); use train.precision=fp16 or auto (fp16 with loss scaling)")
-    if requested == "fp16" and not cuda:
-        raise PrecisionError("train.precision=fp16 needs a GPU; on the CPU use fp32 or bf16 (or auto)")
     return Precision(requested, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[requested])
 
 
@@ -133,40 +131,8 @@ def build_deepspeed(cfg: Config, task: Task, precision: Precision, total_steps: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    _keep_fp32_grad_norm(engine)
-    _skip_allreduce_in_a_world_of_one(engine)
+    deepspeed_patches.patch_engine(engine)
     return engine
-
-
-def _keep_fp32_grad_norm(engine: Any) -> None:
-    """DeepSpeed reports the clipped gradient norm (get_global_grad_norm) from its fp16/bf16/ZeRO optimizers only;
-    on the plain fp32 path it computes the norm to clip, in a Python loop, and drops it. There the gradients are
-    already averaged over ranks (identical everywhere): clip with torch's multi-tensor kernel and keep the norm."""
-    def clip_fp32_gradients() -> None:
-        params = [p for p in engine.module.parameters() if p.grad is not None]
-        engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, engine.gradient_clipping(), foreach=True)
-
-    if hasattr(engine, "clip_fp32_gradients") and engine.mpu is None:
-        engine.clip_fp32_gradients = clip_fp32_gradients
-
-
-def _skip_allreduce_in_a_world_of_one(engine: Any) -> None:
-    """Alone, DeepSpeed's ZeRO-0 engine still all-reduces every gradient with itself: it copies all of them into one
-    flat buffer, reduces it over one rank and copies them back (two passes over the gradients and a buffer of their
-    size per step, for nothing). Keep only what that does to the gradients: a trainable parameter that got none gets
-    zeros (as DeepSpeed gives every rank's bucket), so AdamW treats it as before."""
-    alone = torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
-    if not alone or engine.zero_optimization() or hasattr(engine.optimizer, "get_grads_for_reduction"):
-        return  # several ranks, ZeRO's own reductions, or the bf16 optimizer's fp32 gradient buffers
-
-    def zero_fill_missing_gradients(*_args: Any, **_kwargs: Any) -> None:
-        if not engine.is_gradient_accumulation_boundary():  # DeepSpeed reduces at the boundary only
-            return
-        for p in engine.module.parameters():
-            if p.requires_grad and p.grad is None and p.numel():
-                p.grad = torch.zeros_like(p)
-
-    engine.allreduce_gradients = zero_fill_missing_gradients
 
 
 # ----------------------------------------------------------------------------- building a run
@@ -243,6 +209,8 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
         plugins += distillation.plugins
         combine = distillation.weighter
     memory = preflight_memory(cfg, task, precision, dist, gpu)
+    if precision.name == "fp16":
+        deepspeed_patches.allow_fp16(dist.device, gpu)  # before deepspeed.initialize's sanity check
     ds = build_deepspeed(cfg, task, precision, total_steps, dist.world_size)
     for module in task.fp32_modules:
         module.float()  # DeepSpeed cast everything to half; momentum/EMA copies must stay fp32 to move

@@ -105,13 +105,12 @@ def test_memory_estimate_by_hand():
 
 
 def test_precision_on_the_cpu():
-    from framework.build import PrecisionError, resolve_precision
+    from framework.build import resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu).name == "fp32"
     assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
-    with pytest.raises(PrecisionError, match="fp16 needs a GPU"):
-        resolve_precision("fp16", cpu)
+    assert resolve_precision("fp16", cpu).dtype == torch.float16  # emulated, slow: the CPU tests of the fp16 path
 
 
 def test_deepspeed_config_derivation():
