@@ -82,6 +82,11 @@ def deepspeed_config(cfg: Config, precision: Precision, world_size: int) -> dict
     # DeepSpeed's own defaults fill in the rest (fp16: dynamic loss scaling from 2^16, window 1000, minimum 1)
     ds["fp16"] = {"loss_scale": 0, **ds.get("fp16", {}), "enabled": precision.name == "fp16"}
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision.name == "bf16"}
+    zero = ds.get("zero_optimization", {})
+    if precision.name == "bf16" and zero.get("stage", 0) == 1 and "offload_optimizer" not in zero:
+        # accumulate micro-batch gradients in fp32 (DeepSpeed's BF16_Optimizer), not bf16's 8-bit mantissa; ZeRO 0
+        # cannot (DeepSpeed 0.19 refuses bf16 + fp32 accumulation there), ZeRO 2 reduces into its own buffers
+        ds["data_types"] = {"grad_accum_dtype": "fp32", **ds.get("data_types", {})}
     ds.setdefault("steps_per_print", 10 ** 9)  # the engine prints its own progress
     if "optimizer" in ds or "scheduler" in ds:
         raise ValueError(f"{cfg.source}: deepspeed.optimizer/scheduler are set by train: (AdamW, warmup + cosine); "

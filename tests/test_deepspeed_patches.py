@@ -151,3 +151,28 @@ def test_checkpoint_reads_go_through_the_torch_engines_load(one_rank, tmp_path, 
                         lambda path, map_location=None: reads.append(str(path)) or load(path, map_location=map_location))
     ds.load_checkpoint(str(tmp_path), tag="t")
     assert any(r.endswith("mp_rank_00_model_states.pt") for r in reads), reads
+
+
+def test_bf16_accumulates_in_fp32_at_zero1_only(one_rank):
+    """framework.build.deepspeed_config asks for fp32 gradient accumulation under bf16 at ZeRO 1, where DeepSpeed
+    builds its BF16_Optimizer for it; at ZeRO 0 DeepSpeed refuses the mix (so the framework leaves it bf16)."""
+    import deepspeed
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    from framework.build import Precision, deepspeed_config
+    from framework.config import config_from_dict
+
+    for zero, expected in ((0, None), (1, {"grad_accum_dtype": "fp32"}), (2, None)):
+        cfg = config_from_dict({"recipe": "recipes.toy", "train": {"max_steps": 1},
+                                "deepspeed": {"zero_optimization": {"stage": zero}}})
+        assert deepspeed_config(cfg, Precision("bf16", torch.bfloat16), 1).get("data_types") == expected
+    ds = engine("bf16", zero=1)
+    assert not isinstance(ds.optimizer, BF16_Optimizer)  # DeepSpeed's default at ZeRO 1: bf16 accumulation
+    model = nn.Linear(2, 1)
+    config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+              "data_types": {"grad_accum_dtype": "fp32"}}
+    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+    assert isinstance(ds.optimizer, BF16_Optimizer)
+    with pytest.raises(NotImplementedError, match="unsupported mix"):
+        deepspeed.initialize(model=nn.Linear(2, 1), optimizer=torch.optim.AdamW(nn.Linear(2, 1).parameters()),
+                             config={**config, "zero_optimization": {"stage": 0}})
