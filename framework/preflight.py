@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from .gpu import GpuFacts
+from .gpu import GpuFacts, gpu_facts
 
 GIB = 1024 ** 3
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS workspaces, measured ~0.4-0.6 GiB on recent drivers
@@ -29,10 +29,18 @@ def check_gpu_arch(gpu: GpuFacts, arch_list: Optional[list[str]] = None) -> None
     # A binary kernel runs on the same major version at >= minor; PTX is JIT-compiled for any newer GPU.
     ok = any(s // 10 == major and s <= sm for s in sass) or any(p <= sm for p in ptx)
     if not ok:
-        hint = (" A P100/sm_60 needs a CUDA 12.6 (or older) build, e.g. "
-                "pip install 'torch<2.8' --index-url https://download.pytorch.org/whl/cu126" if sm < 70 else "")
+        # PyTorch's CUDA 12.8+ wheels dropped Pascal (P100, sm_60) and Volta (V100, sm_70): both need a cu126 build
+        hint = (f" A {'P100' if sm < 70 else 'V100'}/sm_{sm} needs a CUDA 12.6 (or older) build, e.g. "
+                "pip install 'torch<2.8' --index-url https://download.pytorch.org/whl/cu126" if sm < 75 else "")
         raise PreflightError(f"{gpu.name} is sm_{sm}, but this PyTorch {torch.__version__} "
                              f"(CUDA {torch.version.cuda}) ships kernels for {', '.join(have) or 'no GPU'}.{hint}")
+
+
+def check_cuda_device(device: Union[torch.device, str, int]) -> None:
+    """check_gpu_arch for `device` if it is a CUDA device (every entry point that runs kernels calls it first)."""
+    device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if device.type == "cuda":
+        check_gpu_arch(gpu_facts(device))
 
 
 @dataclass

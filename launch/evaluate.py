@@ -35,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
+        from framework.preflight import check_cuda_device
         from recipes.common.vqa_eval import config_for_checkpoint
         from recipes.common.vqa_metrics import format_table
+
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_cuda_device(device)  # one line naming the build to install, not CUDA's "no kernel image"
 
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
         recipe = importlib.import_module(cfg.recipe)  # a VQA recipe module: load_vqa, evaluate_model, ...
@@ -45,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = recipe.trained_checkpoint(cfg, args.checkpoint)
         split = recipe.load_vqa(cfg)
         model = recipe.load_trained(cfg, checkpoint)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(device)
         started = time.time()
         result = recipe.evaluate_model(model, cfg, split, num_workers=min(2, cfg.data.num_workers))

@@ -326,8 +326,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                       "machine, or --rehearse to check the script on the CPU", file=sys.stderr)
                 return 2
             from framework.gpu import gpu_facts
+            from framework.preflight import check_gpu_arch
 
             gpu = gpu_facts(0)
+            check_gpu_arch(gpu)  # before any kernel (the FLOP count runs some): a P100/V100 on a cu128 build
         try:
             import deepspeed  # noqa: F401
             import webdataset  # noqa: F401

@@ -145,3 +145,24 @@ def test_transformer_activation_estimate_by_hand():
     # cross-attention to 5 keys: + (8*8 + 2*2*5) per token and the k/v projections 2*2*5*8
     assert transformer_activation_bytes(2, 4, 8, 2, 1, half=False, cross_seq=5) == \
         (2 * 4 * (192 + 64 + 20) + 2 * 2 * 5 * 8) * 4
+
+
+def test_a_v100_on_a_cuda128_build_is_told_the_build_to_install():
+    with pytest.raises(PreflightError) as e:
+        check_gpu_arch(gpu("V100"), CU128)
+    assert "V100/sm_70 needs a CUDA 12.6" in str(e.value) and "cu126" in str(e.value)
+
+
+@pytest.mark.parametrize("script,args", [("evaluate", ["--device", "cuda"]), ("bench/benchmark_model", []),
+                                         ("gpu_check", [])])
+def test_every_cuda_entry_point_checks_the_build_first(monkeypatch, capsys, script, args):
+    """A P100 on a CUDA 12.8 build: each entry point that runs CUDA kernels refuses in one line naming cu126
+    (not CUDA's "no kernel image is available" from its first kernel)."""
+    from tests.conftest import load_launch
+
+    fake_gpu(monkeypatch, "P100")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CU128)
+    rc = load_launch(script).main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and "sm_60" in err[-1] and "cu126" in err[-1], err[-5:]
