@@ -84,6 +84,10 @@ def estimate_memory(model: nn.Module, precision: str, zero_stage: int, world_siz
     optim = trainable * (8 + (4 if half else 0))  # Adam moments (+ fp32 master weights in mixed precision)
     est.parts["optimizer (Adam + fp32 master)" if half else "optimizer (Adam)"] = \
         0 if offload_optimizer else int(shard(optim, 1))
+    if half and (precision == "fp16" or zero_stage >= 1) and not offload_optimizer:
+        # the optimizer step casts the half gradients to fp32 beside the master weights (DeepSpeed's ZeRO-0 fp16
+        # optimizer one tensor per parameter, ZeRO 1/2 one flat partition): ~0.94 GiB at BLIP-base
+        est.parts["fp32 gradient copies (step)"] = int(shard((trainable - fp32_trainable) * 4, 1))
     if teacher_params:
         est.parts["EMA teacher (fp32)"] = teacher_params * 4
     if activation_bytes is not None:

@@ -93,15 +93,19 @@ def test_memory_estimate_by_hand():
     assert est.parts["weights"] == 2 * (trainable + 10_000)
     assert est.parts["gradients"] == 2 * trainable
     assert est.parts["optimizer (Adam + fp32 master)"] == 12 * trainable
+    assert est.parts["fp32 gradient copies (step)"] == 4 * trainable  # DeepSpeed's fp16 step casts them to fp32
     assert est.parts["EMA teacher (fp32)"] == 4 * (trainable + 10_000)
-    assert est.total == 2 * (trainable + 10_000) + 2 * trainable + 12 * trainable + 4 * (trainable + 10_000) \
-        + 123 + CUDA_CONTEXT_BYTES
+    assert est.total == 2 * (trainable + 10_000) + 2 * trainable + 12 * trainable + 4 * trainable \
+        + 4 * (trainable + 10_000) + 123 + CUDA_CONTEXT_BYTES
     fp32 = estimate_memory(model, "fp32", zero_stage=2, world_size=2, cuda_context=False)
     assert fp32.parts["gradients"] == 4 * trainable / 2 and fp32.parts["optimizer (Adam)"] == 8 * trainable / 2
     assert fp32.parts["weights"] == 4 * (trainable + 10_000)  # only ZeRO-3 partitions weights
     mixed = estimate_memory(model, "bf16", zero_stage=0, fp32_params=10_000, cuda_context=False)
     assert mixed.parts["weights"] == 2 * trainable + 4 * 10_000  # fp32 momentum copies stay 4 bytes
     assert "activations not estimated" in mixed.table()
+    assert "fp32 gradient copies (step)" not in mixed.parts  # bf16 at ZeRO 0 steps AdamW on the bf16 gradients
+    zero2 = estimate_memory(model, "bf16", zero_stage=2, world_size=2, cuda_context=False)
+    assert zero2.parts["fp32 gradient copies (step)"] == 4 * trainable / 2  # ZeRO's flat fp32 partition
 
 
 def test_precision_on_the_cpu():
