@@ -19,7 +19,9 @@ from .preflight import (
     GIB,
     MemoryEstimate,
     check_fits,
+    check_disk,
     check_gpu_arch,
+    checkpoint_bytes,
     estimate_for_task,
 )
 from .rundir import check_same_run, check_writable
@@ -214,6 +216,7 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
         plugins += distillation.plugins
         combine = distillation.weighter
     memory = preflight_memory(cfg, task, precision, dist, gpu)
+    preflight_disk(cfg, task, precision)
     if precision.name == "fp16":
         deepspeed_patches.allow_fp16(dist.device, gpu)  # before deepspeed.initialize's sanity check
     ds = build_deepspeed(cfg, task, precision, total_steps, dist.world_size)
@@ -263,6 +266,18 @@ def preflight_memory(cfg: Config, task: Task, precision: Precision, dist: DistIn
     cap = cfg.run.memory_cap_gib
     check_fits(est, gpu, cap_bytes=int(cap * GIB) if cap else None)
     return est
+
+
+def preflight_disk(cfg: Config, task: Task, precision: Precision) -> None:
+    """Refuse a run whose disk cannot hold one checkpoint; warn in one line if it cannot hold run.keep_last of them."""
+    shared = sum(p.numel() for m in task.frozen_modules for p in m.parameters())
+    teacher = sum(p.numel() for p in task.model.parameters()) - shared if cfg.distill.enabled else 0
+    ckpt = Path(cfg.run.dir) / "checkpoints"
+    existing = sum(1 for p in ckpt.iterdir() if (p / checkpoint.COMPLETE).is_file()) if ckpt.is_dir() else 0
+    warning = check_disk(Path(cfg.run.dir), checkpoint_bytes(task.model, precision.name, teacher),
+                         cfg.run.keep_last, existing)
+    if warning:
+        say(warning, err=True)
 
 
 def restore(run: Run) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -119,6 +120,34 @@ def estimate_for_task(cfg: Any, task: Any, precision: str, world_size: int, cuda
     est.notes.insert(0, f"{precision}, ZeRO stage {zero.get('stage', 0)}, micro-batch {cfg.data.batch_size}, "
                         f"{world_size} rank(s)")
     return est
+
+
+def checkpoint_bytes(model: nn.Module, precision: str, teacher_params: int = 0) -> int:
+    """A checkpoint's estimated size on disk: the module (half or fp32), the optimizer (fp32 master weights under
+    fp16/bf16, Adam's two moments) and an EMA teacher (fp32, in the client state)."""
+    trainable, frozen = count_params(model)
+    half = precision in ("fp16", "bf16")
+    return (trainable + frozen) * (2 if half else 4) + trainable * (12 if half else 8) + teacher_params * 4
+
+
+def check_disk(run_dir: Path, one_checkpoint: int, keep_last: int, existing: int = 0) -> Optional[str]:
+    """Free space against the checkpoints this run will keep (keep_last, plus the one being written before the
+    oldest is pruned): refuse if not even one fits, return a one-line warning if they do not all fit."""
+    import shutil
+
+    probe = Path(run_dir).resolve()
+    while not probe.exists():  # the run directory may not exist yet
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    size = f"{one_checkpoint / 1e9:.1f} GB"
+    if free < one_checkpoint:
+        raise PreflightError(f"{probe} has {free / 1e9:.1f} GB free, less than one checkpoint (~{size} estimated): "
+                             "free space or set run.dir on a larger disk")
+    count = keep_last + 1 - existing if keep_last > 0 else 1
+    if free < count * one_checkpoint:
+        return (f"warning: {probe} has {free / 1e9:.1f} GB free; run.keep_last={keep_last} needs ~{count} x {size} "
+                f"more: a later save will fail (lower run.keep_last or free space)")
+    return None
 
 
 def check_fits(est: MemoryEstimate, gpu: Optional[GpuFacts], margin: float = 0.95,

@@ -10,7 +10,7 @@ from framework.preflight import (
     check_gpu_arch,
     estimate_memory,
 )
-from tests.conftest import GPUS, fake_gpu
+from tests.conftest import GPUS, ROOT, fake_gpu
 
 CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "compute_90"]
@@ -170,3 +170,40 @@ def test_every_cuda_entry_point_checks_the_build_first(monkeypatch, capsys, scri
     rc = load_launch(script).main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and "sm_60" in err[-1] and "cu126" in err[-1], err[-5:]
+
+
+def test_disk_check_refuses_or_warns_in_one_line(tmp_path, monkeypatch):
+    """Free space against run.keep_last (+1 being written) checkpoints of the estimated size."""
+    import collections
+    import shutil
+
+    from framework.preflight import check_disk, checkpoint_bytes
+
+    model = nn.Linear(1000, 1000)  # 1,001,000 trainable
+    assert checkpoint_bytes(model, "fp16") == 1_001_000 * (2 + 12)
+    assert checkpoint_bytes(model, "fp32", teacher_params=10) == 1_001_000 * 12 + 40
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100e9, 0, 10e9))
+    assert check_disk(tmp_path / "not" / "yet", 2e9, keep_last=3) is None  # 4 x 2 GB fit in 10 GB
+    warning = check_disk(tmp_path, 4.4e9, keep_last=3)  # DAPT at BLIP-base, fp16
+    assert warning.startswith("warning:") and "run.keep_last=3 needs ~4 x 4.4 GB" in warning and "\n" not in warning
+    assert check_disk(tmp_path, 4.4e9, keep_last=3, existing=2) is None  # 2 of the 4 are already on disk
+    with pytest.raises(PreflightError, match=r"10.0 GB free, less than one checkpoint \(~12.6 GB estimated\)"):
+        check_disk(tmp_path, 12.6e9, keep_last=1)
+
+
+def test_train_refuses_a_disk_without_room_for_one_checkpoint(tmp_path, monkeypatch, capsys, one_rank):
+    import collections
+    import shutil
+
+    from recipes.toy import make_shards
+    from tests.conftest import load_launch
+
+    make_shards(tmp_path / "shards", 16, 2)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100e9, 100e9 - 1000, 1000))  # 1 kB free
+    rc = load_launch("train").main(["--recipe", str(ROOT / "recipes" / "toy" / "toy.yaml"),
+                                    f"run.dir={tmp_path / 'run'}", f"data.train={tmp_path / 'shards'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "less than one checkpoint" in err[-1], err[-5:]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
