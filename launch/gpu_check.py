@@ -123,7 +123,11 @@ def update_ratio(run_dir: Path, reference_dir: Path) -> Optional[float]:
         if not tags:
             return {}
         state = torch.load(tags[-1] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in state["module"].items() if v.is_floating_point()}
+        # trained weights only: not the ITC queues (buffers, refilled every step even when it is skipped) nor
+        # BLIP's momentum encoders ("*_m", which follow the weights)
+        skip = set(state.get("buffer_names") or [])
+        return {k: v.float() for k, v in state["module"].items()
+                if v.is_floating_point() and k not in skip and not k.split(".")[0].endswith("_m")}
 
     run, ref = module(run_dir), module(reference_dir)
     start = module(reference_dir.parent / (reference_dir.name + "-start"))
