@@ -18,8 +18,8 @@ from .loss_weights import StaticLossWeights
 from .preflight import (
     GIB,
     MemoryEstimate,
-    check_fits,
     check_disk,
+    check_fits,
     check_gpu_arch,
     checkpoint_bytes,
     estimate_for_task,
