@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, deepspeed_patches
 from .config import Config
 from .data import MapStream, ShardStream, expand_shards, verify_checksums
 from .distill import setup_distillation
@@ -18,8 +18,10 @@ from .loss_weights import StaticLossWeights
 from .preflight import (
     GIB,
     MemoryEstimate,
+    check_disk,
     check_fits,
     check_gpu_arch,
+    checkpoint_bytes,
     estimate_for_task,
 )
 from .rundir import check_same_run, check_writable
@@ -50,8 +52,6 @@ def resolve_precision(requested: str, device: torch.device, gpu: Optional[GpuFac
     if requested == "bf16" and cuda and not gpu.has_bf16:
         raise PrecisionError(f"train.precision=bf16 but {gpu.name} (compute capability {gpu.arch}) has no native "
                              "bf16 (needs >= 8.0); use train.precision=fp16 or auto (fp16 with loss scaling)")
-    if requested == "fp16" and not cuda:
-        raise PrecisionError("train.precision=fp16 needs a GPU; on the CPU use fp32 or bf16 (or auto)")
     return Precision(requested, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[requested])
 
 
@@ -84,6 +84,11 @@ def deepspeed_config(cfg: Config, precision: Precision, world_size: int) -> dict
     # DeepSpeed's own defaults fill in the rest (fp16: dynamic loss scaling from 2^16, window 1000, minimum 1)
     ds["fp16"] = {"loss_scale": 0, **ds.get("fp16", {}), "enabled": precision.name == "fp16"}
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision.name == "bf16"}
+    zero = ds.get("zero_optimization", {})
+    if precision.name == "bf16" and zero.get("stage", 0) == 1 and "offload_optimizer" not in zero:
+        # accumulate micro-batch gradients in fp32 (DeepSpeed's BF16_Optimizer), not bf16's 8-bit mantissa; ZeRO 0
+        # cannot (DeepSpeed 0.19 refuses bf16 + fp32 accumulation there), ZeRO 2 reduces into its own buffers
+        ds["data_types"] = {"grad_accum_dtype": "fp32", **ds.get("data_types", {})}
     ds.setdefault("steps_per_print", 10 ** 9)  # the engine prints its own progress
     if "optimizer" in ds or "scheduler" in ds:
         raise ValueError(f"{cfg.source}: deepspeed.optimizer/scheduler are set by train: (AdamW, warmup + cosine); "
@@ -133,40 +138,8 @@ def build_deepspeed(cfg: Config, task: Task, precision: Precision, total_steps: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    _keep_fp32_grad_norm(engine)
-    _skip_allreduce_in_a_world_of_one(engine)
+    deepspeed_patches.patch_engine(engine)
     return engine
-
-
-def _keep_fp32_grad_norm(engine: Any) -> None:
-    """DeepSpeed reports the clipped gradient norm (get_global_grad_norm) from its fp16/bf16/ZeRO optimizers only;
-    on the plain fp32 path it computes the norm to clip, in a Python loop, and drops it. There the gradients are
-    already averaged over ranks (identical everywhere): clip with torch's multi-tensor kernel and keep the norm."""
-    def clip_fp32_gradients() -> None:
-        params = [p for p in engine.module.parameters() if p.grad is not None]
-        engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, engine.gradient_clipping(), foreach=True)
-
-    if hasattr(engine, "clip_fp32_gradients") and engine.mpu is None:
-        engine.clip_fp32_gradients = clip_fp32_gradients
-
-
-def _skip_allreduce_in_a_world_of_one(engine: Any) -> None:
-    """Alone, DeepSpeed's ZeRO-0 engine still all-reduces every gradient with itself: it copies all of them into one
-    flat buffer, reduces it over one rank and copies them back (two passes over the gradients and a buffer of their
-    size per step, for nothing). Keep only what that does to the gradients: a trainable parameter that got none gets
-    zeros (as DeepSpeed gives every rank's bucket), so AdamW treats it as before."""
-    alone = torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
-    if not alone or engine.zero_optimization() or hasattr(engine.optimizer, "get_grads_for_reduction"):
-        return  # several ranks, ZeRO's own reductions, or the bf16 optimizer's fp32 gradient buffers
-
-    def zero_fill_missing_gradients(*_args: Any, **_kwargs: Any) -> None:
-        if not engine.is_gradient_accumulation_boundary():  # DeepSpeed reduces at the boundary only
-            return
-        for p in engine.module.parameters():
-            if p.requires_grad and p.grad is None and p.numel():
-                p.grad = torch.zeros_like(p)
-
-    engine.allreduce_gradients = zero_fill_missing_gradients
 
 
 # ----------------------------------------------------------------------------- building a run
@@ -243,6 +216,9 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
         plugins += distillation.plugins
         combine = distillation.weighter
     memory = preflight_memory(cfg, task, precision, dist, gpu)
+    preflight_disk(cfg, task, precision)
+    if precision.name == "fp16":
+        deepspeed_patches.allow_fp16(dist.device, gpu)  # before deepspeed.initialize's sanity check
     ds = build_deepspeed(cfg, task, precision, total_steps, dist.world_size)
     for module in task.fp32_modules:
         module.float()  # DeepSpeed cast everything to half; momentum/EMA copies must stay fp32 to move
@@ -290,6 +266,18 @@ def preflight_memory(cfg: Config, task: Task, precision: Precision, dist: DistIn
     cap = cfg.run.memory_cap_gib
     check_fits(est, gpu, cap_bytes=int(cap * GIB) if cap else None)
     return est
+
+
+def preflight_disk(cfg: Config, task: Task, precision: Precision) -> None:
+    """Refuse a run whose disk cannot hold one checkpoint; warn in one line if it cannot hold run.keep_last of them."""
+    shared = sum(p.numel() for m in task.frozen_modules for p in m.parameters())
+    teacher = sum(p.numel() for p in task.model.parameters()) - shared if cfg.distill.enabled else 0
+    ckpt = Path(cfg.run.dir) / "checkpoints"
+    existing = sum(1 for p in ckpt.iterdir() if (p / checkpoint.COMPLETE).is_file()) if ckpt.is_dir() else 0
+    warning = check_disk(Path(cfg.run.dir), checkpoint_bytes(task.model, precision.name, teacher),
+                         cfg.run.keep_last, existing)
+    if warning:
+        say(warning, err=True)
 
 
 def restore(run: Run) -> None:

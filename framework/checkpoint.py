@@ -187,8 +187,10 @@ def load(ds_engine: Any, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dic
 def _safe_deepspeed_reads(ds_engine: Any) -> Iterator[None]:
     """The DeepSpeed engine's checkpoint reads go through `safe_load` (its torch engine only), and model states
     saved under the old self-distillation wrapper ("student." before every name) load into the model."""
-    engine = getattr(ds_engine, "checkpoint_engine", None)
-    if type(engine).__name__ != "TorchCheckpointEngine":
+    from .deepspeed_patches import torch_checkpoint_engine
+
+    engine = torch_checkpoint_engine(ds_engine)
+    if engine is None:
         yield  # another engine (Nebula, async...) reads its own way; it is the user's explicit choice
         return
     module = getattr(ds_engine, "module", None)

@@ -152,10 +152,10 @@ class _PrivateRng:
 
     def __init__(self, seed: int):
         outer = self._get()
-        torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        self.inner = self._get()
+        # the CPU stream torch.manual_seed(seed) would give, without reseeding every CUDA generator as it does
+        self.inner = (torch.Generator().manual_seed(seed).get_state(), *self._get()[1:])
         self._set(outer)
 
     @staticmethod

@@ -92,28 +92,14 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         if not cuda:
-            _skip_shared_memory_allreduce()
+            from .deepspeed_patches import skip_shared_memory_allreduce
+
+            skip_shared_memory_allreduce()
         if alone:  # an in-memory store: no TCP rendezvous, so no port another process can take in between
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts an existing group
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-def _skip_shared_memory_allreduce() -> None:
-    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce (deepspeed_shm_comm) at start-up.
-
-    Only DeepSpeed's inference all-reduce uses it; training's collectives go through torch.distributed (gloo).
-    Building it needs a C++ compiler (without one every CPU run died in a 65-line traceback) and ~50 s.
-    """
-    import importlib
-
-    try:  # by module name: the attribute deepspeed.comm.torch is the torch package (a star import shadows it)
-        ds_torch = importlib.import_module("deepspeed.comm.torch")
-    except ImportError:
-        return
-    if hasattr(ds_torch, "build_shm_op"):
-        ds_torch.build_shm_op = lambda: None  # TorchBackend treats None as "no shm op": plain all_reduce
 
 
 def any_true(flag: bool) -> bool:

@@ -13,6 +13,7 @@ from . import checkpoint
 from .build import Run
 from .config import config_to_dict, parse_duration, parse_every, save_resolved
 from .data import SKIPPED, batch_size_of, make_loader
+from .deepspeed_patches import loss_scale
 from .distributed import any_true
 from .health import HealthMonitor, TrainingStopped
 from .preflight import GIB
@@ -126,7 +127,7 @@ class Trainer:
         if norm is not None:
             scalars["train/grad_norm"] = float(norm)
         if self.run.precision.name == "fp16":
-            scalars |= {"fp16/loss_scale": float(self.ds.optimizer.cur_scale),
+            scalars |= {"fp16/loss_scale": loss_scale(self.ds),
                         "fp16/skipped_steps": float(self.ds.skipped_steps)}
         scalars |= peak_memory(self.run.dist.device)
         scalars["mem/estimate_gib"] = self.run.memory.total / GIB  # the pre-flight figure, beside the peaks

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from .gpu import GpuFacts
+from .gpu import GpuFacts, gpu_facts
 
 GIB = 1024 ** 3
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS workspaces, measured ~0.4-0.6 GiB on recent drivers
@@ -29,10 +30,18 @@ def check_gpu_arch(gpu: GpuFacts, arch_list: Optional[list[str]] = None) -> None
     # A binary kernel runs on the same major version at >= minor; PTX is JIT-compiled for any newer GPU.
     ok = any(s // 10 == major and s <= sm for s in sass) or any(p <= sm for p in ptx)
     if not ok:
-        hint = (" A P100/sm_60 needs a CUDA 12.6 (or older) build, e.g. "
-                "pip install 'torch<2.8' --index-url https://download.pytorch.org/whl/cu126" if sm < 70 else "")
+        # PyTorch's CUDA 12.8+ wheels dropped Pascal (P100, sm_60) and Volta (V100, sm_70): both need a cu126 build
+        hint = (f" A {'P100' if sm < 70 else 'V100'}/sm_{sm} needs a CUDA 12.6 (or older) build, e.g. "
+                "pip install 'torch<2.8' --index-url https://download.pytorch.org/whl/cu126" if sm < 75 else "")
         raise PreflightError(f"{gpu.name} is sm_{sm}, but this PyTorch {torch.__version__} "
                              f"(CUDA {torch.version.cuda}) ships kernels for {', '.join(have) or 'no GPU'}.{hint}")
+
+
+def check_cuda_device(device: Union[torch.device, str, int]) -> None:
+    """check_gpu_arch for `device` if it is a CUDA device (every entry point that runs kernels calls it first)."""
+    device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if device.type == "cuda":
+        check_gpu_arch(gpu_facts(device))
 
 
 @dataclass
@@ -76,6 +85,10 @@ def estimate_memory(model: nn.Module, precision: str, zero_stage: int, world_siz
     optim = trainable * (8 + (4 if half else 0))  # Adam moments (+ fp32 master weights in mixed precision)
     est.parts["optimizer (Adam + fp32 master)" if half else "optimizer (Adam)"] = \
         0 if offload_optimizer else int(shard(optim, 1))
+    if half and (precision == "fp16" or zero_stage >= 1) and not offload_optimizer:
+        # the optimizer step casts the half gradients to fp32 beside the master weights (DeepSpeed's ZeRO-0 fp16
+        # optimizer one tensor per parameter, ZeRO 1/2 one flat partition): ~0.94 GiB at BLIP-base
+        est.parts["fp32 gradient copies (step)"] = int(shard((trainable - fp32_trainable) * 4, 1))
     if teacher_params:
         est.parts["EMA teacher (fp32)"] = teacher_params * 4
     if activation_bytes is not None:
@@ -107,6 +120,34 @@ def estimate_for_task(cfg: Any, task: Any, precision: str, world_size: int, cuda
     est.notes.insert(0, f"{precision}, ZeRO stage {zero.get('stage', 0)}, micro-batch {cfg.data.batch_size}, "
                         f"{world_size} rank(s)")
     return est
+
+
+def checkpoint_bytes(model: nn.Module, precision: str, teacher_params: int = 0) -> int:
+    """A checkpoint's estimated size on disk: the module (half or fp32), the optimizer (fp32 master weights under
+    fp16/bf16, Adam's two moments) and an EMA teacher (fp32, in the client state)."""
+    trainable, frozen = count_params(model)
+    half = precision in ("fp16", "bf16")
+    return (trainable + frozen) * (2 if half else 4) + trainable * (12 if half else 8) + teacher_params * 4
+
+
+def check_disk(run_dir: Path, one_checkpoint: int, keep_last: int, existing: int = 0) -> Optional[str]:
+    """Free space against the checkpoints this run will keep (keep_last, plus the one being written before the
+    oldest is pruned): refuse if not even one fits, return a one-line warning if they do not all fit."""
+    import shutil
+
+    probe = Path(run_dir).resolve()
+    while not probe.exists():  # the run directory may not exist yet
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    size = f"{one_checkpoint / 1e9:.1f} GB"
+    if free < one_checkpoint:
+        raise PreflightError(f"{probe} has {free / 1e9:.1f} GB free, less than one checkpoint (~{size} estimated): "
+                             "free space or set run.dir on a larger disk")
+    count = keep_last + 1 - existing if keep_last > 0 else 1
+    if free < count * one_checkpoint:
+        return (f"warning: {probe} has {free / 1e9:.1f} GB free; run.keep_last={keep_last} needs ~{count} x {size} "
+                f"more: a later save will fail (lower run.keep_last or free space)")
+    return None
 
 
 def check_fits(est: MemoryEstimate, gpu: Optional[GpuFacts], margin: float = 0.95,

@@ -47,15 +47,17 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
+        from framework.preflight import check_cuda_device
         from recipes.common.vqa_eval import blank_image_split, config_for_checkpoint, run_seed
         from recipes.common.vqa_metrics import format_table
 
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_cuda_device(device)  # one line naming the build to install, not CUDA's "no kernel image"
         if args.recipe is not None and _is_retrieval(args.recipe, args.overrides):
             from recipes.medblip.retrieval import config_for, run
 
             cfg = config_for(args.recipe, args.checkpoint, args.overrides)
             checkpoint = args.checkpoint or cfg.run.dir
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             run(cfg, checkpoint, Path(args.out or cfg.run.dir), device)
             return 0
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
@@ -70,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
             split = blank_image_split(split, out_dir / "blank_images")
             print(f"blank-image baseline: every image replaced by one constant grey image ({split.image_dir})")
         model = recipe.load_trained(cfg, checkpoint)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(device)
         started = time.time()
         result = recipe.evaluate_model(model, cfg, split, num_workers=min(2, cfg.data.num_workers))

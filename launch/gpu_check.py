@@ -8,13 +8,15 @@ No data or weights are needed: phantom images at 224 px with captions and VQA-RA
 the model starts from random weights (`model.preset: base`). Every stage is one `launch/train.py` process with the
 recipe's own settings (batch 16 x accumulation 4, ViT activation checkpointing, fp16 dynamic loss scaling...),
 its allocator capped at --cap-gib (torch.cuda.set_per_process_memory_fraction through run.memory_cap_gib), so a
-larger GPU behaves like a 16 GB one. Stages: DAPT, PSD and VQA in fp16; the same in bf16 where the GPU has it;
-DAPT under ZeRO-2; with two GPUs or more, DAPT as two `deepspeed --num_gpus 2` processes.
+larger GPU behaves like a 16 GB one. Stages: DAPT and PSD in fp16, the same in bf16 where the GPU has it; with
+--extra also VQA, DAPT under ZeRO-2 and, with two GPUs or more, DAPT as two `deepspeed --num_gpus 2` processes.
+Before them, one optimizer step in each half precision is compared with one fp32 step from the same start.
 
 Per stage: samples/s, the step-time split (synchronised), MFU against the GPU's peak, peak allocated and reserved
 memory beside the pre-flight estimate, the loss-scale history and skipped steps, whether losses are finite and fall.
-Prints one table, writes one JSON. Exit status: 0 every stage passed; 1 a stage did not fit the cap, had a
-non-finite loss, or (fp16) skipped more than --max-late-skips steps after its first clean step; 2 no GPU, bad input.
+Prints one table; the JSON is rewritten (atomically) as each stage finishes. Exit status: 0 every stage passed;
+1 a stage did not fit the cap, had a non-finite loss, (fp16) skipped every step or more than --max-late-skips after
+its first clean step, or its precision's one step moved the weights outside 0.8-1.25x fp32's; 2 no GPU, bad input.
 """
 from __future__ import annotations
 
@@ -74,23 +76,66 @@ class StageResult:
     loss_scale: list[float] = field(default_factory=list)
     skipped_steps: int = 0
     late_skips: int = 0
+    update_ratio: Optional[float] = None  # one step's weight update against an fp32 step from the same start
     losses: list[float] = field(default_factory=list)
     finite: Optional[bool] = None
     falls: Optional[bool] = None
     log: str = ""
 
 
-def plan(has_bf16: bool, gpus: int, rehearse: bool) -> list[Stage]:
-    """The stages to run on this machine (rehearsal: fp32 only, one process each)."""
-    if rehearse:
-        return [Stage(f"{r}-fp32", r, "fp32") for r in ("dapt", "psd", "vqa")]
-    stages = [Stage(f"{r}-fp16", r, "fp16") for r in ("dapt", "psd", "vqa")]
+def plan(has_bf16: bool, gpus: int, rehearse: bool, extra: bool = False) -> list[Stage]:
+    """The stages to run on this machine (rehearsal: fp32 only, one process each). By default DAPT and PSD in fp16
+    (and bf16 where the GPU has it), sized for one 9-minute command; `extra` adds VQA, ZeRO-2 and two GPUs."""
+    if rehearse:  # fp16 runs on the CPU too (emulated, slowly): its stage rehearses the one-step comparison
+        return [Stage(f"{r}-fp32", r, "fp32") for r in ("dapt", "psd", "vqa")] + [Stage("dapt-fp16", "dapt", "fp16")]
+    recipes = ("dapt", "psd", "vqa") if extra else ("dapt", "psd")
+    stages = [Stage(f"{r}-fp16", r, "fp16") for r in recipes]
     if has_bf16:
-        stages += [Stage(f"{r}-bf16", r, "bf16") for r in ("dapt", "psd", "vqa")]
-    stages.append(Stage("dapt-fp16-zero2", "dapt", "fp16", ["deepspeed.zero_optimization.stage=2"]))
-    if gpus >= 2:
-        stages.append(Stage("dapt-fp16-2gpu", "dapt", "fp16", ranks=2))
+        stages += [Stage(f"{r}-bf16", r, "bf16") for r in recipes]
+    if extra:
+        stages.append(Stage("dapt-fp16-zero2", "dapt", "fp16", ["deepspeed.zero_optimization.stage=2"]))
+        if gpus >= 2:
+            stages.append(Stage("dapt-fp16-2gpu", "dapt", "fp16", ranks=2))
     return stages
+
+
+RATIO_BAND = (0.8, 1.25)  # a half-precision step's length against fp32's (unscaled gradients gave 0.0035-0.74)
+RATIO_LR = 1e-3  # large enough that one step moves fp16 weights well past their rounding
+
+
+def ratio_overrides(precision: str, overrides: list[str]) -> list[str]:
+    """One optimizer step of one micro-batch at RATIO_LR, saved at the end, from the seed's random start."""
+    keep = [o for o in overrides if not o.startswith(("train.max_steps=", "train.precision=", "run.dir="))]
+    out = keep + ["train.max_steps=1", "train.grad_accum=1", f"train.lr={RATIO_LR}", "train.clip_grad=0",
+                  f"train.precision={precision}"]
+    if precision == "fp16":
+        out.append("deepspeed.fp16.initial_scale_power=8")  # DeepSpeed's 2^16 overflows (and skips) a first step
+    return out
+
+
+def update_ratio(run_dir: Path, reference_dir: Path) -> Optional[float]:
+    """|w1 - w0| / |w1_fp32 - w0| over every weight: w1 `run_dir`'s step, w1_fp32 `reference_dir`'s, w0 the seed's
+    start (the run `reference_dir`-start, at learning rate 0); None if a checkpoint is missing."""
+    import torch
+
+    def module(d: Path) -> dict:
+        tags = sorted((d / "checkpoints").glob("step_*"))
+        if not tags:
+            return {}
+        state = torch.load(tags[-1] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        # trained weights only: not the ITC queues (buffers, refilled every step even when it is skipped) nor
+        # BLIP's momentum encoders ("*_m", which follow the weights)
+        skip = set(state.get("buffer_names") or [])
+        return {k: v.float() for k, v in state["module"].items()
+                if v.is_floating_point() and k not in skip and not k.split(".")[0].endswith("_m")}
+
+    run, ref = module(run_dir), module(reference_dir)
+    start = module(reference_dir.parent / (reference_dir.name + "-start"))
+    if not run or not ref or not start:
+        return None
+    num = sum(float((run[k] - start[k]).pow(2).sum()) for k in start if k in run)
+    den = sum(float((ref[k] - start[k]).pow(2).sum()) for k in start if k in ref)
+    return math.sqrt(num / den) if den > 0 else None
 
 
 def stage_overrides(stage: Stage, work: Path, steps: int, cap_gib: Optional[float], rehearse: bool) -> list[str]:
@@ -108,6 +153,8 @@ def stage_overrides(stage: Stage, work: Path, steps: int, cap_gib: Optional[floa
     if rehearse:
         common += ["model.preset=tiny", "image.size=32", "data.batch_size=4", "train.grad_accum=2",
                    "data.num_workers=0", "model.queue_size=64"]
+        if stage.precision == "fp16":  # the tiny model's gradients overflow 2^16 for more steps than a rehearsal has
+            common.append("deepspeed.fp16.initial_scale_power=8")
     return common + stage.overrides
 
 
@@ -151,7 +198,8 @@ def late_skips(skipped: list[float]) -> int:
 
 
 def summarise(result: StageResult, scalars: dict[str, list[tuple[int, float]]], *, cap_gib: Optional[float],
-              max_late_skips: int, flops_per_sample: Optional[float], peak: Optional[float]) -> StageResult:
+              max_late_skips: int, flops_per_sample: Optional[float], peak: Optional[float],
+              update_ratio: Optional[float] = None) -> StageResult:
     """Fill a stage's figures from its logged scalars and decide whether it passed."""
     def values(tag: str) -> list[float]:
         return [v for _, v in scalars.get(tag, [])]
@@ -194,6 +242,13 @@ def summarise(result: StageResult, scalars: dict[str, list[tuple[int, float]]], 
         reasons.append("non-finite loss")
     if cap_gib and result.peak_reserved_gib and result.peak_reserved_gib > cap_gib:
         reasons.append(f"peak reserved {result.peak_reserved_gib:.2f} GiB > cap {cap_gib} GiB")
+    if result.precision == "fp16" and losses and result.skipped_steps >= len(losses):
+        reasons.append(f"fp16 skipped every step ({result.skipped_steps} of {len(losses)}): nothing was trained")
+    result.update_ratio = update_ratio
+    lo, hi = RATIO_BAND
+    if update_ratio is not None and not lo <= update_ratio <= hi:
+        reasons.append(f"one {result.precision} step moves the weights {update_ratio:.3f}x as far as fp32 "
+                       f"(outside {lo}-{hi})")
     if result.precision == "fp16" and result.late_skips > max_late_skips:
         reasons.append(f"fp16 skipped {result.late_skips} steps after the first clean step (> {max_late_skips})")
     result.ok = not reasons
@@ -298,12 +353,14 @@ def _num(v: Optional[float], digits: int) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cap-gib", type=float, default=16.0,
-                        help="per-process GPU memory cap in GiB (default 16: a P100's budget); 0 = no cap")
+    parser.add_argument("--cap-gib", type=float, default=15.4,
+                        help="per-process GPU memory cap in GiB (default 15.4: a P100's 15.9 GiB less the CUDA "
+                             "context the cap does not count); 0 = no cap")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per stage (default 10)")
     parser.add_argument("--max-late-skips", type=int, default=2,
                         help="fp16 overflow skips tolerated after a stage's first clean step (default 2)")
     parser.add_argument("--only", default=None, help="comma-separated stage names to run (default: all)")
+    parser.add_argument("--extra", action="store_true", help="also VQA, DAPT under ZeRO-2 and (2+ GPUs) two ranks")
     parser.add_argument("--json", default="gpu_check.json", help="where to write the figures (default gpu_check.json)")
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one, removed after)")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per stage (default 240)")
@@ -326,16 +383,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                       "machine, or --rehearse to check the script on the CPU", file=sys.stderr)
                 return 2
             from framework.gpu import gpu_facts
+            from framework.preflight import check_gpu_arch
 
             gpu = gpu_facts(0)
+            check_gpu_arch(gpu)  # before any kernel (the FLOP count runs some): a P100/V100 on a cu128 build
         try:
             import deepspeed  # noqa: F401
+            import timm  # noqa: F401
             import webdataset  # noqa: F401
         except ImportError as e:
             raise ValueError(f"{e.name} is not installed: pip install --no-index --find-links WHEELS deepspeed "
-                             "webdataset (see launch/gpu_wheels.sh to make the wheel directory once)") from None
+                             "webdataset timm (see launch/gpu_wheels.sh to make the wheel directory once)") from None
         cap = None if args.rehearse or args.cap_gib == 0 else args.cap_gib
-        stages = plan(gpu.has_bf16 if gpu else False, torch.cuda.device_count() if gpu else 0, args.rehearse)
+        stages = plan(gpu.has_bf16 if gpu else False, torch.cuda.device_count() if gpu else 0, args.rehearse,
+                      args.extra or bool(args.only))
         if args.only:
             wanted = args.only.split(",")
             unknown = sorted(set(wanted) - {s.name for s in stages})
@@ -353,7 +414,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         from framework.gpu import peak_tflops
 
         flops: dict[str, Optional[tuple[float, float]]] = {}
-        results = []
+        results: list[StageResult] = []
+        ratios: dict[str, Optional[float]] = {}
+
+        def write_json(done: bool) -> dict:
+            """The figures so far, replaced atomically after every stage: a timeout keeps the finished stages."""
+            doc = {"ok": done and all(r.ok for r in results) and len(results) == len(stages), "complete": done,
+                   "device": asdict(gpu) if gpu else {"name": "cpu (rehearsal)"},
+                   "torch": torch.__version__, "cuda": torch.version.cuda, "cap_gib": cap, "steps": args.steps,
+                   "warmup_steps_excluded": WARMUP_STEPS, "max_late_skips": args.max_late_skips,
+                   "update_ratio_vs_fp32": ratios, "seconds": round(time.time() - t0, 1),
+                   "stages": [{k: v for k, v in asdict(r).items() if k != "log"} for r in results]}
+            tmp = Path(f"{args.json}.tmp")
+            tmp.write_text(json.dumps(doc, indent=2) + "\n")
+            os.replace(tmp, args.json)
+            return doc
+
+        half = sorted({s.precision for s in stages if s.precision != "fp32"})
+        if half:  # one step in each half precision against one fp32 step, from the same random start
+            base = stage_overrides(Stage("step", "dapt", "fp32"), work, args.steps, cap, args.rehearse)
+            probes = [("step-fp32-start", "fp32", ["train.lr=0", "train.warmup_lr=0"]), ("step-fp32", "fp32", []),
+                      *[(f"step-{p}", p, []) for p in half]]
+            for name, precision, extra in probes:
+                probe = run_stage(Stage(name, "dapt", precision), ratio_overrides(precision, base) + extra
+                                  + [f"run.dir={work / name}"], work, args.timeout)
+                if probe.exit_code != 0:
+                    print(f"  {name}: {_last_error(probe.log)}", flush=True)
+            for precision in half:
+                ratios[precision] = update_ratio(work / f"step-{precision}", work / "step-fp32")
+                print(f"  one {precision} step vs fp32: {_num(ratios[precision], 3)}x", flush=True)
+            for name, _, _ in probes:
+                shutil.rmtree(work / name, ignore_errors=True)
         for stage in stages:
             overrides = stage_overrides(stage, work, args.steps, cap, args.rehearse)
             key = "vqa" if stage.recipe == "vqa" else "pretrain"  # DAPT and PSD train the same model
@@ -368,19 +459,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             summarise(result, _scalars(work / stage.name) if (work / stage.name / "tb").is_dir() else {},
                       cap_gib=cap, max_late_skips=args.max_late_skips,
                       flops_per_sample=stage_flops(stage, flops[key]) if flops[key] else None,
-                      peak=peak_tflops(gpu, stage.precision) if gpu else None)
+                      peak=peak_tflops(gpu, stage.precision) if gpu else None,
+                      update_ratio=ratios.get(stage.precision))
+            if stage.precision in ratios and ratios[stage.precision] is None:
+                result.reasons.append(f"the one-step {stage.precision} vs fp32 comparison did not run")
+                result.ok = False
             print(f"  {stage.name}: {'ok' if result.ok else 'FAILED: ' + '; '.join(result.reasons)} "
                   f"({result.wall_s:.0f} s)", flush=True)
             results.append(result)
             shutil.rmtree(work / stage.name / "checkpoints", ignore_errors=True)  # GBs per stage at full size
+            write_json(done=False)
         print(table(results, cap))
-        ok = all(r.ok for r in results)
-        doc = {"ok": ok, "device": asdict(gpu) if gpu else {"name": "cpu (rehearsal)"},
-               "torch": torch.__version__, "cuda": torch.version.cuda, "cap_gib": cap, "steps": args.steps,
-               "warmup_steps_excluded": WARMUP_STEPS, "max_late_skips": args.max_late_skips,
-               "seconds": round(time.time() - t0, 1),
-               "stages": [{k: v for k, v in asdict(r).items() if k != "log"} for r in results]}
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        doc = write_json(done=True)
+        ok = doc["ok"]
         print(f"wrote {args.json}; {'every stage passed' if ok else 'FAILED'} in {doc['seconds']:.0f} s", flush=True)
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

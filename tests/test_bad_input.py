@@ -159,7 +159,6 @@ TRAIN_CASES = [
     ("binary recipe file", lambda d: ["--recipe", str(d / "binary.yaml")], "binary.yaml: not a YAML text file"),
     ("ZeRO 3 with EMA teacher", lambda d: ["--recipe", PSD, *tiny(d, "deepspeed.zero_optimization.stage=3")],
      "use DeepSpeed ZeRO stage 0, 1 or 2"),
-    ("fp16 on the CPU", lambda d: ["--recipe", DAPT, *tiny(d, "train.precision=fp16")], "fp16 needs a GPU"),
     ("batch 0", lambda d: ["--recipe", DAPT, "data.batch_size=0"], "data.batch_size must be >= 1"),
     ("batch > data", lambda d: ["--recipe", DAPT, *tiny(d, "data.batch_size=100", "model.queue_size=200")], "cannot fill one batch of 100"),
     ("shards of another kind", lambda d: ["--recipe", DAPT, *tiny(d, f"data.train={d / 'toy_shards'}")],

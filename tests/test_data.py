@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from framework.data import (
@@ -322,3 +323,19 @@ def test_a_malformed_manifest_is_one_data_error(tmp_path, doc, needle):
     with pytest.raises(DataError, match=needle) as e:
         ShardStream(urls, decode, collate, 2)
     assert str(tmp_path / "manifest.json") in str(e.value) and "re-run the data preparation" in str(e.value)
+
+
+def test_private_rng_leaves_the_cuda_generators_alone(monkeypatch):
+    """The data's private streams are seeded without torch.manual_seed (which reseeds every CUDA generator, the
+    model's dropout and noise on a GPU), and draw what torch.manual_seed(seed) would have given."""
+    from framework.data import _PrivateRng
+
+    calls = []
+    monkeypatch.setattr(torch, "manual_seed", lambda *a: calls.append(a))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda *a: calls.append(a))
+    before = torch.get_rng_state()
+    drawn = list(_PrivateRng(1234).wrap(iter(torch.rand(3) for _ in range(2))))
+    assert calls == [] and torch.equal(torch.get_rng_state(), before)
+    monkeypatch.undo()
+    expected = torch.Generator().manual_seed(1234)
+    assert torch.equal(torch.cat(drawn), torch.rand(6, generator=expected))

@@ -120,7 +120,6 @@ def test_bad_input_is_one_line(tmp_path, shards):
         (["--recipe", TOY, "objectives.itc.weight=1"], "unknown objective"),
         (["--recipe", TOY, f"data.train={tmp_path}/none-*.tar"], "no shards matched"),
         (["--recipe", TOY, f"data.train={junk}"], "corrupt shard"),
-        (["--recipe", TOY, f"data.train={shards}", "train.precision=fp16"], "fp16 needs a GPU"),
     ]
     # one child process runs every case through launch/train.py's main() (a process each would cost ~3 s)
     argvs = [[*args, f"run.dir={tmp_path / 'r'}"] for args, _ in cases]

@@ -48,6 +48,32 @@ def test_a_healthy_fp16_stage_passes_and_its_figures_are_computed():
     assert r.step_split_s == {"forward": 0.5} and r.skipped_steps == 1 and r.late_skips == 0
 
 
+def test_a_stage_whose_every_step_was_skipped_fails():
+    r = gc.summarise(result(), scalars([9.0, 9.0, 9.0, 9.0], scale=[2 ** 15, 2 ** 14, 2 ** 13, 2 ** 12],
+                                       skipped=[1, 2, 3, 4]),
+                     cap_gib=16, max_late_skips=2, flops_per_sample=None, peak=None)
+    assert not r.ok and "fp16 skipped every step (4 of 4): nothing was trained" in r.reasons
+
+
+@pytest.mark.parametrize("ratio, ok", [(1.0, True), (0.85, True), (0.741, False), (0.0035, False), (1.4, False)])
+def test_a_stage_whose_step_is_not_fp32_s_fails(ratio, ok):
+    r = gc.summarise(result(), scalars([9.0, 8.0, 7.0, 6.0], scale=[256.0] * 4, skipped=[0] * 4), cap_gib=16,
+                     max_late_skips=2, flops_per_sample=None, peak=None, update_ratio=ratio)
+    assert r.ok is ok and r.update_ratio == ratio
+    assert ok or any("as far as fp32 (outside 0.8-1.25)" in x for x in r.reasons)
+
+
+def test_update_ratio_reads_the_three_checkpoints(tmp_path):
+    def save(name: str, w: float) -> None:
+        tag = tmp_path / name / "checkpoints" / "step_00000001"
+        tag.mkdir(parents=True)
+        torch.save({"module": {"w": torch.full((4,), w, dtype=torch.float16)}}, tag / "mp_rank_00_model_states.pt")
+
+    save("step-fp32-start", 1.0), save("step-fp32", 1.5), save("step-fp16", 1.25)
+    assert gc.update_ratio(tmp_path / "step-fp16", tmp_path / "step-fp32") == pytest.approx(0.5)
+    assert gc.update_ratio(tmp_path / "missing", tmp_path / "step-fp32") is None
+
+
 @pytest.mark.parametrize("case, expect", [
     ("nonfinite", "non-finite loss"),
     ("skips", "fp16 skipped 3 steps after the first clean step (> 2)"),
@@ -74,9 +100,12 @@ def test_each_failure_is_named(case, expect):
 
 
 def test_bf16_stages_need_compute_capability_8_and_two_gpus_add_a_launcher_stage():
-    p100 = [s.name for s in gc.plan(has_bf16=False, gpus=1, rehearse=False)]
+    assert [s.name for s in gc.plan(has_bf16=False, gpus=1, rehearse=False)] == ["dapt-fp16", "psd-fp16"]
+    assert [s.name for s in gc.plan(has_bf16=True, gpus=1, rehearse=False)] == ["dapt-fp16", "psd-fp16",
+                                                                                "dapt-bf16", "psd-bf16"]
+    p100 = [s.name for s in gc.plan(has_bf16=False, gpus=1, rehearse=False, extra=True)]
     assert p100 == ["dapt-fp16", "psd-fp16", "vqa-fp16", "dapt-fp16-zero2"]
-    h200x2 = gc.plan(has_bf16=True, gpus=2, rehearse=False)
+    h200x2 = gc.plan(has_bf16=True, gpus=2, rehearse=False, extra=True)
     assert {"dapt-bf16", "psd-bf16", "vqa-bf16"} <= {s.name for s in h200x2}
     assert [s.ranks for s in h200x2 if s.name == "dapt-fp16-2gpu"] == [2]
 
@@ -138,3 +167,18 @@ def test_psd_counts_the_teachers_extra_forward():
     dapt, psd, vqa = (gc.Stage(n, n, "fp16") for n in ("dapt", "psd", "vqa"))
     assert gc.stage_flops(dapt, (100.0, 200.0)) == 300.0 and gc.stage_flops(vqa, (100.0, 200.0)) == 300.0
     assert gc.stage_flops(psd, (100.0, 200.0)) == 400.0
+
+
+@pytest.mark.slow
+def test_an_fp16_rehearsal_compares_one_step_with_fp32(tmp_path):
+    """fp16 on the CPU: the one-step probes (start, fp32, fp16) run through launch/train.py, the ratio lands in the
+    stage's verdict and the JSON."""
+    out = tmp_path / "g.json"
+    proc = run_entry("gpu_check.py", "--rehearse", "--only", "dapt-fp16", "--steps", "4", "--json", str(out),
+                     "--work", str(tmp_path / "w"), timeout=500)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["ok"] and doc["complete"] and 0.8 < doc["update_ratio_vs_fp32"]["fp16"] < 1.25
+    stage = doc["stages"][0]
+    assert stage["name"] == "dapt-fp16" and stage["update_ratio"] == doc["update_ratio_vs_fp32"]["fp16"]
+    assert stage["loss_scale"] and stage["skipped_steps"] < 4

@@ -10,7 +10,7 @@ from framework.preflight import (
     check_gpu_arch,
     estimate_memory,
 )
-from tests.conftest import GPUS, fake_gpu
+from tests.conftest import GPUS, ROOT, fake_gpu
 
 CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "compute_90"]
@@ -93,25 +93,28 @@ def test_memory_estimate_by_hand():
     assert est.parts["weights"] == 2 * (trainable + 10_000)
     assert est.parts["gradients"] == 2 * trainable
     assert est.parts["optimizer (Adam + fp32 master)"] == 12 * trainable
+    assert est.parts["fp32 gradient copies (step)"] == 4 * trainable  # DeepSpeed's fp16 step casts them to fp32
     assert est.parts["EMA teacher (fp32)"] == 4 * (trainable + 10_000)
-    assert est.total == 2 * (trainable + 10_000) + 2 * trainable + 12 * trainable + 4 * (trainable + 10_000) \
-        + 123 + CUDA_CONTEXT_BYTES
+    assert est.total == 2 * (trainable + 10_000) + 2 * trainable + 12 * trainable + 4 * trainable \
+        + 4 * (trainable + 10_000) + 123 + CUDA_CONTEXT_BYTES
     fp32 = estimate_memory(model, "fp32", zero_stage=2, world_size=2, cuda_context=False)
     assert fp32.parts["gradients"] == 4 * trainable / 2 and fp32.parts["optimizer (Adam)"] == 8 * trainable / 2
     assert fp32.parts["weights"] == 4 * (trainable + 10_000)  # only ZeRO-3 partitions weights
     mixed = estimate_memory(model, "bf16", zero_stage=0, fp32_params=10_000, cuda_context=False)
     assert mixed.parts["weights"] == 2 * trainable + 4 * 10_000  # fp32 momentum copies stay 4 bytes
     assert "activations not estimated" in mixed.table()
+    assert "fp32 gradient copies (step)" not in mixed.parts  # bf16 at ZeRO 0 steps AdamW on the bf16 gradients
+    zero2 = estimate_memory(model, "bf16", zero_stage=2, world_size=2, cuda_context=False)
+    assert zero2.parts["fp32 gradient copies (step)"] == 4 * trainable / 2  # ZeRO's flat fp32 partition
 
 
 def test_precision_on_the_cpu():
-    from framework.build import PrecisionError, resolve_precision
+    from framework.build import resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu).name == "fp32"
     assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
-    with pytest.raises(PrecisionError, match="fp16 needs a GPU"):
-        resolve_precision("fp16", cpu)
+    assert resolve_precision("fp16", cpu).dtype == torch.float16  # emulated, slow: the CPU tests of the fp16 path
 
 
 def test_deepspeed_config_derivation():
@@ -146,3 +149,61 @@ def test_transformer_activation_estimate_by_hand():
     # cross-attention to 5 keys: + (8*8 + 2*2*5) per token and the k/v projections 2*2*5*8
     assert transformer_activation_bytes(2, 4, 8, 2, 1, half=False, cross_seq=5) == \
         (2 * 4 * (192 + 64 + 20) + 2 * 2 * 5 * 8) * 4
+
+
+def test_a_v100_on_a_cuda128_build_is_told_the_build_to_install():
+    with pytest.raises(PreflightError) as e:
+        check_gpu_arch(gpu("V100"), CU128)
+    assert "V100/sm_70 needs a CUDA 12.6" in str(e.value) and "cu126" in str(e.value)
+
+
+@pytest.mark.parametrize("script,args", [("evaluate", ["--device", "cuda"]), ("bench/benchmark_model", []),
+                                         ("gpu_check", [])])
+def test_every_cuda_entry_point_checks_the_build_first(monkeypatch, capsys, script, args):
+    """A P100 on a CUDA 12.8 build: each entry point that runs CUDA kernels refuses in one line naming cu126
+    (not CUDA's "no kernel image is available" from its first kernel)."""
+    from tests.conftest import load_launch
+
+    fake_gpu(monkeypatch, "P100")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CU128)
+    rc = load_launch(script).main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and "sm_60" in err[-1] and "cu126" in err[-1], err[-5:]
+
+
+def test_disk_check_refuses_or_warns_in_one_line(tmp_path, monkeypatch):
+    """Free space against run.keep_last (+1 being written) checkpoints of the estimated size."""
+    import collections
+    import shutil
+
+    from framework.preflight import check_disk, checkpoint_bytes
+
+    model = nn.Linear(1000, 1000)  # 1,001,000 trainable
+    assert checkpoint_bytes(model, "fp16") == 1_001_000 * (2 + 12)
+    assert checkpoint_bytes(model, "fp32", teacher_params=10) == 1_001_000 * 12 + 40
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100e9, 0, 10e9))
+    assert check_disk(tmp_path / "not" / "yet", 2e9, keep_last=3) is None  # 4 x 2 GB fit in 10 GB
+    warning = check_disk(tmp_path, 4.4e9, keep_last=3)  # DAPT at BLIP-base, fp16
+    assert warning.startswith("warning:") and "run.keep_last=3 needs ~4 x 4.4 GB" in warning and "\n" not in warning
+    assert check_disk(tmp_path, 4.4e9, keep_last=3, existing=2) is None  # 2 of the 4 are already on disk
+    with pytest.raises(PreflightError, match=r"10.0 GB free, less than one checkpoint \(~12.6 GB estimated\)"):
+        check_disk(tmp_path, 12.6e9, keep_last=1)
+
+
+def test_train_refuses_a_disk_without_room_for_one_checkpoint(tmp_path, monkeypatch, capsys, one_rank):
+    import collections
+    import shutil
+
+    from recipes.toy import make_shards
+    from tests.conftest import load_launch
+
+    make_shards(tmp_path / "shards", 16, 2)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100e9, 100e9 - 1000, 1000))  # 1 kB free
+    rc = load_launch("train").main(["--recipe", str(ROOT / "recipes" / "toy" / "toy.yaml"),
+                                    f"run.dir={tmp_path / 'run'}", f"data.train={tmp_path / 'shards'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "less than one checkpoint" in err[-1], err[-5:]
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         import torch
 
+        from framework.preflight import check_cuda_device
         from recipes.medblip.model.blip_pretrain import MedBlipPretrain
         from recipes.medblip.model.config import ModelConfig, VisionConfig
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        check_cuda_device(device)
         cfg = ModelConfig(preset="base", vit=VisionConfig(image_size=args.image_size), queue_size=args.queue_size,
                           grad_checkpointing_vit=args.grad_ckpt, grad_checkpointing_text=args.grad_ckpt)
         torch.manual_seed(0)

@@ -14,7 +14,7 @@ import webdataset as wds
 from torch import nn
 
 from framework.config import Config
-from framework.distributed import DistInfo
+from framework.distributed import DistInfo, rank
 from framework.registry import Registry
 from framework.task import Recipe, Task
 
@@ -28,6 +28,8 @@ class ToyModelConfig:
     # Fault injection for the reliability tests:
     step_sleep: float = 0.0  # seconds each forward sleeps (a slow model)
     nan_after: int = -1  # forwards after this many return a NaN "mse" loss (-1: never)
+    nan_at: int = -1  # this forward (1-based) alone returns a NaN "mse" loss: one fp16 overflow (-1: never)
+    nan_rank: int = -1  # nan_after/nan_at act on this rank only (-1: every rank): one rank's overflow
     constant: bool = False  # predict one learned number (blind to x): a model that learns nothing, for the monitor
     stall_after: int = -1  # decodes after this many (per process) hang for an hour: a data source that stalls
     eval_sleep: Optional[float] = None  # an evaluation that sleeps this long (None: no evaluation)
@@ -69,7 +71,9 @@ class ToyRegressor(nn.Module):
         pred = self.net(x * 0 if self.cfg.constant else x).squeeze(-1).float()
         y = batch["y"].float()
         losses = {name: LOSSES[name](pred, y) for name in self.objectives}
-        if 0 <= self.cfg.nan_after < self.forwards and "mse" in losses:
+        this_rank = self.cfg.nan_rank < 0 or self.cfg.nan_rank == rank()
+        faulty = 0 <= self.cfg.nan_after < self.forwards or self.cfg.nan_at == self.forwards
+        if faulty and this_rank and "mse" in losses:
             losses["mse"] = losses["mse"] * float("nan")
         out = {"losses": losses, "metrics": {"pred_mean": pred.detach().mean()}}
         if self.cfg.constant:  # the best a blind model can do: predict the mean (mse = variance of y)
