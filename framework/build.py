@@ -22,7 +22,7 @@ from .preflight import (
     check_gpu_arch,
     estimate_for_task,
 )
-from .rundir import check_same_run, check_writable
+from .rundir import check_same_resume_tag, check_same_run, check_writable
 from .schedules import warmup_cosine
 from .task import Batch, Combine, ModelOutput, Plugin, Task
 
@@ -279,7 +279,7 @@ def build_stream(cfg: Config, task: Task, dist: DistInfo) -> Union[ShardStream, 
         verify_checksums(urls)
     return ShardStream(urls, task.decode, task.collate, cfg.data.batch_size, seed=cfg.train.seed,
                        shuffle_buffer=cfg.data.shuffle_buffer, rank=dist.rank, world_size=dist.world_size,
-                       samples_per_epoch=cfg.data.samples_per_epoch)
+                       samples_per_epoch=cfg.data.samples_per_epoch, batch_multiple=cfg.train.grad_accum)
 
 
 def preflight_memory(cfg: Config, task: Task, precision: Precision, dist: DistInfo,
@@ -292,6 +292,16 @@ def preflight_memory(cfg: Config, task: Task, precision: Precision, dist: DistIn
     return est
 
 
+def check_world_size(tag_dir: Path, world_size: int) -> None:
+    """Refuse (one line) to resume a checkpoint written by another number of ranks: the global batch, each rank's
+    RNG streams and data position, and ZeRO's partitions all depend on it."""
+    saved = len(list(tag_dir.glob("rank_*.pt")))  # one per rank (engine.Trainer._save), ZeRO or not
+    if saved and saved != world_size:
+        raise ValueError(f"{tag_dir} was written by {saved} rank(s) and this run has {world_size}: resume it on "
+                         f"{saved} rank(s) (the global batch, each rank's RNG streams and data position and ZeRO's "
+                         "partitions depend on it), or start a new run.dir from its weights (docs/scaling.md)")
+
+
 def restore(run: Run) -> None:
     """Resume per run.resume: module, optimizer, schedule and loss scale (DeepSpeed), position, plugins, RNGs."""
     mode = run.cfg.run.resume
@@ -299,13 +309,17 @@ def restore(run: Run) -> None:
         return
     if mode == "auto":
         tag, ckpt_dir = checkpoint.find_resume_tag(run.ckpt_dir), run.ckpt_dir
+        check_same_resume_tag(tag, ckpt_dir)  # a rank resuming alone from step 0 would train other weights
         if tag is None:
             return
     else:
         path = Path(mode)
-        if not (path / checkpoint.COMPLETE).is_file():
+        complete = (path / checkpoint.COMPLETE).is_file()
+        check_same_resume_tag(path.name if complete else None, path.parent)
+        if not complete:
             raise FileNotFoundError(f"run.resume: {mode} is not a complete checkpoint directory")
         tag, ckpt_dir = path.name, path.parent
+    check_world_size(ckpt_dir / tag, run.dist.world_size)
     client, rank_state = checkpoint.load(run.ds, ckpt_dir, tag, run.dist.rank)
     run.position = Position(**client["position"])
     run.skipped_samples = client.get("skipped_samples", 0)
