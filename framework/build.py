@@ -225,6 +225,7 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
     run_dir = Path(cfg.run.dir)
     check_writable(run_dir)
     check_same_run(cfg, checkpoint.find_resume_tag(run_dir / "checkpoints") is not None)
+    check_zero3(cfg, task)
     checkpoint.seed_host_rngs(cfg.train.seed, dist.rank)  # Python/NumPy streams from the config (resume restores)
     gpu = _check_gpu(cfg, dist)
     precision = resolve_precision(cfg.train.precision, dist.device, gpu)
@@ -252,6 +253,19 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
               precision, memory, total_steps, steps_per_epoch, finite_check_per_step=precision.name == "fp16")
     restore(run)
     return run
+
+
+def check_zero3(cfg: Config, task: Task) -> None:
+    """Refuse ZeRO stage 3 in one line before anything is built when a plugin of the recipe needs whole parameters
+    (its `needs_whole_parameters` says why), instead of after DeepSpeed has partitioned them."""
+    ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
+    if int(ds.get("zero_optimization", {}).get("stage", 0)) < 3:
+        return
+    for plugin in task.plugins:
+        reason = getattr(plugin, "needs_whole_parameters", None)
+        if reason:
+            raise ValueError(f"{reason}: use DeepSpeed ZeRO stage 0, 1 or 2 (deepspeed.zero_optimization.stage), "
+                             "not 3")
 
 
 def _check_gpu(cfg: Config, dist: DistInfo) -> Optional[GpuFacts]:
