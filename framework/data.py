@@ -252,7 +252,7 @@ class ShardStream(IterableDataset):
         per_batch = batch_size * world_size
         if self.samples // per_batch == 0:
             raise DataError(f"{self.samples} samples cannot fill one batch of {batch_size} on {world_size} rank(s)")
-        # round up (to whole optimizer steps): every sample once, plus a pad of fewer than one global batch's samples
+        # round up to whole optimizer steps: every sample once, plus a pad of fewer than one optimizer step's samples
         multiple = max(1, batch_multiple)
         self.batches = -(-self.samples // (per_batch * multiple)) * multiple
         self.pad = self.batches * per_batch - self.samples

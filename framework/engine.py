@@ -134,8 +134,9 @@ class Trainer:
         return scalars
 
     def _log_losses(self, scalars: dict[str, float], flush: bool) -> None:
-        """At a log point (or a stop): the held steps' losses averaged over ranks to TensorBoard, the console line."""
-        if self.log.due(self.pos.step) or flush:
+        """At a log point, a stop or a checkpoint (all ranks alike): the held steps' losses averaged over ranks to
+        TensorBoard (a resume from that checkpoint never re-runs them); the console line."""
+        if self.log.due(self.pos.step) or flush or self.saved_step == self.pos.step:
             for step, means in self.losses.flush():
                 self.log.scalars(step, means)
                 if step == self.pos.step:
