@@ -78,6 +78,21 @@ def first_host(nodelist: str) -> str:
     return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
 
 
+def _scontrol_first_host(nodelist: str) -> Optional[str]:
+    """SLURM's own expansion of the node list (exact for any syntax), where scontrol is installed."""
+    import shutil
+    import subprocess
+
+    if not nodelist or not shutil.which("scontrol"):
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    hosts = out.stdout.split()
+    return hosts[0] if out.returncode == 0 and hosts else None
+
+
 def _int_env(names: tuple[str, ...], launcher: str) -> int:
     for name in names:
         if os.environ.get(name, "").strip():
@@ -89,6 +104,10 @@ def _int_env(names: tuple[str, ...], launcher: str) -> int:
                         "deepspeed/torchrun, which set RANK, WORLD_SIZE and LOCAL_RANK")
 
 
+# SLURM_STEP_ID of the batch script and of the extern step (numbers or names by version): not tasks of an srun step
+_SLURM_NOT_SRUN = {"4294967294", "4294967295", "4294967292", "batch", "extern"}
+
+
 def adopt_launcher_env() -> Optional[str]:
     """Under srun or mpirun (no RANK set), derive RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from their
     variables; returns the launcher's name (None if deepspeed/torchrun or no launcher). LauncherError: one line."""
@@ -97,17 +116,12 @@ def adopt_launcher_env() -> Optional[str]:
             raise LauncherError("RANK and WORLD_SIZE are set but LOCAL_RANK is not: every process of a node would "
                                 "use GPU 0; set LOCAL_RANK (deepspeed and torchrun set it)")
         return None
-    if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:  # a task of an srun step (not the batch script)
+    step = os.environ.get("SLURM_STEP_ID", "")
+    if "SLURM_PROCID" in os.environ and step and step not in _SLURM_NOT_SRUN:  # a task of an srun step
         launcher = "srun"
         rank = _int_env(("SLURM_PROCID",), launcher)
         world = _int_env(("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"), launcher)
         local = _int_env(("SLURM_LOCALID",), launcher)
-        if "MASTER_ADDR" not in os.environ:
-            nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST") or os.environ.get(
-                "SLURM_JOB_NODELIST", "")
-            os.environ["MASTER_ADDR"] = first_host(nodes)
-        if "MASTER_PORT" not in os.environ:  # the same on every task of the job, unlike a free port
-            os.environ["MASTER_PORT"] = str(20000 + _int_env(("SLURM_JOB_ID",), launcher) % 20000)
     elif "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:  # Open MPI, or MPICH / Intel MPI
         openmpi = "OMPI_COMM_WORLD_RANK" in os.environ
         launcher = "mpirun"
@@ -123,6 +137,12 @@ def adopt_launcher_env() -> Optional[str]:
         raise LauncherError(f"{launcher}: rank {rank}, local rank {local} of {world} processes is not a place in a run")
     if world == 1:  # one task: a world of one, as under plain python
         return None
+    if launcher == "srun" and "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST") or os.environ.get(
+            "SLURM_JOB_NODELIST", "")
+        os.environ["MASTER_ADDR"] = _scontrol_first_host(nodes) or first_host(nodes)
+    if launcher == "srun" and "MASTER_PORT" not in os.environ:  # the same on every task of the job (not a free port)
+        os.environ["MASTER_PORT"] = str(20000 + _int_env(("SLURM_JOB_ID",), launcher) % 20000)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     return launcher
 

@@ -100,6 +100,7 @@ def test_launcher_variables_map_or_refuse_in_one_line(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert adopt_launcher_env() is None and "RANK" not in os.environ  # the batch script itself: not an srun task
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     monkeypatch.setenv("SLURM_JOB_ID", "123")
     monkeypatch.setenv("SLURM_NODELIST", "gpu[07-08]")
