@@ -13,6 +13,7 @@ from .config import Config
 from .data import MapStream, ShardStream, expand_shards, verify_checksums
 from .distill import setup_distillation
 from .distributed import DistInfo, say
+from .ema import check_zero_stage
 from .gpu import GpuFacts, gpu_facts, set_extension_arch
 from .loss_weights import StaticLossWeights
 from .preflight import (
@@ -259,8 +260,11 @@ def check_zero3(cfg: Config, task: Task) -> None:
     """Refuse ZeRO stage 3 in one line before anything is built when a plugin of the recipe needs whole parameters
     (its `needs_whole_parameters` says why), instead of after DeepSpeed has partitioned them."""
     ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
-    if int(ds.get("zero_optimization", {}).get("stage", 0)) < 3:
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage < 3:
         return
+    if cfg.distill.enabled:
+        check_zero_stage(stage)  # the EMA teacher's own line, as setup_distillation would give it
     for plugin in task.plugins:
         reason = getattr(plugin, "needs_whole_parameters", None)
         if reason:
