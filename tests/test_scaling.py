@@ -95,8 +95,9 @@ def test_launcher_variables_map_or_refuse_in_one_line(monkeypatch):
     from framework.distributed import LauncherError, adopt_launcher_env, first_host
 
     assert first_host("gpu[07-09,12],cpu1") == "gpu07" and first_host("node3,node4") == "node3"
-    for k in [*DIST_ENV, *[k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "PMI_"))]]:
-        monkeypatch.delenv(k, raising=False)
+    # a private copy of the environment: what adopt_launcher_env writes must not reach later tests of this process
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in DIST_ENV and not k.startswith(("SLURM_", "OMPI_", "PMI_"))})
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")
