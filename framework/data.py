@@ -253,9 +253,10 @@ class ShardStream(IterableDataset):
         if self.samples // per_batch == 0:
             raise DataError(f"{self.samples} samples cannot fill one batch of {batch_size} on {world_size} rank(s)")
         # round up to whole optimizer steps: every sample once, plus a pad of fewer than one optimizer step's samples
-        multiple = max(1, batch_multiple)
-        self.batches = -(-self.samples // (per_batch * multiple)) * multiple
-        self.pad = self.batches * per_batch - self.samples
+        # (data that cannot fill one optimizer step keeps its whole batches: build_run refuses that epoch)
+        multiple, full = max(1, batch_multiple), self.samples // per_batch
+        self.batches = -(-self.samples // (per_batch * multiple)) * multiple if full >= multiple else full
+        self.pad = max(0, self.batches * per_batch - self.samples)
         self.epoch, self.skip = 0, 0
         self.printed: set[str] = set()  # what this process printed notes about (a shard, a setting)
         self._probe()
