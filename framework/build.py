@@ -13,6 +13,7 @@ from .config import Config
 from .data import MapStream, ShardStream, expand_shards, verify_checksums
 from .distill import setup_distillation
 from .distributed import DistInfo, say
+from .ema import check_zero_stage
 from .gpu import GpuFacts, gpu_facts, set_extension_arch
 from .loss_weights import StaticLossWeights
 from .preflight import (
@@ -24,7 +25,7 @@ from .preflight import (
     checkpoint_bytes,
     estimate_for_task,
 )
-from .rundir import check_same_run, check_writable
+from .rundir import check_same_resume_tag, check_same_run, check_writable
 from .schedules import warmup_cosine
 from .task import Batch, Combine, ModelOutput, Plugin, Task
 
@@ -198,6 +199,7 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
     run_dir = Path(cfg.run.dir)
     check_writable(run_dir)
     check_same_run(cfg, checkpoint.find_resume_tag(run_dir / "checkpoints") is not None)
+    check_zero3(cfg, task)
     checkpoint.seed_host_rngs(cfg.train.seed, dist.rank)  # Python/NumPy streams from the config (resume restores)
     gpu = _check_gpu(cfg, dist)
     precision = resolve_precision(cfg.train.precision, dist.device, gpu)
@@ -230,6 +232,22 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
     return run
 
 
+def check_zero3(cfg: Config, task: Task) -> None:
+    """Refuse ZeRO stage 3 in one line before anything is built when a plugin of the recipe needs whole parameters
+    (its `needs_whole_parameters` says why), instead of after DeepSpeed has partitioned them."""
+    ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage < 3:
+        return
+    if cfg.distill.enabled:
+        check_zero_stage(stage)  # the EMA teacher's own line, as setup_distillation would give it
+    for plugin in task.plugins:
+        reason = getattr(plugin, "needs_whole_parameters", None)
+        if reason:
+            raise ValueError(f"{reason}: use DeepSpeed ZeRO stage 0, 1 or 2 (deepspeed.zero_optimization.stage), "
+                             "not 3")
+
+
 def _check_gpu(cfg: Config, dist: DistInfo) -> Optional[GpuFacts]:
     """Before any kernel runs: the build has kernels for this GPU; extensions target it; the memory cap applies."""
     if dist.device.type != "cuda":
@@ -255,7 +273,7 @@ def build_stream(cfg: Config, task: Task, dist: DistInfo) -> Union[ShardStream, 
         verify_checksums(urls)
     return ShardStream(urls, task.decode, task.collate, cfg.data.batch_size, seed=cfg.train.seed,
                        shuffle_buffer=cfg.data.shuffle_buffer, rank=dist.rank, world_size=dist.world_size,
-                       samples_per_epoch=cfg.data.samples_per_epoch)
+                       samples_per_epoch=cfg.data.samples_per_epoch, batch_multiple=cfg.train.grad_accum)
 
 
 def preflight_memory(cfg: Config, task: Task, precision: Precision, dist: DistInfo,
@@ -280,6 +298,16 @@ def preflight_disk(cfg: Config, task: Task, precision: Precision) -> None:
         say(warning, err=True)
 
 
+def check_world_size(tag_dir: Path, world_size: int) -> None:
+    """Refuse (one line) to resume a checkpoint written by another number of ranks: the global batch, each rank's
+    RNG streams and data position, and ZeRO's partitions all depend on it."""
+    saved = len(list(tag_dir.glob("rank_*.pt")))  # one per rank (engine.Trainer._save), ZeRO or not
+    if saved and saved != world_size:
+        raise ValueError(f"{tag_dir} was written by {saved} rank(s) and this run has {world_size}: resume it on "
+                         f"{saved} rank(s) (the global batch, each rank's RNG streams and data position and ZeRO's "
+                         "partitions depend on it), or start a new run.dir from its weights (docs/scaling.md)")
+
+
 def restore(run: Run) -> None:
     """Resume per run.resume: module, optimizer, schedule and loss scale (DeepSpeed), position, plugins, RNGs."""
     mode = run.cfg.run.resume
@@ -287,13 +315,17 @@ def restore(run: Run) -> None:
         return
     if mode == "auto":
         tag, ckpt_dir = checkpoint.find_resume_tag(run.ckpt_dir), run.ckpt_dir
+        check_same_resume_tag(tag, ckpt_dir)  # a rank resuming alone from step 0 would train other weights
         if tag is None:
             return
     else:
         path = Path(mode)
-        if not (path / checkpoint.COMPLETE).is_file():
+        complete = (path / checkpoint.COMPLETE).is_file()
+        check_same_resume_tag(path.name if complete else None, path.parent)
+        if not complete:
             raise FileNotFoundError(f"run.resume: {mode} is not a complete checkpoint directory")
         tag, ckpt_dir = path.name, path.parent
+    check_world_size(ckpt_dir / tag, run.dist.world_size)
     client, rank_state = checkpoint.load(run.ds, ckpt_dir, tag, run.dist.rank)
     run.position = Position(**client["position"])
     run.skipped_samples = client.get("skipped_samples", 0)

@@ -208,9 +208,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     bases = data.pop("base", None)
+    ds_file = isinstance(data.get("deepspeed"), str)
+    if ds_file:  # read here, relative to this file, so that deepspeed.* overrides reach its keys
+        data["deepspeed"] = _read_deepspeed(data["deepspeed"], str(path))
     merged: dict = {}
     for b in [bases] if isinstance(bases, str) else (bases or []):
         merged = _deep_merge(merged, _read_yaml((path.parent / b), chain + (path,)))
+    if ds_file:
+        merged.pop("deepspeed", None)  # a named file is the whole block, as before: not merged into a base's
     return _deep_merge(merged, data)
 
 

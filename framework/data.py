@@ -108,21 +108,34 @@ def manifest_counts(urls: list[str]) -> dict[str, int]:
     return counts
 
 
-def count_samples(urls: list[str]) -> int:
-    """Samples in the shards: from manifest.json where it lists them, else by reading the tar headers."""
+def shard_counts(urls: list[str]) -> list[int]:
+    """Samples in each shard: from manifest.json where it lists them, else by reading the tar headers (of a
+    truncated shard, those before the damage: what a reader gets)."""
     listed = manifest_counts(urls)
-    total = 0
+    counts = []
     for url in urls:
         if url in listed:
-            total += listed[url]
+            counts.append(listed[url])
             continue
+        keys: set[str] = set()
         try:
             with tarfile.open(url) as tar:
-                keys = {wds.tariterators.base_plus_ext(m.name)[0] for m in tar if m.isfile()}
+                try:
+                    for m in tar:
+                        if m.isfile():
+                            keys.add(wds.tariterators.base_plus_ext(m.name)[0])
+                except (tarfile.TarError, OSError):  # cut short: count what can be read
+                    if not keys:
+                        raise
         except (tarfile.TarError, OSError) as e:
             raise DataError(f"corrupt shard {url}: {e}") from None
-        total += len(keys)
-    return total
+        counts.append(len(keys))
+    return counts
+
+
+def count_samples(urls: list[str]) -> int:
+    """Samples in the shards: from manifest.json where it lists them, else by reading the tar headers."""
+    return sum(shard_counts(urls))
 
 
 def verify_checksums(urls: list[str]) -> None:
@@ -210,8 +223,12 @@ class _Tally:
 class ShardStream(IterableDataset):
     """Batches from WebDataset shards; every rank yields exactly `len(self)` batches per epoch.
 
-    Shard order is shuffled per epoch with `seed`; shards are dealt to ranks then to DataLoader workers (a worker
-    cycles its shards when they run out, so ranks stay equal); samples pass through a seeded shuffle buffer,
+    Shard order is shuffled per epoch with `seed`; the samples of the shards in that order are one sequence, cut into
+    contiguous ranges, one per (rank, DataLoader worker), each as long as the batches it must yield (shards weighed by
+    their counts: uneven shards lose nothing). An epoch has ceil(samples / (batch x ranks x batch_multiple)) x
+    batch_multiple batches per rank, so it trains on every sample once, and the last range wraps around to the
+    sequence's start for the pad (< batch x ranks x batch_multiple samples seen twice). A range short of samples
+    (a damaged shard, rejected samples) is read again to fill its batches. Samples pass through a seeded shuffle buffer,
     `decode` (a raising or None-returning sample is skipped and counted) and `collate`. Batch b of an epoch belongs
     to logical worker b % W; the DataLoader reads workers round-robin from worker 0, so on a resume at batch k
     worker w plays logical worker (w + k) % W and the remaining batches arrive in the uninterrupted order, decoded
@@ -221,18 +238,25 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], decode: Callable[[dict], Optional[dict]], collate: Callable[[list], dict],
                  batch_size: int, *, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1,
-                 samples_per_epoch: Optional[int] = None, failures_in_a_row: int = FAILURES_IN_A_ROW):
-        if len(urls) < world_size:
-            raise DataError(f"{len(urls)} shard(s) for {world_size} ranks: each rank needs at least one shard; "
-                            "write more, smaller shards (prepare with a lower --samples-per-shard)")
+                 samples_per_epoch: Optional[int] = None, failures_in_a_row: int = FAILURES_IN_A_ROW,
+                 batch_multiple: int = 1):
         self.urls, self.decode, self.collate = list(urls), decode, collate
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.rank, self.world_size, self.failures_in_a_row = rank, world_size, failures_in_a_row
         self.listed = manifest_counts(self.urls)  # shard -> samples it should hold
-        self.samples = samples_per_epoch or count_samples(self.urls)
-        self.batches = self.samples // (batch_size * world_size)
-        if self.batches == 0:
+        self.counts = dict(zip(self.urls, shard_counts(self.urls)))
+        self.total = sum(self.counts.values())
+        if self.total == 0:
+            raise DataError(f"no readable samples in shard(s) {', '.join(self.urls[:3])}{'...' * (len(self.urls) > 3)}")
+        self.samples = samples_per_epoch or self.total
+        per_batch = batch_size * world_size
+        if self.samples // per_batch == 0:
             raise DataError(f"{self.samples} samples cannot fill one batch of {batch_size} on {world_size} rank(s)")
+        # round up to whole optimizer steps: every sample once, plus a pad of fewer than one optimizer step's samples
+        # (data that cannot fill one optimizer step keeps its whole batches: build_run refuses that epoch)
+        multiple, full = max(1, batch_multiple), self.samples // per_batch
+        self.batches = -(-self.samples // (per_batch * multiple)) * multiple if full >= multiple else full
+        self.pad = max(0, self.batches * per_batch - self.samples)
         self.epoch, self.skip = 0, 0
         self.printed: set[str] = set()  # what this process printed notes about (a shard, a setting)
         self._probe()
@@ -260,29 +284,45 @@ class ShardStream(IterableDataset):
         raise DataError(self._undecodable(tally) if tally.in_a_row else
                         f"no readable samples in shard(s) {', '.join(self.urls[:3])}{'...' * (len(self.urls) > 3)}")
 
-    def _worker_shards(self, worker: int, workers: int) -> list[str]:
+    def _worker_segments(self, worker: int, workers: int) -> list[tuple[str, int, int]]:
+        """(shard, first sample, samples) pieces of this (rank, logical worker)'s range of the epoch's sequence."""
         order = list(self.urls)
         random.Random(_seed(self.seed, self.epoch, "order")).shuffle(order)
-        mine = order[self.rank::self.world_size][worker::workers]
-        if not mine:  # make_loader never starts more workers than a rank has shards
-            raise DataError(f"{len(self.urls)} shards < {self.world_size} ranks x {workers} workers: "
-                            "lower data.num_workers or write more shards")
-        return mine
+        quotas = [_share(self.batches, w, workers) * self.batch_size for w in range(workers)]
+        start = self.rank * self.batches * self.batch_size + sum(quotas[:worker])
+        need, segments = quotas[worker], []
+        starts = list(itertools.accumulate([0] + [self.counts[u] for u in order]))
+        position = start % self.total  # past the end (the pad, or samples_per_epoch > samples): from the start again
+        while need > 0:
+            i = next(i for i in range(len(order)) if starts[i] <= position < starts[i + 1])
+            take = min(need, starts[i + 1] - position)
+            segments.append((order[i], position - starts[i], take))
+            need -= take
+            position = (position + take) % self.total
+        return segments
 
-    def _shard_samples(self, url: str, tally: _Tally) -> Iterator[dict]:
-        """One shard's raw samples; a shard that ends short of its manifest count is counted and reported."""
+    def _shard_samples(self, url: str, tally: _Tally, first: int = 0, count: Optional[int] = None) -> Iterator[dict]:
+        """Samples first..first+count-1 of a shard (all by default); a shard that ends before them (short of its
+        manifest count) has the missing ones counted and reported."""
         errors: list[str] = []
 
         def handler(exn: Exception) -> bool:  # webdataset handler: count and continue, never sleep
             errors.append(str(exn).split(" @ ")[0].replace("\n", " ")[:120] or type(exn).__name__)
             return True
 
+        end = first + count if count is not None else None
         read = 0
         for sample in wds.tarfile_to_samples(handler=handler)(iter([{"url": url}])):
             read += 1
-            yield sample
+            if read > first:
+                yield sample
+            if end is not None and read >= end:
+                return  # the rest of the shard is another range's
         listed = self.listed.get(url)
-        lost = max(0, listed - read) if listed is not None else len(errors)
+        if end is not None and listed is None:
+            listed = self.counts.get(url)
+        lost = max(0, min(listed, end if end is not None else listed) - max(read, first)) if listed is not None \
+            else len(errors)
         if lost:
             tally.skipped += lost
             what = f"{read} of its {listed} samples" if listed is not None else f"{read} samples, then {errors[0]}"
@@ -291,13 +331,15 @@ class ShardStream(IterableDataset):
                     "data/skipped_samples; re-run the data preparation to repair it")
             tally.notes.append((f"damaged {url}", note))
 
-    def _passes(self, shards: list[str], worker: int, tally: _Tally) -> Iterator[dict]:
-        """Raw samples: whole passes over this worker's shards, each shuffled then flushed, repeated as needed."""
+    def _passes(self, segments: list[tuple[str, int, int]], worker: int, tally: _Tally) -> Iterator[dict]:
+        """Raw samples: whole passes over this worker's range, each shuffled then flushed, repeated as needed."""
+        shards = sorted({url for url, _, _ in segments})
         for n in itertools.count():
-            order = list(shards)
-            if n:  # later passes (only when this worker's share is short) visit shards in a new order
+            order = list(segments)
+            if n:  # later passes (only when this worker's range is short) visit its pieces in a new order
                 random.Random(_seed(self.seed, self.epoch, self.rank, worker, n)).shuffle(order)
-            raw: Iterator[dict] = (s for url in order for s in self._shard_samples(url, tally))
+            raw: Iterator[dict] = (s for url, first, count in order for s in self._shard_samples(url, tally, first,
+                                                                                                 count))
             if self.shuffle_buffer > 1:
                 raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                   seed=_seed(self.seed, self.epoch, self.rank, worker, n, "samples"))(raw)
@@ -358,8 +400,11 @@ class ShardStream(IterableDataset):
         skip = _share(self.skip, worker, workers)
         in_worker = torch.utils.data.get_worker_info() is not None
         tally = _Tally()
-        samples = self._decoded(self._passes(self._worker_shards(worker, workers), worker, tally), tally)
-        batches = wds.batched(self.batch_size, collation_fn=self.collate, partial=False)(samples)
+        samples = self._decoded(self._passes(self._worker_segments(worker, workers), worker, tally), tally)
+        # whole batches as soon as they are full (wds.batched reads one sample ahead: a rejected one would be counted
+        # in a batch it is not part of, and a pass's range read again for a sample no batch takes)
+        batches = (self.collate(chunk) for chunk in iter(lambda: list(itertools.islice(samples, self.batch_size)), [])
+                   if len(chunk) == self.batch_size)
         reported = 0
         rng = _PrivateRng(_seed(self.seed, self.epoch, self.rank, worker, "decode"))
         for i, batch in enumerate(rng.wrap(batches)):

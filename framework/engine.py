@@ -17,8 +17,8 @@ from .deepspeed_patches import loss_scale
 from .distributed import any_true
 from .health import HealthMonitor, TrainingStopped
 from .preflight import GIB
-from .rundir import RunLock
-from .tracking import RunLogger, StepWindow, peak_memory
+from .rundir import RunLock, check_shared
+from .tracking import RankMeanLosses, RunLogger, StepWindow, peak_memory
 
 __all__ = ["FitResult", "TrainingStopped", "fit"]
 
@@ -47,6 +47,7 @@ class Trainer:
     def __init__(self, run: Run):
         self.run, self.cfg, self.ds, self.pos = run, run.cfg, run.ds, run.position
         self.health = HealthMonitor(run.cfg.run)
+        self.losses = RankMeanLosses(run.dist.world_size, run.dist.device)
         self.min_loss_scale = float(run.ds.config.get("fp16", {}).get("min_loss_scale", 1.0))  # DeepSpeed's default
         self.log: Optional[RunLogger] = None  # opened by fit(): a start that failed earlier wrote nothing
         self.stop_signal: Optional[str] = None
@@ -96,10 +97,10 @@ class Trainer:
                                                   skipped="step skipped by the loss scaler")
                             unchecked.clear()
                         scalars = self._step_scalars(window, output)  # plugins run here, right after the step
-                        self.log.scalars(pos.step, scalars)  # log ...
-                        self.log.progress(pos.step, pos.epoch, scalars)
+                        self.log.scalars(pos.step, self.losses.hold(pos.step, scalars))  # log ...
                         self.health.check(pos.step, scalars, output, self.log, self.min_loss_scale)
                         reason = self._boundary(end_of_epoch=False)  # ... -> evaluate -> save ...
+                        self._log_losses(scalars, flush=reason != "finished")
                         if reason != "finished" or pos.step >= run.total_steps:
                             break  # ... -> stop
                         window = StepWindow()
@@ -132,6 +133,16 @@ class Trainer:
         scalars |= peak_memory(self.run.dist.device)
         scalars["mem/estimate_gib"] = self.run.memory.total / GIB  # the pre-flight figure, beside the peaks
         return scalars
+
+    def _log_losses(self, scalars: dict[str, float], flush: bool) -> None:
+        """At a log point, a stop or a checkpoint (all ranks alike): the held steps' losses averaged over ranks to
+        TensorBoard (a resume from that checkpoint never re-runs them); the console line."""
+        if self.log.due(self.pos.step) or flush or self.saved_step == self.pos.step:
+            for step, means in self.losses.flush():
+                self.log.scalars(step, means)
+                if step == self.pos.step:
+                    scalars = scalars | means
+        self.log.progress(self.pos.step, self.pos.epoch, scalars)
 
     def _epoch_batches(self) -> Iterator[dict]:
         """Micro-batches of the current epoch from the current position (a whole number of optimizer steps)."""
@@ -172,7 +183,7 @@ class Trainer:
             self.stop_signal = self.stop_signal or f"run.stop_at_step={stop_at}"
         if any_true(self.stop_signal is not None):
             return "preempted"
-        if self.budget is not None and self._budget_spent():
+        if self.budget is not None and any_true(self._budget_spent()):  # each rank's clock: decide together
             return "time_budget"
         return "finished"
 
@@ -241,6 +252,7 @@ class Trainer:
         with RunLock(run.run_dir) if run.dist.is_main else contextlib.nullcontext():
             if run.dist.is_main:
                 save_resolved(self.cfg, run.run_dir)
+            check_shared(run.run_dir)  # before any rank writes a checkpoint that the others would not see
             self.log = RunLogger(run.run_dir, run.dist.rank, run.total_steps, self.cfg.run.log_every)
             try:
                 yield

@@ -9,12 +9,14 @@ within run.health_tolerance of it for run.health_window steps is flagged in the 
 """
 from __future__ import annotations
 
+import sys
 from collections import deque
 from typing import Any, Optional
 
 import torch
 
 from .config import RunConfig
+from .distributed import any_nonfinite, rank, world_size
 
 ZERO_GRAD_STEPS = 3  # consecutive optimizer steps with a gradient norm of exactly 0 before it is flagged
 
@@ -39,14 +41,23 @@ class HealthMonitor:
         """True if `loss` is not finite (a micro-batch's, then skipped; or a step's sum under fp16, whose step the
         loss scaler skipped); stops after too many in a row. The value needs a host sync: under fp32/bf16 one per
         micro-batch (the decision to run backward), under fp16 one per step (Run.finite_check_per_step)."""
-        if torch.isfinite(loss):  # a non-finite objective makes the total non-finite (even at weight 0)
+        if not any_nonfinite(loss):  # a non-finite objective makes the total non-finite (even at weight 0)
             self.nonfinite_run = 0
             return False
-        bad = [k for k, v in output["losses"].items() if not torch.isfinite(v.detach()).all()] or ["total"]
+        # every rank gets here together (any_nonfinite): all skip, count and stop alike, so they stay in step
+        here = not torch.isfinite(loss.detach()).all()
+        bad = ([k for k, v in output["losses"].items() if not torch.isfinite(v.detach()).all()] or ["total"]) if here \
+            else ["another rank's batch"]
         self.nonfinite_run += 1
         self.nonfinite_total += 1
         log.scalars(step, {"train/nonfinite_losses": self.nonfinite_total})
-        log.message(f"step {step}: non-finite loss in {', '.join(bad)}; {skipped}")
+        many = world_size() > 1
+        where = f" on rank {rank()}" if many and here else ""
+        text = f"step {step}: non-finite loss in {', '.join(bad)}{where}; {skipped}{' on every rank' * many}"
+        if here and rank() != 0:  # log.message prints on rank 0 only, which may not have seen it
+            print(text, file=sys.stderr, flush=True)
+        else:
+            log.message(text)
         if self.nonfinite_run > self.max_nonfinite:
             raise TrainingStopped(f"{self.nonfinite_run} non-finite losses in a row (objective: {', '.join(bad)})"
                                   f" > run.max_nonfinite={self.max_nonfinite}; lower the learning rate or check the "

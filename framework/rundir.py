@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
 from .config import Config, ConfigError, config_from_dict, config_to_dict, flatten
+from .files import atomic_write_text
 
 # Keys a resumed run may change: how it is watched, chunked, checkpointed or capped, not what it trains on or how.
 RESUMABLE_KEYS = frozenset({
@@ -95,6 +98,47 @@ def check_same_run(cfg: Config, has_checkpoint: bool) -> None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else "..." + text[-77:]  # a path's end says most
+
+
+SHARED_FS = ("every rank must see the same run.dir: on several nodes put it on a filesystem they all mount (NFS, "
+             "Lustre, ...) at the same path; see docs/scaling.md")
+
+
+def check_same_resume_tag(tag: Optional[str], where: Path) -> None:
+    """Refuse (on every rank, one line) unless every rank found the same checkpoint `tag` (None: none) at `where`."""
+    from .distributed import gather_objects
+
+    seen = gather_objects((tag, socket.gethostname()))
+    odd = [(r, t, host) for r, (t, host) in enumerate(seen) if t != seen[0][0]]
+    if odd:
+        r, t, host = odd[0]
+        raise RunDirError(f"ranks disagree on the checkpoint to resume in {where}: rank 0 ({seen[0][1]}) finds "
+                          f"{seen[0][0] or 'none'}, rank {r} ({host}) finds {t or 'none'}; {SHARED_FS}")
+
+
+def check_shared(run_dir: Path, timeout_s: float = 10.0) -> None:
+    """Rank 0 writes a file with a fresh name into run_dir; every rank must see it (waiting up to timeout_s for a
+    network filesystem), else every rank stops with one line naming the shared-filesystem requirement."""
+    from .distributed import barrier, gather_objects, rank, world_size
+
+    if world_size() == 1:
+        return
+    name = gather_objects(f".shared-check-{os.getpid()}-{time.time_ns()}" if rank() == 0 else None)[0]
+    probe = run_dir / name
+    if rank() == 0:
+        atomic_write_text(probe, f"{socket.gethostname()}\n")
+    barrier()
+    deadline = time.monotonic() + timeout_s
+    while not probe.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)  # a network filesystem may show a new file to another client a moment later
+    seen = gather_objects((probe.is_file(), socket.gethostname()))
+    if rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [(r, host) for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        r, host = blind[0]
+        raise RunDirError(f"run.dir={run_dir}: rank {r} ({host}) does not see the files rank 0 ({seen[0][1]}) writes "
+                          f"there ({len(blind)} of {len(seen)} ranks blind); {SHARED_FS}")
 
 
 class RunLock:

@@ -44,6 +44,42 @@ class StepWindow:
                       "perf/optimizer_s": self.optimizer_s}
 
 
+def is_loss(key: str) -> bool:
+    """loss/*, teacher_loss/*, distill_loss/*: the figures that differ between ranks' batches."""
+    return key.split("/", 1)[0].endswith("loss")
+
+
+class RankMeanLosses:
+    """Losses as the mean over ranks: each step's are held, then averaged over ranks in one all-reduce per log
+    interval and written for each of its steps (TensorBoard takes earlier steps). Alone, nothing is held."""
+
+    def __init__(self, world_size: int, device: torch.device):
+        self.world_size, self.device = world_size, device
+        self.pending: list[tuple[int, dict[str, float]]] = []
+
+    def hold(self, step: int, scalars: dict[str, float]) -> dict[str, float]:
+        """The scalars to write now: all of them alone; without the losses (held until flush) with several ranks."""
+        if self.world_size == 1:
+            return scalars
+        self.pending.append((step, {k: v for k, v in scalars.items() if is_loss(k)}))
+        return {k: v for k, v in scalars.items() if not is_loss(k)}
+
+    def flush(self) -> list[tuple[int, dict[str, float]]]:
+        """(step, {loss: mean over ranks}) for every held step; every rank calls it at the same steps."""
+        if not self.pending:
+            return []
+        import torch.distributed as dist
+
+        keys = sorted(self.pending[0][1])  # the same objectives on every rank
+        table = torch.tensor([[values.get(k, float("nan")) for k in keys] for _, values in self.pending],
+                             dtype=torch.float64, device=self.device)
+        dist.all_reduce(table)  # the one collective of a log interval
+        table = (table / self.world_size).tolist()
+        out = [(step, dict(zip(keys, row))) for (step, _), row in zip(self.pending, table)]
+        self.pending = []
+        return out
+
+
 class RunLogger:
     """Writes every logged scalar to TensorBoard under `run_dir/tb` (rank 0 only) and prints progress lines."""
 
@@ -80,9 +116,13 @@ class RunLogger:
         if numbers:
             self.message(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
 
+    def due(self, step: int) -> bool:
+        """Whether `step` gets a console line: every run.log_every steps and the last step."""
+        return step % self.log_every == 0 or step == self.total_steps
+
     def progress(self, step: int, epoch: int, values: dict[str, float]) -> None:
         """The console line, every run.log_every steps and at the last step."""
-        if self.rank != 0 or not (step % self.log_every == 0 or step == self.total_steps):
+        if self.rank != 0 or not self.due(step):
             return
         losses = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in values.items()
                           if k.startswith("loss/") and k != "loss/total")

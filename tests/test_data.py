@@ -59,18 +59,19 @@ def test_epoch_covers_every_sample_once_and_reshuffles(tmp_path):
     assert keys_of(list(s)) != e0  # re-seeded per epoch
 
 
-def test_ranks_get_equal_batch_counts_and_disjoint_shards(tmp_path):
+def test_ranks_get_equal_batch_counts_and_every_sample(tmp_path):
     urls = [str(p) for p in make_shards(tmp_path, 30, 3)]  # 3 shards of 10 over 2 ranks: uneven on purpose
-    counts, seen = [], []
-    for rank in range(2):
-        s = stream(urls, rank=rank, world=2, bs=4)
-        s.set_epoch(0)
-        batches = list(s)
-        counts.append(len(batches))
-        seen.append(set(keys_of(batches)))
-    assert counts == [3, 3]  # 30 // (4 * 2) batches each: no rank waits for another at the end
-    with pytest.raises(DataError, match="each rank needs at least one shard"):
-        stream(urls[:1], world=2)
+    for shards in (urls, urls[:1]):  # one shard serves two ranks too: ranges of samples, not whole shards
+        counts, seen = [], []
+        for rank in range(2):
+            s = stream(shards, rank=rank, world=2, bs=4)
+            s.set_epoch(0)
+            batches = list(s)
+            counts.append(len(batches))
+            seen += keys_of(batches)
+        n = count_samples(shards)
+        assert counts == [-(-n // 8)] * 2  # ceil(n / (4 * 2)) batches each: no rank waits for another at the end
+        assert len(set(seen)) == n and len(seen) - n == s.pad < 8  # every sample; the pad under one global batch
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -287,7 +288,7 @@ def test_fewer_shards_than_workers_use_fewer_workers_with_a_note(tmp_path, capsy
         loader = make_loader(r, 2)
         assert loader.num_workers == 1
         counts.append(len(list(loader)))
-    assert counts == [3, 3]
+    assert counts == [4, 4]  # ceil(30 / 8): every sample, 2 of them twice
 
 
 @pytest.mark.parametrize("sample,found", [({"jpg": "JPEG", "json": b"{}"}, "jpg, json"),  # no caption

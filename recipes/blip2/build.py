@@ -13,6 +13,7 @@ from framework.distributed import DistInfo, say
 from framework.task import Task
 from recipes.medblip.model.weights import CheckpointError
 from recipes.common.image_text import ImageConfig
+from recipes.medblip.model.weights import fetch_on_rank0
 
 from .config import Blip2ModelConfig
 from .model import STAGE1, Blip2
@@ -104,6 +105,8 @@ def build_model(cfg: Config, *, stage: str, load_weights: bool = True, dist: Opt
     model.keep_trainable_fp32 = keep_trainable_fp32(cfg, device)
     sources = weight_sources(cfg.run.init_from, mc.vision_weights, mc.llm_weights)
     if load_weights and sources:
+        for spec, _ in sources:  # every rank builds the model: one download per URL, not one per rank
+            fetch_on_rank0(spec)
         report = load_pretrained(model, sources)
         say(report.summary())
         frozen = [m for m in report.missing if m.startswith(("vision_model.", "language_model."))]

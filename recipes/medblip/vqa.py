@@ -35,6 +35,7 @@ from recipes.common.vqa_rad import (
     VqaSplit,
 )
 from recipes.medblip.model.blip_vqa import MedBlipVqa, load_vqa_weights
+from recipes.medblip.model.weights import fetch_on_rank0
 from recipes.medblip.pretrain import BlipConfig, model_config
 
 INFERENCE_MODES = ("rank", "generate")
@@ -100,6 +101,7 @@ def build_model(cfg: VqaRecipeConfig, *, load_weights: bool = True) -> MedBlipVq
                        max_answer_len=v.max_answer_len)
     if load_weights:
         if cfg.run.init_from:
+            fetch_on_rank0(cfg.run.init_from)  # every rank builds the model: one download, not one per rank
             say(load_vqa_weights(model, cfg.run.init_from).summary())
         else:
             say("vqa: run.init_from is not set: the model starts from random weights")

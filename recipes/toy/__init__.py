@@ -14,7 +14,7 @@ import webdataset as wds
 from torch import nn
 
 from framework.config import Config
-from framework.distributed import DistInfo, rank
+from framework.distributed import DistInfo
 from framework.registry import Registry
 from framework.task import Recipe, Task
 
@@ -29,7 +29,8 @@ class ToyModelConfig:
     step_sleep: float = 0.0  # seconds each forward sleeps (a slow model)
     nan_after: int = -1  # forwards after this many return a NaN "mse" loss (-1: never)
     nan_at: int = -1  # this forward (1-based) alone returns a NaN "mse" loss: one fp16 overflow (-1: never)
-    nan_rank: int = -1  # nan_after/nan_at act on this rank only (-1: every rank): one rank's overflow
+    nan_count: int = 0  # >0: only this many forwards (after nan_after) are NaN, then finite again
+    nan_rank: int = -1  # >=0: nan_after/nan_at act on this rank only (a bad sample on one rank)
     constant: bool = False  # predict one learned number (blind to x): a model that learns nothing, for the monitor
     stall_after: int = -1  # decodes after this many (per process) hang for an hour: a data source that stalls
     eval_sleep: Optional[float] = None  # an evaluation that sleeps this long (None: no evaluation)
@@ -61,6 +62,7 @@ class ToyRegressor(nn.Module):
         self.objectives = objectives
         self.cfg = cfg
         self.forwards = 0
+        self.rank = 0  # set by build: nan_rank injects a fault on one rank only
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.cfg.step_sleep:
@@ -71,9 +73,11 @@ class ToyRegressor(nn.Module):
         pred = self.net(x * 0 if self.cfg.constant else x).squeeze(-1).float()
         y = batch["y"].float()
         losses = {name: LOSSES[name](pred, y) for name in self.objectives}
-        this_rank = self.cfg.nan_rank < 0 or self.cfg.nan_rank == rank()
-        faulty = 0 <= self.cfg.nan_after < self.forwards or self.cfg.nan_at == self.forwards
-        if faulty and this_rank and "mse" in losses:
+        this_rank = self.cfg.nan_rank in (-1, self.rank)
+        nan = 0 <= self.cfg.nan_after < self.forwards
+        if self.cfg.nan_count > 0:
+            nan = nan and self.forwards <= self.cfg.nan_after + self.cfg.nan_count
+        if (nan or self.cfg.nan_at == self.forwards) and this_rank and "mse" in losses:
             losses["mse"] = losses["mse"] * float("nan")
         out = {"losses": losses, "metrics": {"pred_mean": pred.detach().mean()}}
         if self.cfg.constant:  # the best a blind model can do: predict the mean (mse = variance of y)
@@ -152,7 +156,9 @@ def build(cfg: ToyConfig, dist: DistInfo) -> Task:
     dataset = ToyDataset(cfg.model.dataset_size, cfg.model.in_dim) if cfg.model.dataset_size else None
     _STALL_AFTER[0] = cfg.model.stall_after
     evaluate = sleeping_evaluation(cfg.model.eval_sleep) if cfg.model.eval_sleep is not None else None
-    return Task(model=ToyRegressor(cfg.model, enabled), decode=None if dataset else decode, collate=collate,
+    model = ToyRegressor(cfg.model, enabled)
+    model.rank = dist.rank
+    return Task(model=model, decode=None if dataset else decode, collate=collate,
                 plugins=[StepCounter()], train_dataset=dataset, evaluate=evaluate)
 
 

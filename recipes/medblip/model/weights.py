@@ -107,6 +107,25 @@ def split_spec(spec: str) -> tuple[str, Optional[str]]:
     return spec, None
 
 
+def fetch_on_rank0(spec: Optional[str]) -> None:
+    """Call on every rank before loading `spec`: a URL is downloaded by rank 0 while the others wait for it (one
+    download, not one per rank, into the cache the others then read); a path needs nothing. A rank whose node does
+    not share rank 0's cache (torch hub dir) downloads its own copy when it loads. Rank 0's error stops every rank."""
+    from framework.distributed import gather_objects, rank
+
+    if not spec or not split_spec(str(spec))[0].startswith(("http://", "https://")):
+        return
+    error = None
+    if rank() == 0:
+        try:
+            fetch(str(spec))
+        except CheckpointError as e:
+            error = str(e)
+    errors = gather_objects(error)  # the other ranks wait here for rank 0's download
+    if errors[0] is not None:
+        raise CheckpointError(errors[0] if rank() == 0 else f"rank 0: {errors[0]}")
+
+
 def fetch(spec: str, sha256: Optional[str] = None, cache_dir: Optional[Path] = None) -> Path:
     """A local path, or a URL downloaded once into the torch hub cache; checked against sha256 when given."""
     where, digest = split_spec(spec)

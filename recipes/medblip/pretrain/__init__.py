@@ -21,7 +21,7 @@ from recipes.common.image_text import ImageConfig, make_collate, make_decode
 from recipes.medblip.model.blip_pretrain import MedBlipPretrain
 from recipes.medblip.model.config import ModelConfig
 from recipes.medblip.model.losses import OBJECTIVES
-from recipes.medblip.model.weights import load_pretrained
+from recipes.medblip.model.weights import fetch_on_rank0, load_pretrained
 from recipes.medblip.pretrain.momentum import MomentumUpdate
 from recipes.medblip.pretrain.validation import (
     ValidationConfig,
@@ -77,10 +77,13 @@ def model_config(cfg: BlipConfig) -> ModelConfig:
 def check_queue(cfg: PretrainConfig, world_size: int) -> None:
     """Refuse, before any weights are built, a queue that cannot hold whole global batches (BLIP's queue)."""
     global_batch = cfg.data.batch_size * world_size
-    if "itc" in enabled_objectives(cfg) and cfg.model.queue_size % global_batch:
-        raise ConfigError(f"{cfg.source}: model.queue_size={cfg.model.queue_size} is not a multiple of the global "
-                          f"batch {global_batch} (data.batch_size x {world_size} ranks); BLIP's queue needs whole "
-                          "batches")
+    size = cfg.model.queue_size
+    if "itc" in enabled_objectives(cfg) and size % global_batch:
+        below = max(global_batch, size // global_batch * global_batch)
+        fits = f"{below} or {below + global_batch}" if below < size else str(below)
+        raise ConfigError(f"{cfg.source}: model.queue_size={size} is not a multiple of the global batch "
+                          f"{global_batch} (data.batch_size x {world_size} ranks); BLIP's queue needs whole batches: "
+                          f"use model.queue_size={fits}")
 
 
 def build_model(cfg: PretrainConfig, *, load_weights: bool = True) -> MedBlipPretrain:
@@ -88,6 +91,7 @@ def build_model(cfg: PretrainConfig, *, load_weights: bool = True) -> MedBlipPre
     torch.manual_seed(cfg.train.seed)  # the same initial weights (and queue) on every rank
     model = MedBlipPretrain(model_config(cfg), enabled_objectives(cfg), seed=cfg.train.seed)
     if load_weights and cfg.run.init_from:
+        fetch_on_rank0(cfg.run.init_from)  # every rank builds the model: one download, not one per rank
         report = load_pretrained(model, cfg.run.init_from)
         say(report.summary())
     return model

@@ -20,6 +20,8 @@ class MomentumUpdate:
 
     name = "medblip_momentum"
     per_rank_state = True  # each rank draws its own ITM negatives: its generator state is saved per rank
+    # read by framework.build before the engine is built: ZeRO stage 3 is refused then, not after it is built
+    needs_whole_parameters = "the MedBLIP momentum encoders need full parameters on every rank"
 
     def __init__(self, model: MedBlipPretrain, seed: int = 0):
         self.model = model  # the unwrapped model (DeepSpeed wraps this very object)
@@ -28,8 +30,8 @@ class MomentumUpdate:
 
     def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         if any(hasattr(p, "ds_id") for p in self.model.parameters()):
-            raise ValueError("the MedBLIP momentum encoders need full parameters on every rank: use DeepSpeed "
-                             "ZeRO stage 0, 1 or 2 (deepspeed.zero_optimization.stage), not 3")
+            raise ValueError(f"{self.needs_whole_parameters}: use DeepSpeed ZeRO stage 0, 1 or 2 "
+                             "(deepspeed.zero_optimization.stage), not 3")
         for m in self.model.fp32_modules():  # also when used without the engine (which does this too)
             m.float()
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
