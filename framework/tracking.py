@@ -34,9 +34,9 @@ class StepWindow:
         self.backward_s += times[2] - times[1]
         self.optimizer_s += times[3] - times[2]
 
-    def scalars(self) -> dict[str, float]:
-        """Per-step means of the logs and the step's performance figures."""
-        out = {k: float(v) / max(1, self.micro) for k, v in self.logs.items()}
+    def scalars(self) -> dict[str, Any]:
+        """Per-step means of the logs (device tensors where the logs are) and the step's performance figures."""
+        out = {k: v / max(1, self.micro) for k, v in self.logs.items()}  # tensors stay tensors: read once per log
         busy = self.data_s + self.forward_s + self.backward_s + self.optimizer_s
         return out | {"train/lr": self.lr, "perf/samples_per_s": self.samples / max(busy, 1e-9),
                       "perf/data_wait_frac": self.data_s / max(busy, 1e-9), "perf/data_s": self.data_s,

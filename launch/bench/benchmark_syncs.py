@@ -77,6 +77,9 @@ class _CountingMode(TorchDispatchMode):
                 self.count.add(name)
         elif name in _SYNC_OPS:
             self.count.add(name)
+        elif name in ("index", "index_put", "index_put_", "_index_put_impl_") and len(args) > 1 and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            self.count.add(f"{name}[bool mask]")  # a boolean mask becomes indices: its size is read on the host
         elif name in ("_to_copy", "copy_"):
             src = args[1] if name == "copy_" else args[0]
             dst_dev = (args[0].device if name == "copy_" else (kwargs or {}).get("device"))
