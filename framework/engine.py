@@ -151,7 +151,8 @@ class Trainer:
         if pos.batch_in_epoch >= usable:
             return
         run.stream.set_epoch(pos.epoch, skip_batches=pos.batch_in_epoch)
-        loader = make_loader(run.stream, self.cfg.data.num_workers)
+        # pinned batches on CUDA: the non_blocking copies below then overlap the previous step's GPU work
+        loader = make_loader(run.stream, self.cfg.data.num_workers, pin_memory=run.dist.device.type == "cuda")
         loader.generator = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + pos.epoch)
         batches = iter(loader)
         for i in range(pos.batch_in_epoch, usable):

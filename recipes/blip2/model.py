@@ -78,6 +78,8 @@ def _rank() -> int:
 class Blip2(nn.Module):
     """BLIP-2: forward(batch) -> {"losses": {"itc","itm","itg"} (stage 1) | {lm_objective} (LLM), "metrics"}."""
 
+    towers = ("vision_model", "qformer")  # what train.compile compiles (framework.compile); the LLM stays eager
+
     def __init__(self, mc: Blip2ModelConfig, *, image_size: int, tokenizer: Optional[PreTrainedTokenizerBase] = None,
                  llm_tokenizer: Optional[PreTrainedTokenizerBase] = None, text_heads: bool = True,
                  language_model: bool = False, objectives: Sequence[str] = STAGE1, lm_objective: str = "lm"):

@@ -63,6 +63,9 @@ def _read_queue_ptr(module: "MedBlipPretrain", incompatible_keys: Any) -> None:
 class MedBlipPretrain(nn.Module):
     """BLIP_Pretrain: forward(batch) -> {"losses": {itc, itm, lm (enabled ones)}, "metrics": {...}, ...}."""
 
+    # train.compile compiles these (framework.compile); the momentum copies run every step too
+    towers = ("visual_encoder", "text_encoder", "text_decoder", "visual_encoder_m", "text_encoder_m")
+
     def __init__(self, cfg: ModelConfig, objectives: Iterable[str] = ("itc", "itm", "lm"), *,
                  tokenizer: Any = None, seed: int = 0):
         super().__init__()

@@ -76,6 +76,8 @@ class VqaCollate:
 class MedBlipVqa(nn.Module):
     """BLIP_VQA: forward(batch) -> {"losses": {"vqa": fp32 scalar}, "metrics": {"answer_token_acc"}, "chance"}."""
 
+    towers = ("visual_encoder", "text_encoder", "text_decoder")  # what train.compile compiles (framework.compile)
+
     def __init__(self, cfg: ModelConfig, *, freeze_vision: bool = True, max_question_len: int = 35,
                  max_answer_len: int = 32, tokenizer: Any = None):
         super().__init__()
