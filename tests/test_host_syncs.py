@@ -50,3 +50,29 @@ def test_no_host_sync_inside_forward_and_backward(model, data, tmp_path):
 def test_at_most_one_sync_per_step_outside_a_logging_step(data, tmp_path):
     r = syncs.count_syncs("dapt", data, tmp_path / "dapt", STEPS, ["train.grad_accum=1"])
     assert r["inside_per_step"] == 0 and r["outside_per_step"] <= 1, r["where"]
+
+
+def test_device_draw_is_torch_multinomial_draw_for_draw():
+    """The negatives drawn without a host read are torch.multinomial's, index for index, generator state included
+    (what keeps the step-for-step comparison with BLIP's row-by-row multinomial exact)."""
+    from recipes.medblip.model.losses import draw_one_per_row
+
+    for b in (2, 5, 16):
+        w = torch.rand(b, b, generator=torch.Generator().manual_seed(b)) + 1e-4
+        w.fill_diagonal_(0)
+        g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        rows = torch.stack([torch.multinomial(w[i], 1, generator=g1) for i in range(b)]).squeeze(1)
+        assert torch.equal(draw_one_per_row(w, g2), rows)
+        assert torch.equal(g1.get_state(), g2.get_state())
+        assert not bool((draw_one_per_row(w, g2) == torch.arange(b)).any())  # never the zero-weight positive
+
+
+def test_queue_pointer_is_kept_on_the_host_and_restored_from_a_state_dict():
+    from tests.test_medblip_model import tiny_batch, tiny_model
+
+    model = tiny_model().train()
+    model(tiny_batch(model, n=4))
+    assert model._queue_ptr == 4 and int(model.queue_ptr) == 4  # the buffer (BLIP's key) follows the host int
+    other = tiny_model(seed=1)
+    other.load_state_dict(model.state_dict())
+    assert other._queue_ptr == 4  # read once, at load
