@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", type=int, default=32, help="image size (tiny: 32)")
     parser.add_argument("--steps", type=int, default=5, help="forward+backward passes per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved eager/compiled rounds")
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="compiled passes before timing (the second call of a new shape recompiles it dynamic)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     compile_towers(compiled, gpu_facts(device) if device.type == "cuda" else None)
     t0 = time.perf_counter()
-    steps(compiled, 2)  # compiles (shapes of the batch: ITM's 2B rows and the decoder included)
+    steps(compiled, args.warmup)  # compiles, then recompiles with dynamic shapes (ITM's 2B rows, the decoder)
     compile_s = time.perf_counter() - t0
     steps(eager, 1)
     rounds = []
