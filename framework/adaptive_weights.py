@@ -26,16 +26,25 @@ class AdaptiveLossWeighter:
                  detach_weights: bool = True):
         self.static_weight = static_weight
         self.momentum, self.eps, self.detach_weights = momentum, eps, detach_weights
-        self.r_hat: dict[str, float] = {}  # smoothed ratios; 1.0 until an objective's first update
+        self._r_hat: dict[str, torch.Tensor] = {}  # smoothed ratios (0-dim, on the device); 1.0 until the first update
         self.updates = 0  # optimizer steps that updated r_hat
         self._sum: dict[str, torch.Tensor] = {}  # this step's ratios, summed over finite micro-batches
         self._count: dict[str, torch.Tensor] = {}
+
+    @property
+    def r_hat(self) -> dict[str, float]:
+        """The smoothed ratios as numbers (reads the device: for checkpoints and inspection, not per step)."""
+        return {n: float(v) for n, v in self._r_hat.items()}
 
     # ------------------------------------------------------------------ combiner
 
     def weights(self, ratios: torch.Tensor, names: list[str]) -> torch.Tensor:
         """w = softmax(a*r_hat + (1-a)*ratios) over objectives `names`; ratios [T] -> weights [T]."""
-        r_hat = torch.tensor([self.r_hat.get(n, 1.0) for n in names], dtype=torch.float32, device=ratios.device)
+        for n, v in self._r_hat.items():
+            if v.device != ratios.device:  # loaded from a checkpoint on the CPU: moved once, not per micro-batch
+                self._r_hat[n] = v.to(ratios.device)
+        one = torch.ones((), dtype=torch.float32, device=ratios.device)
+        r_hat = torch.stack([self._r_hat.get(n, one) for n in names])
         return torch.softmax(self.momentum * r_hat + (1.0 - self.momentum) * ratios, dim=0)
 
     def __call__(self, output: ModelOutput, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -52,8 +61,8 @@ class AdaptiveLossWeighter:
         distill = torch.stack([output["distill"][n].float() for n in names])
         ratios = student / (teacher + self.eps)
         w = self.weights(ratios.detach() if self.detach_weights else ratios, names)
-        static = torch.tensor([self.static_weight(n, step) for n in names], device=student.device)
-        total = (static * student).sum() + (w * distill).sum()
+        static = [float(self.static_weight(n, step)) for n in names]  # host numbers: no device round trip
+        total = sum(c * student[i] for i, c in enumerate(static)) + (w * distill).sum()
 
         ok = torch.isfinite(total.detach()) & torch.isfinite(ratios.detach())  # the engine skips non-finite steps
         for i, n in enumerate(names):
@@ -65,7 +74,7 @@ class AdaptiveLossWeighter:
         for i, n in enumerate(names):
             logs |= {f"loss/{n}": student[i].detach(), f"teacher_loss/{n}": teacher[i],
                      f"distill_loss/{n}": distill[i].detach(), f"distill_weight/{n}": w[i].detach(),
-                     f"distill_ratio/{n}": ratios[i].detach(), f"weight/{n}": float(static[i])}
+                     f"distill_ratio/{n}": ratios[i].detach(), f"weight/{n}": static[i]}
         return total, logs
 
     # ------------------------------------------------------------------ plugin contract
@@ -74,22 +83,23 @@ class AdaptiveLossWeighter:
         pass
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int) -> dict[str, float]:
-        """r_hat <- a*r_hat + (1-a)*(mean ratio of the step over micro-batches and ranks); returns r_hat."""
+    def after_optimizer_step(self, step: int) -> dict[str, Any]:
+        """r_hat <- a*r_hat + (1-a)*(mean ratio of the step over micro-batches and ranks); returns r_hat (tensors:
+        computed on the device, read by the engine once per log interval)."""
         names = sorted(self._sum)
         if names:
-            sums = torch.stack([self._sum[n] for n in names] + [self._count[n] for n in names])
+            sums = torch.stack([self._sum[n].float() for n in names] + [self._count[n].float() for n in names])
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(sums)  # every rank ends with the same r_hat (its state is saved once)
-            values = sums.tolist()
-            a = self.momentum
-            for n, s, c in zip(names, values[:len(names)], values[len(names):]):
-                if c > 0:
-                    self.r_hat[n] = a * self.r_hat.get(n, 1.0) + (1.0 - a) * s / c
+            a, k = self.momentum, len(names)
+            for n, s, c in zip(names, sums[:k], sums[k:]):
+                old = self._r_hat.get(n, torch.ones((), dtype=torch.float32, device=sums.device))
+                # an objective with no finite micro-batch this step keeps its r_hat (no branch on the value)
+                self._r_hat[n] = torch.where(c > 0, a * old + (1.0 - a) * s / c.clamp(min=1), old)
             self.updates += 1
         self._sum.clear()
         self._count.clear()
-        return {f"distill_ratio_avg/{n}": v for n, v in self.r_hat.items()}
+        return {f"distill_ratio_avg/{n}": v for n, v in self._r_hat.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"r_hat": dict(self.r_hat), "updates": self.updates,
@@ -97,7 +107,7 @@ class AdaptiveLossWeighter:
                 "pending_count": {n: float(v) for n, v in self._count.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.r_hat = {n: float(v) for n, v in state["r_hat"].items()}
+        self._r_hat = {n: torch.tensor(float(v), dtype=torch.float32) for n, v in state["r_hat"].items()}
         self.updates = int(state["updates"])
         self._sum = {n: torch.tensor(v) for n, v in state.get("pending_sum", {}).items()}
         self._count = {n: torch.tensor(v) for n, v in state.get("pending_count", {}).items()}

@@ -13,6 +13,7 @@ from .config import Config
 from .data import MapStream, ShardStream, expand_shards, verify_checksums
 from .distill import setup_distillation
 from .distributed import DistInfo, say
+from .compile import check_can_compile, compile_towers
 from .ema import check_zero_stage
 from .gpu import GpuFacts, gpu_facts, set_extension_arch
 from .loss_weights import StaticLossWeights
@@ -202,6 +203,8 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
     check_zero3(cfg, task)
     checkpoint.seed_host_rngs(cfg.train.seed, dist.rank)  # Python/NumPy streams from the config (resume restores)
     gpu = _check_gpu(cfg, dist)
+    if cfg.train.compile:
+        check_can_compile(gpu)  # before anything is built
     precision = resolve_precision(cfg.train.precision, dist.device, gpu)
     stream = build_stream(cfg, task, dist)
     steps_per_epoch = len(stream) // cfg.train.grad_accum
@@ -224,6 +227,8 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
     ds = build_deepspeed(cfg, task, precision, total_steps, dist.world_size)
     for module in task.fp32_modules:
         module.float()  # DeepSpeed cast everything to half; momentum/EMA copies must stay fp32 to move
+    if cfg.train.compile:
+        compile_towers(task.model, gpu)  # in place, after the casts (a dtype change would recompile)
     for plugin in plugins:
         plugin.setup(ds.module, precision.dtype, dist.device)
     run = Run(cfg, dist, task, ds, distillation.forward(ds) if distillation else ds, combine, plugins, stream,

@@ -76,6 +76,7 @@ class TrainConfig:
     clip_grad: float = 1.0  # global gradient-norm clipping (0 disables)
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     seed: int = 42
+    compile: bool = False  # torch.compile the model's towers (framework.compile; refused on sm_60/sm_70)
 
     def check(self) -> None:
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):

@@ -477,10 +477,11 @@ class _Loader(DataLoader):
             raise DataError(message)
 
 
-def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
+def make_loader(stream: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over a stream that already batches (batch_size=None); workers keep their order.
 
-    A ShardStream gets at most as many workers as each rank has shards (a one-line note says so).
+    A ShardStream gets at most as many workers as each rank has shards (a one-line note says so). pin_memory: batches
+    in page-locked memory (for a CUDA device: the copy to it can then overlap the step, `.to(non_blocking=True)`).
     """
     workers = max(0, min(num_workers, len(stream)))
     if isinstance(stream, ShardStream) and workers > 0:
@@ -492,7 +493,7 @@ def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
                                    f"{workers} (prepare more shards to use more)")])
             workers = per_rank
     return _Loader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                   prefetch_factor=4 if workers else None)
+                   prefetch_factor=4 if workers else None, pin_memory=pin_memory)
 
 
 def batch_size_of(batch: dict[str, Any]) -> int:

@@ -18,7 +18,7 @@ from .distributed import any_true
 from .health import HealthMonitor, TrainingStopped
 from .preflight import GIB
 from .rundir import RunLock, check_shared
-from .tracking import RankMeanLosses, RunLogger, StepWindow, peak_memory
+from .tracking import RunLogger, StepWindow, mean_losses_over_ranks, peak_memory
 
 __all__ = ["FitResult", "TrainingStopped", "fit"]
 
@@ -47,9 +47,9 @@ class Trainer:
     def __init__(self, run: Run):
         self.run, self.cfg, self.ds, self.pos = run, run.cfg, run.ds, run.position
         self.health = HealthMonitor(run.cfg.run)
-        self.losses = RankMeanLosses(run.dist.world_size, run.dist.device)
         self.min_loss_scale = float(run.ds.config.get("fp16", {}).get("min_loss_scale", 1.0))  # DeepSpeed's default
         self.log: Optional[RunLogger] = None  # opened by fit(): a start that failed earlier wrote nothing
+        self.pending: list[tuple[int, int, dict[str, Any], Any]] = []  # steps not logged yet: (step, epoch, ...)
         self.stop_signal: Optional[str] = None
         self.phase = "start"  # data | step | eval: where a stop signal lands
         self.started = time.time()
@@ -97,10 +97,10 @@ class Trainer:
                                                   skipped="step skipped by the loss scaler")
                             unchecked.clear()
                         scalars = self._step_scalars(window, output)  # plugins run here, right after the step
-                        self.log.scalars(pos.step, self.losses.hold(pos.step, scalars))  # log ...
-                        self.health.check(pos.step, scalars, output, self.log, self.min_loss_scale)
+                        self.pending.append((pos.step, pos.epoch, scalars, output.get("chance")))
+                        if self.log.due(pos.step):
+                            self._flush_logs()  # log (values read once per log interval, losses mean over ranks) ...
                         reason = self._boundary(end_of_epoch=False)  # ... -> evaluate -> save ...
-                        self._log_losses(scalars, flush=reason != "finished")
                         if reason != "finished" or pos.step >= run.total_steps:
                             break  # ... -> stop
                         window = StepWindow()
@@ -117,32 +117,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces of the loop
 
-    def _step_scalars(self, window: StepWindow, output: dict) -> dict[str, float]:
-        """The step's scalars for TensorBoard and the console: losses, plugins' logs, metrics, lr, speed, memory."""
+    def _step_scalars(self, window: StepWindow, output: dict) -> dict[str, Any]:
+        """The step's scalars for TensorBoard and the console: losses, plugins' logs, metrics, lr, speed, memory.
+        Values may be device tensors: _flush_logs reads them all at once (no host sync per step)."""
         scalars = window.scalars()
         for plugin in self.run.plugins:
             scalars |= plugin.after_optimizer_step(self.pos.step)
-        scalars |= {f"metrics/{k}": float(v) for k, v in output.get("metrics", {}).items()}
+        scalars |= {f"metrics/{k}": _detached(v) for k, v in output.get("metrics", {}).items()}
         scalars |= {"train/epoch": self.pos.epoch, "data/skipped_samples": self.run.skipped_samples}
         norm = self.ds.get_global_grad_norm()
         if norm is not None:
-            scalars["train/grad_norm"] = float(norm)
+            scalars["train/grad_norm"] = _detached(norm)
         if self.run.precision.name == "fp16":
-            scalars |= {"fp16/loss_scale": loss_scale(self.ds),
+            scalars |= {"fp16/loss_scale": _detached(loss_scale(self.ds)),
                         "fp16/skipped_steps": float(self.ds.skipped_steps)}
         scalars |= peak_memory(self.run.dist.device)
         scalars["mem/estimate_gib"] = self.run.memory.total / GIB  # the pre-flight figure, beside the peaks
         return scalars
 
-    def _log_losses(self, scalars: dict[str, float], flush: bool) -> None:
-        """At a log point, a stop or a checkpoint (all ranks alike): the held steps' losses averaged over ranks to
-        TensorBoard (a resume from that checkpoint never re-runs them); the console line."""
-        if self.log.due(self.pos.step) or flush or self.saved_step == self.pos.step:
-            for step, means in self.losses.flush():
-                self.log.scalars(step, means)
-                if step == self.pos.step:
-                    scalars = scalars | means
-        self.log.progress(self.pos.step, self.pos.epoch, scalars)
+    def _flush_logs(self, collective: bool = True) -> None:
+        """The pending steps' scalars read in one host sync per device, their losses averaged over ranks in one
+        all-reduce (collective: every rank calls it at the same steps), then written, printed and health-checked in
+        step order (health warnings and stops come at the log interval, with every step's values)."""
+        pending, self.pending = self.pending, []  # taken first: a health stop here saves without re-flushing
+        read_scalars([scalars for _, _, scalars, _ in pending])
+        if collective:
+            mean_losses_over_ranks([scalars for _, _, scalars, _ in pending], self.run.dist.world_size,
+                                   self.run.dist.device)
+        for step, epoch, scalars, chance in pending:
+            self.log.scalars(step, scalars)
+            self.log.progress(step, epoch, scalars)
+            self.health.check(step, scalars, {"chance": chance}, self.log, self.min_loss_scale)
 
     def _epoch_batches(self) -> Iterator[dict]:
         """Micro-batches of the current epoch from the current position (a whole number of optimizer steps)."""
@@ -151,7 +156,8 @@ class Trainer:
         if pos.batch_in_epoch >= usable:
             return
         run.stream.set_epoch(pos.epoch, skip_batches=pos.batch_in_epoch)
-        loader = make_loader(run.stream, self.cfg.data.num_workers)
+        # pinned batches on CUDA: the non_blocking copies below then overlap the previous step's GPU work
+        loader = make_loader(run.stream, self.cfg.data.num_workers, pin_memory=run.dist.device.type == "cuda")
         loader.generator = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + pos.epoch)
         batches = iter(loader)
         for i in range(pos.batch_in_epoch, usable):
@@ -210,6 +216,7 @@ class Trainer:
 
     def _save(self) -> None:
         """A checkpoint of this step on every rank: DeepSpeed's states, position, config, plugins, RNG streams."""
+        self._flush_logs()  # a checkpoint's steps are in TensorBoard before it exists (a resume continues after it)
         t0 = time.time()
         run, plugins = self.run, self.run.plugins
         client = {"position": vars(self.pos).copy(), "config": config_to_dict(self.cfg),
@@ -261,6 +268,8 @@ class Trainer:
                 self.log.message(f"stopped: {e}; last good state saved in {run.ckpt_dir}")
                 raise
             finally:
+                with contextlib.suppress(Exception):  # a failure between log intervals: its steps still logged
+                    self._flush_logs(collective=False)  # this rank's own values: the others may not be here
                 self.log.close()
 
     @contextlib.contextmanager
@@ -297,6 +306,24 @@ class Trainer:
         self.log.message(f"stopped {where} at step {self.pos.step} (checkpoint: {self.saved_tag or 'none yet'}); "
                          f"resume with run.resume=auto")
         raise _StoppedOutsideStep
+
+
+def _detached(value: Any) -> Any:
+    """A tensor detached (read later, with the other logged values), anything else as it is."""
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def read_scalars(dicts: list[dict[str, Any]]) -> None:
+    """Replace every tensor value in `dicts` by its float, in place: one host read per device for all of them."""
+    by_device: dict[torch.device, list[tuple[dict, str, torch.Tensor]]] = {}
+    for d in dicts:
+        for k, v in d.items():
+            if isinstance(v, torch.Tensor):
+                by_device.setdefault(v.device, []).append((d, k, v))
+    for items in by_device.values():
+        values = torch.stack([v.detach().reshape(()).float() for _, _, v in items]).tolist()
+        for (d, k, _), x in zip(items, values):
+            d[k] = x
 
 
 def fit(run: Run) -> FitResult:

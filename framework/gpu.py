@@ -13,6 +13,7 @@ import torch
 
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere: native bf16 arithmetic and tensor cores
 TENSOR_CORE_MIN_CAPABILITY = (7, 0)  # Volta: fp16 tensor cores (a P100, sm_60, runs fp16 at about the fp32 rate)
+COMPILE_MIN_CAPABILITY = (7, 5)  # train.compile: Triton has no kernels for sm_60 (P100) and sm_70 (V100)
 
 
 @dataclass(frozen=True)

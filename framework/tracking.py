@@ -34,9 +34,9 @@ class StepWindow:
         self.backward_s += times[2] - times[1]
         self.optimizer_s += times[3] - times[2]
 
-    def scalars(self) -> dict[str, float]:
-        """Per-step means of the logs and the step's performance figures."""
-        out = {k: float(v) / max(1, self.micro) for k, v in self.logs.items()}
+    def scalars(self) -> dict[str, Any]:
+        """Per-step means of the logs (device tensors where the logs are) and the step's performance figures."""
+        out = {k: v / max(1, self.micro) for k, v in self.logs.items()}  # tensors stay tensors: read once per log
         busy = self.data_s + self.forward_s + self.backward_s + self.optimizer_s
         return out | {"train/lr": self.lr, "perf/samples_per_s": self.samples / max(busy, 1e-9),
                       "perf/data_wait_frac": self.data_s / max(busy, 1e-9), "perf/data_s": self.data_s,
@@ -49,35 +49,19 @@ def is_loss(key: str) -> bool:
     return key.split("/", 1)[0].endswith("loss")
 
 
-class RankMeanLosses:
-    """Losses as the mean over ranks: each step's are held, then averaged over ranks in one all-reduce per log
-    interval and written for each of its steps (TensorBoard takes earlier steps). Alone, nothing is held."""
+def mean_losses_over_ranks(steps: list[dict[str, float]], world_size: int, device: torch.device) -> None:
+    """Replace each step's losses (is_loss keys, already floats) by their mean over ranks, in place: one all-reduce
+    for all the steps of a log interval. Every rank calls it with the same steps (alone: nothing to do)."""
+    if world_size == 1 or not steps:
+        return
+    import torch.distributed as dist
 
-    def __init__(self, world_size: int, device: torch.device):
-        self.world_size, self.device = world_size, device
-        self.pending: list[tuple[int, dict[str, float]]] = []
-
-    def hold(self, step: int, scalars: dict[str, float]) -> dict[str, float]:
-        """The scalars to write now: all of them alone; without the losses (held until flush) with several ranks."""
-        if self.world_size == 1:
-            return scalars
-        self.pending.append((step, {k: v for k, v in scalars.items() if is_loss(k)}))
-        return {k: v for k, v in scalars.items() if not is_loss(k)}
-
-    def flush(self) -> list[tuple[int, dict[str, float]]]:
-        """(step, {loss: mean over ranks}) for every held step; every rank calls it at the same steps."""
-        if not self.pending:
-            return []
-        import torch.distributed as dist
-
-        keys = sorted(self.pending[0][1])  # the same objectives on every rank
-        table = torch.tensor([[values.get(k, float("nan")) for k in keys] for _, values in self.pending],
-                             dtype=torch.float64, device=self.device)
-        dist.all_reduce(table)  # the one collective of a log interval
-        table = (table / self.world_size).tolist()
-        out = [(step, dict(zip(keys, row))) for (step, _), row in zip(self.pending, table)]
-        self.pending = []
-        return out
+    keys = sorted(k for k in steps[0] if is_loss(k))  # the same objectives on every rank
+    table = torch.tensor([[values.get(k, float("nan")) for k in keys] for values in steps],
+                         dtype=torch.float64, device=device)
+    dist.all_reduce(table)  # the one collective of a log interval
+    for values, row in zip(steps, (table / world_size).tolist()):
+        values.update({k: x for k, x in zip(keys, row) if k in values})
 
 
 class RunLogger:

@@ -265,7 +265,7 @@ def count_flops(stage: Stage, overrides: list[str], device: str) -> tuple[float,
     """(forward, backward) FLOPs per training sample of the stage's model, counted by torch's FlopCounterMode
     on two real samples of the stage's data (the EMA teacher of PSD runs one more forward: see stage_flops)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from framework.flops import flop_counter  # FlopCounterMode + the CPU fused-attention formulas
 
     from framework.config import import_recipe, load_config
     from framework.distributed import DistInfo
@@ -284,9 +284,9 @@ def count_flops(stage: Stage, overrides: list[str], device: str) -> tuple[float,
         samples = [s for s in (task.decode(r) for r, _ in zip(raw, range(8))) if s is not None][:2]
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in task.collate(samples).items()}
     model = task.model.to(device).train()
-    with FlopCounterMode(display=False) as forward:
+    with flop_counter() as forward:
         loss = sum(v.float() for v in model(batch)["losses"].values())
-    with FlopCounterMode(display=False) as backward:
+    with flop_counter() as backward:
         loss.backward()
     fwd, bwd = forward.get_total_flops() / len(samples), backward.get_total_flops() / len(samples)
     del model, task, batch, loss

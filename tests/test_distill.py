@@ -205,7 +205,7 @@ def test_adaptive_weights_match_a_hand_computation_over_several_steps():
         r_hat = {n: a * r_hat[n] + (1 - a) * sum(r[n] for r in ratios) / len(ratios) for n in r_hat}
         for n in r_hat:
             assert weighter.r_hat[n] == pytest.approx(r_hat[n], rel=1e-6)
-            assert logged[f"distill_ratio_avg/{n}"] == pytest.approx(r_hat[n], rel=1e-6)
+            assert float(logged[f"distill_ratio_avg/{n}"]) == pytest.approx(r_hat[n], rel=1e-6)
     assert weighter.updates == 3
 
 

@@ -30,10 +30,11 @@ def sync(device: Any) -> None:
 
 
 def measure_flops(run: Any, batch: dict) -> int:
-    """FLOPs of one forward + backward on `batch` (torch's FlopCounterMode; gradients are discarded)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one forward + backward on `batch` (FlopCounterMode, CPU fused attention included: framework.flops;
+    gradients are discarded)."""
+    from framework.flops import flop_counter
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         loss, _ = run.combine(run.forward(batch), 0)
         run.ds.backward(loss)
     run.ds.module.zero_grad(set_to_none=True)

@@ -34,6 +34,8 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from framework.distributed import all_gather_cat
 from framework.preflight import transformer_activation_bytes
 
+from recipes.common.masks import prebuild_padding_masks
+
 from .config import Blip2ModelConfig, hf_config
 from .llm_text import IGNORE, LlmText
 from .objectives import (
@@ -83,6 +85,12 @@ def _quiet_missing_input_embeddings() -> Iterator[None]:
         logger.removeFilter(dropped)
 
 
+def _qformer_dtype(qformer: nn.Module, kwargs: dict) -> torch.dtype:
+    """The dtype Blip2QFormerModel builds its masks in: its query_embeds' (the embeddings' output)."""
+    embeds = kwargs.get("query_embeds")
+    return embeds.dtype if isinstance(embeds, torch.Tensor) else qformer.layernorm.weight.dtype
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -91,6 +99,8 @@ def _rank() -> int:
 
 class Blip2(nn.Module):
     """BLIP-2: forward(batch) -> {"losses": {"itc","itm","itg"} (stage 1) | {lm_objective} (LLM), "metrics"}."""
+
+    towers = ("vision_model", "qformer")  # what train.compile compiles (framework.compile); the LLM stays eager
 
     def __init__(self, mc: Blip2ModelConfig, *, image_size: int, tokenizer: Optional[PreTrainedTokenizerBase] = None,
                  llm_tokenizer: Optional[PreTrainedTokenizerBase] = None, text_heads: bool = True,
@@ -110,6 +120,7 @@ class Blip2(nn.Module):
         self.vision_model = Blip2VisionModel(self.config.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, mc.num_query_tokens, q.hidden_size).normal_(0.0, 0.02))
         self.qformer = Blip2QFormerModel(q)
+        prebuild_padding_masks(self.qformer, _qformer_dtype)  # no host sync per Q-Former pass (recipes/common/masks)
         self._copy_text_ffn_to_query_ffn()
         # BLIP-2 trains with the image encoder frozen (LAVIS freeze_vit) but its final LayerNorm (LAVIS's ln_vision,
         # transformers' post_layernorm) is LAVIS's own module and trains with the Q-Former
@@ -298,7 +309,7 @@ class Blip2(nn.Module):
             if "itc" in self.objectives:
                 losses["itc"] = itc_loss(sim_i2t, sim_t2i, offset, self.mc.itc_label_smoothing)
                 logits["itc"] = [sim_i2t, sim_t2i]
-                metrics["temp"] = float(temp.detach()[0])
+                metrics["temp"] = temp.detach()[0]  # a tensor: the engine reads metrics once per log interval
         if "itm" in self.objectives:
             ids_all, mask_all, embeds_all = (all_gather_cat(input_ids), all_gather_cat(attention_mask),
                                              all_gather_cat(image_embeds, with_grad=True))
@@ -312,8 +323,9 @@ class Blip2(nn.Module):
             losses["itm"] = itm_loss(itm)
             logits["itm"] = itm
             with torch.no_grad():
-                metrics["itm_acc"] = (itm.argmax(-1) == torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(
-                    itm.device)).float().mean()
+                labels = torch.zeros(3 * b, dtype=torch.long, device=itm.device)  # made on the device: no copy
+                labels[:b] = 1
+                metrics["itm_acc"] = (itm.argmax(-1) == labels).float().mean()
         if "itg" in self.objectives:
             decoder_ids, labels = itg_targets(input_ids, self.tokenizer.bos_token_id, self.tokenizer.pad_token_id)
             text_logits = self.itg_logits(image_embeds, decoder_ids, attention_mask)

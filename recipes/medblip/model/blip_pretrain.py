@@ -6,13 +6,17 @@ text_queue, queue_ptr. As BLIP at HEAD, text-encoder and decoder word embeddings
 (`model.tie_lm_head`), and the momentum update runs at the start of the training forward, before that step's
 momentum features: once per optimizer step (at its first micro-batch under gradient accumulation; BLIP updates in
 every forward, which is the same without accumulation). Differences from BLIP, all equivalent for training:
-- ITM negatives are drawn from the same distribution as BLIP's (torch.multinomial per row of the masked
-  softmax) with the model's own CPU generator, saved with the plugin state, so a resumed run draws the same;
+- ITM negatives are drawn from the same distribution as BLIP's (torch.multinomial's own one-draw algorithm per row
+  of the masked softmax, losses.draw_one_per_row) on the model's device with the model's own generator, saved with
+  the plugin state, so a resumed run draws the same; nothing is read back to the host in the forward;
+- the queue pointer is kept on the host (`queue_ptr` the buffer, BLIP's checkpoint key, is written alongside and
+  read back only when a state dict is loaded);
 - the queue is only written, and the momentum encoders only updated, in training mode, so evaluating held-out
   losses leaves them untouched.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Any, Iterable, Optional
 
@@ -51,8 +55,16 @@ from recipes.medblip.model.towers import (
 _QUEUES = ("image_queue", "text_queue")
 
 
+def _read_queue_ptr(module: "MedBlipPretrain", incompatible_keys: Any) -> None:
+    """After load_state_dict: the host pointer from the loaded buffer (one read per load, not per step)."""
+    module._queue_ptr = int(module.queue_ptr)
+
+
 class MedBlipPretrain(nn.Module):
     """BLIP_Pretrain: forward(batch) -> {"losses": {itc, itm, lm (enabled ones)}, "metrics": {...}, ...}."""
+
+    # train.compile compiles these (framework.compile); the momentum copies run every step too
+    towers = ("visual_encoder", "text_encoder", "text_decoder", "visual_encoder_m", "text_encoder_m")
 
     def __init__(self, cfg: ModelConfig, objectives: Iterable[str] = ("itc", "itm", "lm"), *,
                  tokenizer: Any = None, seed: int = 0):
@@ -87,6 +99,8 @@ class MedBlipPretrain(nn.Module):
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self._queue_ptr = 0  # the pointer the forward uses: reading the buffer would be a host sync per step
+        self.register_load_state_dict_post_hook(_read_queue_ptr)
         # BLIP's temp is 0-dim ([]); [1] here because DeepSpeed's parameter broadcast cannot view a 0-dim
         # tensor as bytes. weights.py converts between the two shapes on load and save.
         self.temp = nn.Parameter(cfg.temp * torch.ones(1))
@@ -99,7 +113,8 @@ class MedBlipPretrain(nn.Module):
         # another layer call would not match the recorded graph: share only without text checkpointing.
         self.share_image_kv = cfg.share_image_kv and not cfg.grad_checkpointing_text
 
-        self.itm_generator = torch.Generator().manual_seed(seed)
+        self.itm_seed = seed
+        self.itm_generator = torch.Generator().manual_seed(seed)  # moved to the model's device by seed_negatives
         self.step = 0  # optimizer steps done; set by MomentumUpdate (drives the alpha ramp and the momentum update)
         self.momentum_updates = 0  # steps whose momentum update is applied (step + 1 once this step's is done)
 
@@ -159,10 +174,11 @@ class MedBlipPretrain(nn.Module):
         if size % n:
             raise ValueError(f"model.queue_size={size} is not a multiple of the global batch {n} "
                              "(data.batch_size x ranks); BLIP's queue needs whole batches")
-        ptr = int(self.queue_ptr)
+        ptr = self._queue_ptr
         self.image_queue[:, ptr:ptr + n] = image_feats.T.to(self.image_queue.dtype)
         self.text_queue[:, ptr:ptr + n] = text_feats.T.to(self.text_queue.dtype)
-        self.queue_ptr[0] = (ptr + n) % size
+        self._queue_ptr = (ptr + n) % size
+        self.queue_ptr.fill_(self._queue_ptr)  # the checkpoint's copy: a fill from a host int, no sync
 
     def _apply(self, fn: Any, recurse: bool = True) -> "MedBlipPretrain":
         # The feature queues stay fp32 whatever the model is cast to (model.half(), .to(bfloat16)); moves keep working.
@@ -177,14 +193,33 @@ class MedBlipPretrain(nn.Module):
     # ------------------------------------------------------------------ RNG and schedule state
 
     def rng_state(self) -> torch.Tensor:
-        """State of the generator that draws ITM negatives (a CPU ByteTensor)."""
+        """State of the generator that draws ITM negatives (a CPU ByteTensor; its device: itm_generator.device)."""
         return self.itm_generator.get_state()
 
-    def set_rng_state(self, state: torch.Tensor) -> None:
+    def set_rng_state(self, state: torch.Tensor, device_type: str = "cpu") -> None:
+        """Restore rng_state(); a state saved on another kind of device (a CPU run resumed on a GPU) cannot be: the
+        stream restarts from the seed, moved on by `self.step`, with a warning."""
+        if device_type != self.itm_generator.device.type:
+            warnings.warn(f"ITM negatives: the checkpoint's generator ran on {device_type}, this run's on "
+                          f"{self.itm_generator.device.type}: the negatives' stream restarts (seeded) instead of "
+                          "resuming exactly")
+            self.seed_negatives(self.itm_seed + 7919 * (self.step + 1))
+            return
         self.itm_generator.set_state(state)
 
-    def seed_negatives(self, seed: int) -> None:
+    def seed_negatives(self, seed: int, device: Optional[torch.device] = None) -> None:
+        """(Re)start the ITM-negative stream from `seed`, on `device` (default: the generator's current one)."""
+        device = torch.device(device) if device is not None else self.itm_generator.device
+        self.itm_seed = seed
+        if self.itm_generator.device != device:
+            self.itm_generator = torch.Generator(device=device)
         self.itm_generator.manual_seed(seed)
+
+    def _negatives_generator(self, device: torch.device) -> torch.Generator:
+        """The generator, on `device`: a model used without the engine on another device starts its stream there."""
+        if self.itm_generator.device != device:
+            self.seed_negatives(self.itm_seed, device)
+        return self.itm_generator
 
     @property
     def alpha(self) -> float:
@@ -337,7 +372,7 @@ class MedBlipPretrain(nn.Module):
                                            reuse["itm_neg_text"].to(ids.device))
                 else:
                     neg_image, neg_text = sample_itm_negatives(inbatch_i2t.detach(), inbatch_t2i.detach(),
-                                                               self.itm_generator)
+                                                               self._negatives_generator(inbatch_i2t.device))
                 enc_ids = ids.clone()
                 enc_ids[:, 0] = self.enc_token_id
                 out_pos = self.text_encoder(enc_ids, attention_mask=att, encoder_hidden_states=kv.view())

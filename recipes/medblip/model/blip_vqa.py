@@ -76,6 +76,8 @@ class VqaCollate:
 class MedBlipVqa(nn.Module):
     """BLIP_VQA: forward(batch) -> {"losses": {"vqa": fp32 scalar}, "metrics": {"answer_token_acc"}, "chance"}."""
 
+    towers = ("visual_encoder", "text_encoder", "text_decoder")  # what train.compile compiles (framework.compile)
+
     def __init__(self, cfg: ModelConfig, *, freeze_vision: bool = True, max_question_len: int = 35,
                  max_answer_len: int = 32, tokenizer: Any = None):
         super().__init__()
@@ -161,9 +163,10 @@ class MedBlipVqa(nn.Module):
         q_mask = batch["question_mask"]
         states = self.encode_question(image_embeds, batch["question_ids"], q_mask)
         counts = batch.get("answer_counts")
-        if counts is not None and bool((counts != 1).any()):  # several answers per question: repeat its states
-            states = states.repeat_interleave(counts, dim=0)
-            q_mask = q_mask.repeat_interleave(counts, dim=0)
+        if counts is not None:  # several answers per question: repeat its states (a copy when each has one)
+            rows = batch["answer_ids"].shape[0]  # the output size, known on the host: no read of `counts`
+            states = states.repeat_interleave(counts, dim=0, output_size=rows)
+            q_mask = q_mask.repeat_interleave(counts, dim=0, output_size=rows)
         ids = self._decoder_inputs(batch["answer_ids"])
         labels = lm_targets(ids, self.pad_token_id)
         out = self.text_decoder(ids, attention_mask=batch["answer_mask"], encoder_hidden_states=states,

@@ -33,30 +33,41 @@ def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, targets_i2t: torch.Te
     return (loss_i2t + loss_t2i) / 2
 
 
+def draw_one_per_row(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index per row of non-negative `weights` [N, K] with probability proportional to the weights: [N].
+
+    torch.multinomial(weights, 1, generator=generator) without its input checks, which read the tensor on the host
+    (`.item()`, a stall on a GPU): argmax(weights / q), q ~ Exp(1), the very algorithm multinomial runs for one draw,
+    drawing q from `generator` as it does, so on the CPU the indices equal multinomial's for the same state.
+    """
+    q = torch.empty_like(weights).exponential_(1, generator=generator)
+    return (weights / q).argmax(dim=-1)
+
+
 @torch.no_grad()
 def sample_itm_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard negatives from the in-batch similarities [B, B]: (image index per text [B], text index per image [B]).
 
-    As BLIP: weights softmax(sim) + 1e-4 with the diagonal (the positive) set to 0, one draw per row.
-    Sampled on the CPU with the model's own generator, so a resume can restore the stream exactly.
+    As BLIP: weights softmax(sim) + 1e-4 with the diagonal (the positive) set to 0, one draw per row. Drawn on the
+    similarities' device with the model's own generator (on that device), so a resume can restore the stream exactly
+    and no value travels to the host.
     """
     b = sim_i2t.shape[0]
     if b < 2:
         raise ValueError("ITM needs at least 2 samples per rank to draw a negative (data.batch_size >= 2)")
-    w_t2i = (F.softmax(sim_t2i.float(), dim=1) + 1e-4).cpu()
-    w_i2t = (F.softmax(sim_i2t.float(), dim=1) + 1e-4).cpu()
+    w_t2i = F.softmax(sim_t2i.float(), dim=1) + 1e-4
+    w_i2t = F.softmax(sim_i2t.float(), dim=1) + 1e-4
     w_t2i.fill_diagonal_(0)
     w_i2t.fill_diagonal_(0)
-    neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
-    neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
-    return neg_image.to(sim_i2t.device), neg_text.to(sim_i2t.device)
+    return draw_one_per_row(w_t2i, generator), draw_one_per_row(w_i2t, generator)
 
 
 def itm_labels(batch_size: int, device: torch.device | None = None) -> torch.Tensor:
-    """[1]*B (positives) + [0]*2B (text with a negative image, image with a negative text)."""
-    labels = torch.cat([torch.ones(batch_size, dtype=torch.long), torch.zeros(2 * batch_size, dtype=torch.long)])
-    return labels.to(device)
+    """[1]*B (positives) + [0]*2B (text with a negative image, image with a negative text), made on `device`."""
+    labels = torch.zeros(3 * batch_size, dtype=torch.long, device=device)
+    labels[:batch_size] = 1  # a fill on the device: no host-to-device copy
+    return labels
 
 
 def itm_loss(logits: torch.Tensor) -> torch.Tensor:

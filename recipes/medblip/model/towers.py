@@ -35,6 +35,7 @@ from transformers.models.blip.modeling_blip_text import (
     BlipTextSelfAttention,
 )
 
+from recipes.common.masks import prebuild_padding_masks
 from recipes.medblip.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def text_config(cfg: ModelConfig, vocab_size: int, *, label_smoothing: float | N
 def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> BlipTextModel:
     """BLIP's text encoder (BertModel, add_pooling_layer=False) with cross-attention layers; mask fix applied."""
     encoder = BlipTextModel(text_config(cfg, vocab_size), add_pooling_layer=False)
+    prebuild_padding_masks(encoder, _embeddings_dtype)  # no host sync per text pass (recipes/common/masks.py)
     fix_cross_attention_mask(encoder)
     set_text_attention(encoder, cfg.text_attention)
     set_text_grad_checkpointing(encoder, cfg.grad_checkpointing_text)
@@ -125,10 +127,16 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> BlipTextModel:
 def build_text_decoder(cfg: ModelConfig, vocab_size: int) -> BlipTextLMHeadModel:
     """BLIP's text decoder (BertLMHeadModel: bert + cls head) with label smoothing; mask fix applied."""
     decoder = BlipTextLMHeadModel(text_config(cfg, vocab_size))
+    prebuild_padding_masks(decoder.bert, _embeddings_dtype)
     fix_cross_attention_mask(decoder)
     set_text_attention(decoder, cfg.text_attention)
     set_text_grad_checkpointing(decoder, cfg.grad_checkpointing_text)
     return decoder
+
+
+def _embeddings_dtype(model: nn.Module, kwargs: dict) -> torch.dtype:
+    """The dtype BlipTextModel builds its masks in: its embeddings' output dtype."""
+    return model.embeddings.LayerNorm.weight.dtype
 
 
 def set_text_grad_checkpointing(model: nn.Module, enable: bool) -> None:

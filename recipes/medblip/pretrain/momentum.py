@@ -35,18 +35,21 @@ class MomentumUpdate:
         for m in self.model.fp32_modules():  # also when used without the engine (which does this too)
             m.float()
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self.model.seed_negatives(self.seed + 1_000_003 * rank)  # distinct negative streams per rank
+        # distinct negative streams per rank, drawn where the model runs (no host round trip per micro-batch)
+        self.model.seed_negatives(self.seed + 1_000_003 * rank, device)
 
-    def after_optimizer_step(self, step: int) -> dict[str, float]:
+    def after_optimizer_step(self, step: int) -> dict[str, Any]:
+        """The step's alpha and temperature (a device tensor: the engine reads logged values once per log interval)."""
         self.step = self.model.step = step
-        return {"medblip/alpha": self.model.alpha, "medblip/temp": float(self.model.temp.detach()[0])}
+        return {"medblip/alpha": self.model.alpha, "medblip/temp": self.model.temp.detach()[0].clone()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "itm_rng": self.model.rng_state(), "momentum_updates": self.model.momentum_updates}
+        return {"step": self.step, "itm_rng": self.model.rng_state(), "momentum_updates": self.model.momentum_updates,
+                "itm_rng_device": self.model.itm_generator.device.type}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = self.model.step = int(state["step"])
         # Checkpoints from before the update moved into the forward hold no count: their momentum encoders already
         # took, right after step `step`, the very update the next forward would apply (same weights): not twice.
         self.model.momentum_updates = int(state.get("momentum_updates", self.step + 1))
-        self.model.set_rng_state(state["itm_rng"])
+        self.model.set_rng_state(state["itm_rng"], state.get("itm_rng_device", "cpu"))
