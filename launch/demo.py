@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                              "DAPT on noisy captions vs on their CapFilt bootstrap (what CapFilt adds)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every training stage")
     args = parser.parse_args(argv)
+    if args.seed < 0 or args.threads < 1:  # numpy's "expected non-negative integer" names no option
+        print(f"error: {'--seed must be >= 0' if args.seed < 0 else '--threads must be >= 1'}", file=sys.stderr)
+        return 2
     data, runs = Path(args.data).resolve(), Path(args.runs).resolve()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluate a VQA run on its test split: `python launch/evaluate.py --recipe FILE [--checkpoint PATH] [key=value ...]`.
 
-Writes metrics.json and predictions.jsonl into the run directory (or --out) and prints accuracy and edit
+Writes metrics.json and predictions.jsonl into the run directory (or --out; a partial check with vqa.eval_limit
+writes into RUN/eval/limit_N instead, leaving the run's metrics.json as it is) and prints accuracy and edit
 similarity (overall / closed / open, with counts) next to the majority-answer baselines. Without --checkpoint the
 newest complete checkpoint of run.dir is evaluated.
 """
@@ -35,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
+        from framework.gpu import user_device
         from recipes.common.vqa_eval import config_for_checkpoint
         from recipes.common.vqa_metrics import format_table
 
+        if args.device:
+            user_device(args.device)  # a typo or a missing GPU: one line before minutes of loading
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
         recipe = importlib.import_module(cfg.recipe)  # a VQA recipe module: load_vqa, evaluate_model, ...
         if not hasattr(recipe, "evaluate_model"):
@@ -45,13 +49,20 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = recipe.trained_checkpoint(cfg, args.checkpoint)
         split = recipe.load_vqa(cfg)
         model = recipe.load_trained(cfg, checkpoint)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = user_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available()
+                                                                            else "cpu")
         model.to(device)
         started = time.time()
         result = recipe.evaluate_model(model, cfg, split, num_workers=min(2, cfg.data.num_workers))
         doc = recipe.results_document(cfg, split, result, checkpoint=checkpoint)
         doc["seconds"] = round(time.time() - started, 1)
-        out = recipe.write_results(args.out or cfg.run.dir, doc, result["predictions"])
+        out = Path(args.out or cfg.run.dir)
+        if len(result["predictions"]) < len(split.test) and out.resolve() == Path(cfg.run.dir).resolve():
+            # a partial check (vqa.eval_limit) must not replace the run's full-test metrics.json that make_table reads
+            out = out / "eval" / f"limit_{len(result['predictions'])}"
+            print(f"vqa.eval_limit: {len(result['predictions'])} of {len(split.test)} test questions; the run's "
+                  f"metrics.json is left as it is", flush=True)
+        out = recipe.write_results(out, doc, result["predictions"])
         inf = doc["inference"]
         how = (f"rank over {inf['candidates']} candidates (k {inf['k_test']}); the candidates hold "
                f"{100 * inf['coverage']['overall']:.1f}% of the test answers (closed "

@@ -1,0 +1,156 @@
+"""Issue 22 (second contact): nothing of the user's deleted or replaced without a flag, results not lost at the end,
+one line instead of a traceback."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from corpora import phantoms as ph
+from tests.conftest import load_launch, run_entry
+
+SMALL = ph.PhantomSpec(seed=3, train_captions=16, val_captions=8, samples_per_shard=8, vqa_train_images=8,
+                       vqa_test_images=4, questions_per_image=2, image_size=16)
+
+
+def _user_data(folder: Path) -> dict[Path, bytes]:
+    """A user's corpus in `folder` (what `--data data` would hold): returns what must survive, path -> bytes."""
+    files = {folder / "rocov2" / "train-000000.tar": b"user shard", folder / "vqa_rad" / "VQA_RAD.json": b"[]"}
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def _one_line_error(proc, *words: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+# --- item 1: user data deleted -------------------------------------------------------------------------------------
+
+def test_demo_data_never_deletes_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    kept = _user_data(data)
+    with pytest.raises(ValueError, match="holds no demo data"):
+        ph.write_demo_data(data, SMALL)
+    with pytest.raises(ValueError, match="holds no demo data"):
+        ph.write_demo_data(data, SMALL, force=True)
+    (data / "phantoms.json").write_text("{}")  # a stamp alone does not make the user's files demo data
+    with pytest.raises(ValueError):
+        ph.write_demo_data(data, SMALL)
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    with pytest.raises(ValueError):
+        ph.write_demo_data(afile, SMALL)
+    assert afile.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]  # no data.tmpPID left either
+    # an empty folder, and demo data it wrote itself (another spec), are fine to replace
+    (tmp_path / "empty").mkdir()
+    assert not ph.write_demo_data(tmp_path / "empty", SMALL)["reused"]
+    assert not ph.write_demo_data(tmp_path / "empty", replace(SMALL, val_captions=4))["reused"]
+
+
+def test_failed_demo_data_generation_leaves_no_temporary_folder(tmp_path: Path, monkeypatch) -> None:
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ph, "write_vqa", full_disk)  # fails after the caption shards were written into the tmp
+    with pytest.raises(OSError):
+        ph.write_demo_data(tmp_path / "demo", SMALL)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_and_gpu_check_refuse_a_data_folder_holding_user_files(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    kept = _user_data(data)
+    demo = run_entry("demo.py", "--data", str(data), "--runs", str(tmp_path / "runs"), timeout=120)
+    _one_line_error(demo, str(data), "holds no demo data")
+    gpu = run_entry("gpu_check.py", "--rehearse", "--only", "dapt-fp32", "--steps", "4", "--work", str(tmp_path),
+                    "--json", str(tmp_path / "g.json"), timeout=300)
+    _one_line_error(gpu, "holds no demo data")
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_demo_names_a_negative_seed_and_refuses_zero_threads(tmp_path: Path) -> None:
+    for args, word in ((["--seed", "-1"], "--seed"), (["--threads", "0"], "--threads")):
+        proc = run_entry("demo.py", "--data", str(tmp_path / "d"), "--runs", str(tmp_path / "r"), *args, timeout=120)
+        _one_line_error(proc, word)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _tiny_vqa():
+    from recipes.common.tokenizer import load_tokenizer
+    from recipes.medblip.model.blip_vqa import MedBlipVqa
+    from recipes.medblip.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    return MedBlipVqa(ModelConfig(preset="tiny"), freeze_vision=True, tokenizer=load_tokenizer("bundled")).eval()
+
+
+def test_export_keeps_another_models_files_and_writes_shareable_files(tmp_path: Path) -> None:
+    from recipes.common.image_text import ImageConfig
+    from recipes.medblip.model.to_transformers import ExportError, export_vqa
+
+    model = _tiny_vqa()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ExportError, match="--overwrite"):
+        export_vqa(model, other, ImageConfig(size=32))
+    assert (other / "config.json").read_text() == '{"model_type": "bert"}'
+    afile = tmp_path / "model.bin"
+    afile.write_bytes(b"x")
+    with pytest.raises(ExportError, match="is a file"):
+        export_vqa(model, afile, ImageConfig(size=32))
+    assert afile.read_bytes() == b"x"
+    old = os.umask(0o022)
+    try:
+        out = export_vqa(model, tmp_path / "hf", ImageConfig(size=32))
+        again = export_vqa(model, other, ImageConfig(size=32), overwrite=True)
+    finally:
+        os.umask(old)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert json.loads((again / "config.json").read_text())["model_type"] == "blip"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+# --- item 2: results lost ------------------------------------------------------------------------------------------
+
+def test_gpu_check_checks_its_json_before_any_stage(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    for target, word in ((tmp_path, "is a folder"), (tmp_path / "no" / "g.json", "does not exist")):
+        proc = run_entry("gpu_check.py", "--rehearse", "--only", "dapt-fp32", "--steps", "4", "--work", str(work),
+                         "--json", str(target), timeout=300)
+        _one_line_error(proc, "--json", word)
+        assert not (work / "data").exists()  # refused before the data, let alone a stage
+
+
+def test_gpu_check_removes_its_temporary_folder_when_it_fails(tmp_path: Path, monkeypatch) -> None:
+    gc = load_launch("gpu_check")
+
+    def fails(work: Path, steps: int, rehearse: bool) -> Path:
+        (work / "data").mkdir()
+        raise ValueError("data could not be written")
+
+    monkeypatch.setattr(gc, "write_data", fails)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert gc.main(["--rehearse", "--only", "dapt-fp32", "--steps", "4", "--json", str(tmp_path / "g.json")]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rehearsal_writes_its_json_outside_the_checkout(tmp_path: Path) -> None:
+    gc = load_launch("gpu_check")
+    assert gc.json_path(None, str(tmp_path), rehearse=True) == tmp_path / "gpu_check.json"
+    assert gc.json_path(None, None, rehearse=True).parent == Path(tempfile.gettempdir())
+    assert gc.json_path(None, None, rehearse=False) == Path("gpu_check.json")  # a real check: where it is asked
+    assert gc.json_path("x.json", None, rehearse=True) == Path("x.json")
