@@ -154,3 +154,66 @@ def test_a_rehearsal_writes_its_json_outside_the_checkout(tmp_path: Path) -> Non
     assert gc.json_path(None, None, rehearse=True).parent == Path(tempfile.gettempdir())
     assert gc.json_path(None, None, rehearse=False) == Path("gpu_check.json")  # a real check: where it is asked
     assert gc.json_path("x.json", None, rehearse=True) == Path("x.json")
+
+
+# --- item 3 and 4: make_table ----------------------------------------------------------------------------------------
+
+def _metrics(run: Path, questions: list[str], split: str = "official", reverse: bool = False) -> Path:
+    """A run evaluated (as recipes.common.vqa_eval.write_results writes it) on `questions` of `split`."""
+    from recipes.common.vqa_eval import write_results
+
+    preds = [{"qid": i, "image": f"img{i}.jpg", "question": q, "ground_truth": "yes", "prediction": "yes",
+              "match": 1.0} for i, q in enumerate(questions)]
+    preds = preds[::-1] if reverse else preds
+    scores = {g: {"accuracy": 1.0, "edit_similarity": 1.0, "count": len(questions)}
+              for g in ("overall", "closed", "open")}
+    base = {"answers": {"closed": "yes", "open": "x", "overall": "yes"}, "scores": scores}
+    doc = {"split": {"split": split, "test": len(questions), "description": "d"}, "scores": scores,
+           "metrics": {"accuracy": 1.0}, "inference": {"mode": "rank"}, "evaluated_questions": len(questions),
+           "baselines": {"majority_per_type": base, "majority_overall": base}, "init_from": None}
+    write_results(run, doc, preds)
+    return run
+
+
+def test_make_table_refuses_runs_on_different_questions_under_one_split_name(tmp_path: Path, capsys) -> None:
+    main = load_launch("make_table").main
+    a = _metrics(tmp_path / "a", ["is this normal?", "is there a mass?"])
+    b = _metrics(tmp_path / "b", ["is this normal?", "is the heart enlarged?"])
+    c = _metrics(tmp_path / "c", ["is this normal?", "is there a mass?"], reverse=True)  # in another order
+    assert main([f"{a}=dapt", f"{c}=psd"]) == 0
+    capsys.readouterr()
+    assert main([f"{a}=dapt", f"{b}=psd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different questions of split 'official'" in err[0] and str(b) in err[0]
+    # a metrics.json written before the digest: its predictions.jsonl says which questions were asked
+    for run in (a, b):
+        doc = json.loads((run / "metrics.json").read_text())
+        doc.pop("questions_sha256")
+        (run / "metrics.json").write_text(json.dumps(doc))
+    assert main([f"{a}=dapt", f"{b}=psd"]) == 2
+
+
+def test_make_table_names_the_file_it_cannot_read_or_write(tmp_path: Path, capsys) -> None:
+    main = load_launch("make_table").main
+    good = _metrics(tmp_path / "good", ["q1?"])
+    nosplit = tmp_path / "nosplit.json"
+    nosplit.write_text(json.dumps({"metrics": {}, "scores": {}}))
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(bytes(range(256)))
+    afile = tmp_path / "table.md"
+    afile.write_text("mine")
+    cases = [([str(nosplit)], str(nosplit)), ([str(binary)], str(binary)),
+             ([str(good), "--out", str(afile)], "is a file"),
+             ([str(good), "--out", str(afile / "sub")], str(afile))]  # a folder that cannot be made
+    for args, word in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0], err
+    assert afile.read_text() == "mine"
+
+
+def test_make_tables_digest_is_the_evaluations(tmp_path: Path) -> None:
+    from recipes.common.vqa_eval import questions_sha256
+
+    rows = [{"qid": 3, "image": "a.jpg", "question": "where?", "ground_truth": "lung"}, {"qid": 1, "image": "b.jpg"}]
+    assert load_launch("make_table").questions_sha256(rows) == questions_sha256(rows) == questions_sha256(rows[::-1])

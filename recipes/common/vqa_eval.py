@@ -2,6 +2,7 @@
 where the trained weights are, metrics.json + predictions.jsonl, and TensorBoard samples."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -67,9 +68,18 @@ def write_results(out_dir: Union[str, Path], document: dict[str, Any], predictio
     """Write metrics.json and predictions.jsonl into out_dir (each atomically); returns out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # make_table compares runs only on the same questions: a split name alone does not say which were asked
+    document = {**document, "questions_sha256": questions_sha256(predictions)}
     atomic_write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")
     atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     return out
+
+
+def questions_sha256(predictions: list[dict]) -> str:
+    """sha256 of the questions evaluated (qid, image, question, ground truth; in any order): equal = same questions."""
+    keys = sorted(json.dumps([str(p.get(k, "")) for k in ("qid", "image", "question", "ground_truth")])
+                  for p in predictions)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def samples_markdown(predictions: list[dict], n: int = 8) -> str:
