@@ -217,3 +217,49 @@ def test_make_tables_digest_is_the_evaluations(tmp_path: Path) -> None:
 
     rows = [{"qid": 3, "image": "a.jpg", "question": "where?", "ground_truth": "lung"}, {"qid": 1, "image": "b.jpg"}]
     assert load_launch("make_table").questions_sha256(rows) == questions_sha256(rows) == questions_sha256(rows[::-1])
+
+
+# --- item 2: a full disk during a checkpoint save ------------------------------------------------------------------
+
+_FULL_DISK = """
+import os, runpy, sys
+import torch
+real_save = torch.save
+
+def save(obj, f, *args, **kwargs):  # every file of the step-4 checkpoint lands on /dev/full: writes fail ENOSPC
+    if isinstance(f, (str, os.PathLike)) and "step_00000004" in str(f):
+        f = "/dev/full"
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fail writes with ENOSPC")
+def test_a_full_disk_during_a_save_ends_in_one_line_and_the_last_checkpoint_loads(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from framework.checkpoint import find_resume_tag
+    from recipes.toy import make_shards
+    from tests.conftest import ROOT
+
+    make_shards(tmp_path / "shards", 64, 4)
+    args = [str(ROOT / "launch" / "train.py"), "--recipe", str(ROOT / "recipes" / "toy" / "toy.yaml"),
+            f"run.dir={tmp_path / 'run'}", f"data.train={tmp_path / 'shards'}", "train.epochs=null",
+            "train.max_steps=6", "run.save_every=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env |= {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    full = subprocess.run([sys.executable, "-c", _FULL_DISK, *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no space left writing ") and "step_00000004" in last, last
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert find_resume_tag(ckpt) == "step_00000002" and not (ckpt / "step_00000004").exists()
+    resumed = run_entry("train.py", *args[1:], timeout=300)  # space again: it resumes from step 2 and finishes
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert find_resume_tag(ckpt) == "step_00000006" and "resum" in resumed.stdout + resumed.stderr
