@@ -279,22 +279,36 @@ def test_stage2_trains_projection_and_qformer_never_the_llm():
 
 @pytest.mark.slow
 def test_itm_leaves_the_label_prior_and_learns_to_match():
-    """ITM starts on the 1:2 label prior (loss ~0.6365, BLIP #51) and, on 4 distinct pairs, learns to match them."""
-    model = stage1(seed=0).train()
-    model.objectives = ("itm",)
-    ids, mask = captions(model.tokenizer, ["ct of the head", "mri of the abdomen shows a lesion",
-                                           "a small bright lesion", "yes no"])
-    pix = images(4)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(300):
-        loss = model({"image": pix, "input_ids": ids, "attention_mask": mask})["losses"]["itm"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(loss) < 0.05
-    model.eval()
-    emb = model.image_embeds(pix)
-    with torch.no_grad():
-        match = torch.stack([torch.stack([model.itm_logits(emb[i:i + 1], ids[j:j + 1], mask[j:j + 1])[0].softmax(-1)[1]
-                                          for j in range(4)]) for i in range(4)])
-    assert torch.equal(match.argmax(1), torch.arange(4)) and (match.diagonal() > 0.9).all()
+    """ITM starts on the 1:2 label prior (loss ~0.6365, BLIP #51) and learns to match two distinct pairs.
+
+    Two pairs, so each row's hard negative is the other one: nothing drawn decides the outcome. With 4 pairs of
+    noise images some seeds (so some CPUs' kernels) sit in a local minimum (2 of 8 seeds measured); with these two
+    pairs all 8 seeds measured reach loss < 0.002 by step 100 of 200 (asserted: < 0.05). Every draw the test makes
+    comes from a generator seeded here, and the global RNG (the model's draws) is forked and seeded here.
+    """
+    with torch.random.fork_rng():
+        model = stage1(seed=0).train()  # seeds the (forked) global RNG the ITM negative draw uses
+        model.objectives = ("itm",)
+        ids, mask = captions(model.tokenizer, ["ct of the head", "mri of the abdomen shows a lesion"])
+        colours = torch.tensor([[1.5, -1.5, 0.0], [-1.5, 1.5, 0.0]])  # two images no frozen ViT confuses
+        pix = 0.2 * images(2, seed=0) + colours[:, :, None, None]
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=3e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 200)
+        losses = []
+        for _ in range(200):
+            loss = model({"image": pix, "input_ids": ids, "attention_mask": mask})["losses"]["itm"]
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+        model.eval()
+        emb = model.image_embeds(pix)
+        with torch.no_grad():
+            match = torch.stack([torch.stack([model.itm_logits(emb[i:i + 1], ids[j:j + 1], mask[j:j + 1])[0]
+                                              .softmax(-1)[1] for j in range(2)]) for i in range(2)])
+    assert losses[0] > 0.5  # untrained: near the label prior (1 match to 2 non-matches: 0.6365) or above it
+    assert max(losses[-10:]) < 0.05
+    assert (match.diagonal() > 0.9).all() and (match.fliplr().diagonal() < 0.1).all(), match
