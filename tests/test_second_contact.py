@@ -263,3 +263,70 @@ def test_a_full_disk_during_a_save_ends_in_one_line_and_the_last_checkpoint_load
     resumed = run_entry("train.py", *args[1:], timeout=300)  # space again: it resumes from step 2 and finishes
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert find_resume_tag(ckpt) == "step_00000006" and "resum" in resumed.stdout + resumed.stderr
+
+
+# --- item 4: tracebacks -> one line ----------------------------------------------------------------------------------
+
+def test_a_caption_over_csvs_field_limit_is_one_line_naming_file_and_line(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name)
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,caption\na.jpg,hello\nb.jpg," + "x" * 200_000 + "\n")  # 200 KB > csv's 128 KiB
+    proc = run_entry("prepare_rocov2.py", "--input", str(table), "--split", "all", "--out", str(tmp_path / "out"),
+                     timeout=120)
+    _one_line_error(proc, f"{table}: the row from line 3", "unbalanced quote")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, word", [("base: 5\n", "base: expected a recipe file"),
+                                        ("base: [null]\n", "base: expected a recipe file"),
+                                        ("base: toy.yaml\ndeepspeed:\n  zero_optimization: [0]\n",
+                                         "deepspeed.zero_optimization: expected a mapping")])
+def test_malformed_base_or_deepspeed_section_is_one_line(tmp_path: Path, text: str, word: str) -> None:
+    from framework.config import ConfigError, load_config
+    from tests.conftest import ROOT
+
+    (tmp_path / "toy.yaml").write_text((ROOT / "recipes" / "toy" / "toy.yaml").read_text())
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=word):
+        load_config(tmp_path / "r.yaml")
+    with pytest.raises(ConfigError, match="deepspeed.zero_optimization"):
+        load_config(ROOT / "recipes" / "toy" / "toy.yaml", ["deepspeed.zero_optimization=[0]"])
+
+
+def test_device_typos_and_missing_gpus_are_one_line(tmp_path: Path) -> None:
+    from framework.gpu import user_device
+
+    assert user_device("cpu") == torch.device("cpu")
+    for spec in ("gpu", "cuda:x", "tpu"):
+        with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
+            user_device(spec)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            user_device("cuda:9")
+    else:
+        with pytest.raises(ValueError, match="GPU"):
+            user_device(f"cuda:{torch.cuda.device_count()}")
+    run = tmp_path / "run"
+    proc = run_entry("evaluate.py", "--checkpoint", str(run), "--device", "gpu", timeout=120)
+    _one_line_error(proc, "--device 'gpu'")
+    proc = run_entry("capfilt.py", "--model", str(run), "--shards", str(tmp_path), "--out", str(tmp_path / "o"),
+                     "--device", "cuda:9", timeout=120)
+    _one_line_error(proc, "--device cuda:9")
+
+
+def test_capfilt_refuses_an_out_inside_the_models_run_directory(tmp_path: Path) -> None:
+    from recipes.medblip.capfilt.bootstrap import CapFiltOptions
+
+    run = tmp_path / "runs" / "dapt"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("recipe: recipes.medblip.pretrain\n")
+    for out in (run, run / "capfilt"):
+        with pytest.raises(ValueError, match="lies in the run directory of --captioner"):
+            CapFiltOptions(shards=[str(tmp_path / "s")], out=str(out), captioner=str(run), filter=str(run)).check()
+    CapFiltOptions(shards=[str(tmp_path / "s")], out=str(tmp_path / "runs" / "clean"), captioner=str(run),
+                   filter=str(run)).check()  # beside the run: fine
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
