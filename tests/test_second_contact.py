@@ -330,3 +330,18 @@ def test_capfilt_refuses_an_out_inside_the_models_run_directory(tmp_path: Path) 
     CapFiltOptions(shards=[str(tmp_path / "s")], out=str(tmp_path / "runs" / "clean"), captioner=str(run),
                    filter=str(run)).check()  # beside the run: fine
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+
+
+# --- item 8: console noise -------------------------------------------------------------------------------------------
+
+def test_the_vit_size_note_only_when_the_users_own_setting_is_overruled(capsys) -> None:
+    from framework.config import load_config
+    from recipes.medblip.pretrain import model_config
+    from tests.conftest import ROOT
+
+    recipe = ROOT / "recipes" / "medblip" / "dapt.yaml"
+    quiet = model_config(load_config(recipe, ["model.preset=tiny", "image.size=64"]))  # the preset's 32: no note
+    assert quiet.vit.image_size == 64 and "ViT built for" not in capsys.readouterr().out
+    loud = model_config(load_config(recipe, ["model.preset=tiny", "image.size=64", "model.vit.image_size=48"]))
+    assert loud.vit.image_size == 64
+    assert "model: ViT built for image.size=64 (model.vit.image_size was 48)" in capsys.readouterr().out

@@ -69,7 +69,8 @@ def model_config(cfg: BlipConfig) -> ModelConfig:
     mc = cfg.model
     size = cfg.image.size
     if mc.vit.image_size != size:
-        say(f"model: ViT built for image.size={size} (model.vit.image_size was {mc.vit.image_size})")
+        if "vit.image_size" not in getattr(mc, "_from_preset", set()):  # the user's own setting is overruled: say so
+            say(f"model: ViT built for image.size={size} (model.vit.image_size was {mc.vit.image_size})")
         mc = mc.replace(vit=dataclasses.replace(mc.vit, image_size=size))
     return mc
 
