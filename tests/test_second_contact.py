@@ -345,3 +345,14 @@ def test_the_vit_size_note_only_when_the_users_own_setting_is_overruled(capsys) 
     loud = model_config(load_config(recipe, ["model.preset=tiny", "image.size=64", "model.vit.image_size=48"]))
     assert loud.vit.image_size == 64
     assert "model: ViT built for image.size=64 (model.vit.image_size was 48)" in capsys.readouterr().out
+
+
+def test_tensorboard_sample_text_keeps_its_spaces_and_whole_words() -> None:
+    from recipes.common.vqa_eval import fit_text, label_font
+
+    font = label_font()
+    assert font.getlength("is this") - font.getlength("isthis") >= 3  # a visible space (was ~0.6 px at 10 px)
+    long = "Q: is there evidence of a small bright lesion in the left hemisphere of the brain?"
+    cut = fit_text(long, font, 248)
+    assert font.getlength(cut) <= 248 and cut.endswith(" ...") and long.startswith(cut[:-4] + " ")
+    assert fit_text("Q: is this normal?", font, 248) == "Q: is this normal?"

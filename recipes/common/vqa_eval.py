@@ -106,11 +106,33 @@ def sample_images(predictions: list[dict], image_dir: Union[str, Path], n: int =
         canvas = Image.new("RGB", (side, side + 48), "black")
         canvas.paste(img, (0, 0))
         draw = ImageDraw.Draw(canvas)
-        draw.text((4, side + 2), f"Q: {p['question']}"[:48], fill="white")
-        draw.text((4, side + 17), f"truth: {p['ground_truth']}"[:48], fill="white")
-        draw.text((4, side + 32), f"pred: {p['prediction']}"[:48], fill="lime" if p["match"] else "red")
+        font = label_font()
+        for row, (text, colour) in enumerate([(f"Q: {p['question']}", "white"),
+                                              (f"truth: {p['ground_truth']}", "white"),
+                                              (f"pred: {p['prediction']}", "lime" if p["match"] else "red")]):
+            draw.text((4, side + 2 + 15 * row), fit_text(text, font, side - 8), fill=colour, font=font)
         out[f"sample_{i}"] = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return out
+
+
+def label_font() -> Any:
+    """Pillow's default font at 13 px: at its default ~10 px, hinting shrinks spaces to nothing ("is thisabdomen")."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the bitmap font, whose spaces are whole
+        return ImageFont.load_default()
+
+
+def fit_text(text: str, font: Any, width: int) -> str:
+    """`text`, or its first whole words and "..." when it is wider than `width` px (not cut mid-word)."""
+    if font.getlength(text) <= width:
+        return text
+    words = text.split(" ")
+    while len(words) > 1 and font.getlength(" ".join(words) + " ...") > width:
+        words.pop()
+    return " ".join(words) + " ..."
 
 
 def config_for_checkpoint(recipe: Optional[str], checkpoint: Optional[str],
