@@ -50,6 +50,16 @@ class DemoError(RuntimeError):
     """A stage failed; the message names it and its log."""
 
 
+def shown(line: str, width: int = 160) -> str:
+    """A log line for the console: whole, or cut at a word boundary with " ..." (never mid-word; the log has all)."""
+    line = line.rstrip()
+    if len(line) <= width:
+        return line
+    cut = line[:width - 4]
+    head = cut.rsplit(" ", 1)[0] if " " in cut[width // 2:] else cut  # a single giant word: cut it anyway
+    return head.rstrip() + " ..."
+
+
 def _run(name: str, args: list[str], log: Path, env: dict[str, str]) -> float:
     """Run `python launch/<args...>`, echo its key lines, write all output to `log`; returns seconds taken."""
     cmd = [sys.executable, *args]
@@ -61,7 +71,7 @@ def _run(name: str, args: list[str], log: Path, env: dict[str, str]) -> float:
         for line in proc.stdout:
             f.write(line)
             if _SHOW.search(line) and not line.startswith("[rank"):
-                print("   " + line.rstrip()[:160], flush=True)
+                print("   " + shown(line), flush=True)
     if proc.returncode != 0:
         raise DemoError(f"stage {name} failed (exit {proc.returncode}); see {log}")
     took = time.time() - t0

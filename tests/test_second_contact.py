@@ -356,3 +356,11 @@ def test_tensorboard_sample_text_keeps_its_spaces_and_whole_words() -> None:
     cut = fit_text(long, font, 248)
     assert font.getlength(cut) <= 248 and cut.endswith(" ...") and long.startswith(cut[:-4] + " ")
     assert fit_text("Q: is this normal?", font, 248) == "Q: is this normal?"
+
+
+def test_demo_console_lines_are_not_cut_mid_word() -> None:
+    shown = load_launch("demo").shown
+    line = "step 10/40 " + " ".join(f"loss_{i} 0.{i:03d}" for i in range(30)) + "\n"
+    out = shown(line)
+    assert len(out) <= 160 and out.endswith(" ...") and line.startswith(out[:-4]) and line[len(out) - 4] == " "
+    assert shown("eval step 2: itm_acc 0.75\n") == "eval step 2: itm_acc 0.75"
