@@ -364,3 +364,19 @@ def test_demo_console_lines_are_not_cut_mid_word() -> None:
     out = shown(line)
     assert len(out) <= 160 and out.endswith(" ...") and line.startswith(out[:-4]) and line[len(out) - 4] == " "
     assert shown("eval step 2: itm_acc 0.75\n") == "eval step 2: itm_acc 0.75"
+
+
+def test_no_deepspeed_accelerator_warning_on_a_machine_without_an_nvidia_driver(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    if os.path.exists("/proc/driver/nvidia"):
+        pytest.skip("an NVIDIA driver is loaded here: DeepSpeed detects the GPU itself")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", "import framework, deepspeed\n"
+                           "from deepspeed.accelerator import get_accelerator\nprint(get_accelerator()._name)"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in proc.stderr
