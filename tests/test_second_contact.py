@@ -403,3 +403,23 @@ def test_the_small_real_data_recipe_loads_and_trains_a_few_steps(tmp_path: Path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: finished at step 2" in proc.stdout
     assert "ViT built for" not in proc.stdout  # the recipe's sizes agree with each other
+
+
+def test_psd_from_a_vqa_run_warns_that_its_itc_and_itm_heads_start_random(tmp_path: Path, capsys) -> None:
+    from framework.config import load_config
+    from recipes.medblip.pretrain import build_model
+    from tests.conftest import ROOT
+
+    vqa = _tiny_vqa()
+    torch.save({"model": vqa.state_dict()}, tmp_path / "vqa.pth")  # what a VQA run's weights hold: no ITC/ITM heads
+    over = ["model.preset=tiny", "image.size=32", "model.queue_size=8"]
+    cfg = load_config(ROOT / "recipes" / "medblip" / "psd.yaml", over + [f"run.init_from={tmp_path / 'vqa.pth'}"])
+    build_model(cfg)
+    out = capsys.readouterr().out
+    assert "holds no ITC / ITM head" in out and "start(s) from random weights" in out
+    pre = build_model(load_config(ROOT / "recipes" / "medblip" / "psd.yaml", over + ["run.init_from=null"]),
+                      load_weights=False)
+    torch.save({"model": pre.state_dict()}, tmp_path / "dapt.pth")
+    capsys.readouterr()
+    build_model(load_config(ROOT / "recipes" / "medblip" / "psd.yaml", over + [f"run.init_from={tmp_path / 'dapt.pth'}"]))
+    assert "holds no" not in capsys.readouterr().out

@@ -91,7 +91,24 @@ def build_model(cfg: PretrainConfig, *, load_weights: bool = True) -> MedBlipPre
     if load_weights and cfg.run.init_from:
         report = load_pretrained(model, cfg.run.init_from)
         say(report.summary())
+        say_missing_heads(report.missing, enabled_objectives(cfg), cfg.run.init_from)
     return model
+
+
+# The heads each objective trains that only a pretraining checkpoint holds (a VQA run has none of them).
+OBJECTIVE_HEADS = {"itc": ("vision_proj.", "text_proj."), "itm": ("itm_head.",)}
+
+
+def say_missing_heads(missing: list[str], enabled: set[str], source: str) -> list[str]:
+    """One warning line when `source` lacks the ITC/ITM heads the enabled objectives train (e.g. PSD started from a
+    VQA run): they start from random weights, which a long missing-key list hides. Returns the objectives named."""
+    lacking = sorted(o for o in enabled & set(OBJECTIVE_HEADS)
+                     if any(m.startswith(OBJECTIVE_HEADS[o]) for m in missing))
+    if lacking:
+        say(f"warning: run.init_from={source} holds no {' / '.join(o.upper() for o in lacking)} head (a VQA or "
+            f"other non-pretraining run?): {', '.join(lacking)} start(s) from random weights; start from a DAPT "
+            "run or model_base.pth")
+    return lacking
 
 
 def build(cfg: PretrainConfig, dist: DistInfo) -> Task:
