@@ -423,3 +423,20 @@ def test_psd_from_a_vqa_run_warns_that_its_itc_and_itm_heads_start_random(tmp_pa
     capsys.readouterr()
     build_model(load_config(ROOT / "recipes" / "medblip" / "psd.yaml", over + [f"run.init_from={tmp_path / 'dapt.pth'}"]))
     assert "holds no" not in capsys.readouterr().out
+
+
+def test_a_partial_evaluation_leaves_the_runs_metrics_json_as_it_is(tmp_path: Path) -> None:
+    from tests.conftest import ROOT
+
+    ph.write_vqa(tmp_path / "vqa", SMALL)
+    torch.save({"model": _tiny_vqa().state_dict()}, tmp_path / "w.pth")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"the": "full test set"}\n')
+    proc = run_entry("evaluate.py", "--recipe", str(ROOT / "recipes" / "medblip" / "vqa.yaml"), "--checkpoint",
+                     str(tmp_path / "w.pth"), f"run.dir={run}", f"vqa.root={tmp_path / 'vqa'}", "model.preset=tiny",
+                     "image.size=32", "vqa.eval_limit=3", "data.num_workers=0", "vqa.k_test=2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "metrics.json").read_text() == '{"the": "full test set"}\n'
+    assert json.loads((run / "eval" / "limit_3" / "metrics.json").read_text())["evaluated_questions"] == 3
+    assert "the run's metrics.json is left as it is" in proc.stdout
