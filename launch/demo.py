@@ -50,7 +50,7 @@ class DemoError(RuntimeError):
     """A stage failed; the message names it and its log."""
 
 
-def shown(line: str, width: int = 160) -> str:
+def console_line(line: str, width: int = 160) -> str:
     """A log line for the console: whole, or cut at a word boundary with " ..." (never mid-word; the log has all)."""
     line = line.rstrip()
     if len(line) <= width:
@@ -71,7 +71,7 @@ def _run(name: str, args: list[str], log: Path, env: dict[str, str]) -> float:
         for line in proc.stdout:
             f.write(line)
             if _SHOW.search(line) and not line.startswith("[rank"):
-                print("   " + shown(line), flush=True)
+                print("   " + console_line(line), flush=True)
     if proc.returncode != 0:
         raise DemoError(f"stage {name} failed (exit {proc.returncode}); see {log}")
     took = time.time() - t0

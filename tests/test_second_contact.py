@@ -359,7 +359,7 @@ def test_tensorboard_sample_text_keeps_its_spaces_and_whole_words() -> None:
 
 
 def test_demo_console_lines_are_not_cut_mid_word() -> None:
-    shown = load_launch("demo").shown
+    shown = load_launch("demo").console_line
     line = "step 10/40 " + " ".join(f"loss_{i} 0.{i:03d}" for i in range(30)) + "\n"
     out = shown(line)
     assert len(out) <= 160 and out.endswith(" ...") and line.startswith(out[:-4]) and line[len(out) - 4] == " "
