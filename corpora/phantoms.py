@@ -380,6 +380,9 @@ def demo_vocab(spec: PhantomSpec) -> list[str]:
     return list(SPECIAL_TOKENS) + sorted(words - set(SPECIAL_TOKENS))
 
 
+DEMO_DATA_NAMES = frozenset({"phantoms.json", "shards", "vocab.txt", "vqa"})  # all write_demo_data puts in `out`
+
+
 def write_demo_data(out: Path, spec: PhantomSpec, force: bool = False) -> dict[str, Any]:
     """Generate everything under `out` (shards/train, shards/val, vqa/, vocab.txt) once; an identical spec is a no-op.
 
@@ -399,22 +402,46 @@ def write_demo_data(out: Path, spec: PhantomSpec, force: bool = False) -> dict[s
             summary = {}
         if summary.get("spec") == wanted:
             return {**summary, "reused": True}
+    _refuse_foreign(out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    summary = {"spec": wanted,
-               "train": write_caption_shards(tmp / "shards" / "train", spec, "train", spec.train_captions)
-               ["total_samples"],
-               "val": write_caption_shards(tmp / "shards" / "val", spec, "val", spec.val_captions)["total_samples"],
-               "vqa": write_vqa(tmp / "vqa", spec)}
-    vocab = demo_vocab(spec)
-    (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    summary["vocab"] = len(vocab)
-    (tmp / "phantoms.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    try:
+        summary = {"spec": wanted,
+                   "train": write_caption_shards(tmp / "shards" / "train", spec, "train", spec.train_captions)
+                   ["total_samples"],
+                   "val": write_caption_shards(tmp / "shards" / "val", spec, "val", spec.val_captions)
+                   ["total_samples"],
+                   "vqa": write_vqa(tmp / "vqa", spec)}
+        vocab = demo_vocab(spec)
+        (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        summary["vocab"] = len(vocab)
+        (tmp / "phantoms.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if out.exists():
+            _refuse_foreign(out)  # checked again: someone may have put files there while we generated
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    except BaseException:  # a failed or interrupted generation leaves no <out>.tmpPID behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return {**summary, "reused": False}
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Raise ValueError unless `out` is absent, an empty folder, or demo data this module wrote (its phantoms.json).
+
+    The folder is deleted and rewritten, so anything else there (a user's ROCOv2, VQA-RAD) must never be touched.
+    """
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink():
+        names = {p.name for p in out.iterdir()}
+        if not names or "phantoms.json" in names and names <= DEMO_DATA_NAMES:
+            return
+        foreign = ", ".join(sorted(names - DEMO_DATA_NAMES)) or "no phantoms.json"
+        raise ValueError(f"{out} is not empty and holds no demo data ({foreign[:80]}): it is left as it is; "
+                         f"demo data goes into a new or empty folder, or one it wrote before")
+    raise ValueError(f"{out} exists and is not a folder of demo data: choose another --data/--out")
 
 
 def _basic_tokens(text: str) -> list[str]:

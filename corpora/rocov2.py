@@ -290,8 +290,20 @@ def _read_csv_columns(path: Path, want: dict[str, tuple[str, ...]]) -> Iterator[
             if hit is None:
                 raise PrepareError(f"{path}: no {'/'.join(candidates)} column (found: {', '.join(header.values())})")
             cols[name] = hit
-        for row in reader:
-            yield {name: (row.get(col) or "") for name, col in cols.items()}
+        with _csv_errors(path, reader):
+            for row in reader:
+                yield {name: (row.get(col) or "") for name, col in cols.items()}
+
+
+@contextmanager
+def _csv_errors(path: Path, reader: Any) -> Iterator[None]:
+    """csv.Error (a field over csv's 128 KiB limit: in practice an unbalanced quote that swallowed the lines after
+    it) as one PrepareError naming the file and line."""
+    try:
+        yield
+    except csv.Error as e:
+        raise PrepareError(f"{path}: the row from line {reader.line_num + 1}: {e} (a caption over {csv.field_size_limit() // 1024} KiB is "
+                           "usually an unbalanced quote \" that swallowed the lines after it; fix the file)") from None
 
 
 def _index_images(folder: Path) -> dict[str, Path]:
@@ -438,7 +450,8 @@ def _table_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         return rows, cols
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        return list(reader), list(reader.fieldnames or [])
+        with _csv_errors(path, reader):
+            return list(reader), list(reader.fieldnames or [])
 
 
 def _table_listing(table: Path, split: str, images: Optional[str], image_col: Optional[str],

@@ -6,6 +6,7 @@ Loading never unpickles arbitrary objects: every file of a resumed checkpoint go
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import pickle
@@ -142,8 +143,14 @@ def save(ds_engine: Any, ckpt_dir: Path, step: int, client_state: dict, rank_sta
     if rank == 0 and tag_dir.exists():  # a leftover of a crashed save of this very step
         shutil.rmtree(tag_dir)
     barrier()
-    ds_engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rank_state, tag_dir / f"rank_{rank:05d}.pt")
+    try:
+        ds_engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rank_state, tag_dir / f"rank_{rank:05d}.pt")
+    except (OSError, RuntimeError) as e:
+        if not disk_full(e):
+            raise
+        shutil.rmtree(tag_dir, ignore_errors=True)  # the half-written tag goes; `latest` still names the last good one
+        raise OSError(errno.ENOSPC, "No space left on device", str(tag_dir)) from None
     barrier()
     if rank == 0:
         fsync_dir(tag_dir)
@@ -152,6 +159,20 @@ def save(ds_engine: Any, ckpt_dir: Path, step: int, client_state: dict, rank_sta
         prune(ckpt_dir, keep_last, current=tag)
     barrier()
     return tag
+
+
+def disk_full(e: BaseException) -> bool:
+    """A write that failed for want of space: ENOSPC/EDQUOT, or torch's zip writer's short write ("unexpected pos",
+    its only report of a full disk), here or in the exceptions it was raised while handling."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "file write failed" in str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def prune(ckpt_dir: Path, keep_last: int, current: str) -> None:

@@ -209,6 +209,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     bases = data.pop("base", None)
+    if not (bases is None or isinstance(bases, str)
+            or isinstance(bases, list) and all(isinstance(b, str) and b for b in bases)):
+        raise ConfigError(f"{path}: base: expected a recipe file or a list of them, got {bases!r}")
     ds_file = isinstance(data.get("deepspeed"), str)
     if ds_file:  # read here, relative to this file, so that deepspeed.* overrides reach its keys
         data["deepspeed"] = _read_deepspeed(data["deepspeed"], str(path))
@@ -348,6 +351,10 @@ def import_recipe(name: str, source: str = "<config>") -> "Recipe":
     return recipe
 
 
+DEEPSPEED_SECTIONS = ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler", "activation_checkpointing",
+                      "flops_profiler", "comms_logger", "data_types")
+
+
 def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
     """Read a recipe file (with bases and overrides) and validate it into the recipe's Config class."""
     path = Path(path)
@@ -362,6 +369,11 @@ def config_from_dict(data: dict, source: str = "<config>") -> Config:
     data = dict(data)
     if isinstance(data.get("deepspeed"), str):
         data["deepspeed"] = _read_deepspeed(data["deepspeed"], source)
+    if isinstance(data.get("deepspeed"), dict):  # DeepSpeed's own sections are mappings: say so before it crashes
+        for key in DEEPSPEED_SECTIONS:
+            value = data["deepspeed"].get(key)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{source}: deepspeed.{key}: expected a mapping (e.g. {{stage: 0}}), got {value!r}")
     cfg = from_dict(recipe.config, data, "", source)
     cfg.source = source
     for name in cfg.objectives:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
@@ -51,3 +52,25 @@ def sha256_file(path: PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_writable_file(path: PathLike, option: str) -> Path:
+    """Raise ValueError (one line naming `option`) unless `path` can be written as a file; creates nothing.
+
+    Called before long work, so that hours of results are not lost to a bad output path at the very end.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder: name a file (e.g. {path / 'out.json'})")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: its folder {parent} does not exist (or is a file)")
+    try:  # a real write probe: os.access says yes to root on read-only folders and knows nothing of a full disk
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot write in {parent} ({e.strerror})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{option} {path}: the file is not writable")
+    return path

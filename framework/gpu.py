@@ -75,3 +75,20 @@ def set_extension_arch(facts: GpuFacts) -> str:
     sm_60: a P100 needs TORCH_CUDA_ARCH_LIST=6.0. An explicit setting from the user is kept. Returns the value used.
     """
     return os.environ.setdefault("TORCH_CUDA_ARCH_LIST", facts.arch)
+
+
+def user_device(spec: str, option: str = "--device") -> torch.device:
+    """`cpu`, `cuda` or `cuda:N` as a torch.device, or ValueError in one line (a typo, a GPU that is not there)."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{option} {spec!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option} {spec!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{option} {spec}: no CUDA GPU is visible here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{option} {spec}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    return device

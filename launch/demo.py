@@ -50,6 +50,16 @@ class DemoError(RuntimeError):
     """A stage failed; the message names it and its log."""
 
 
+def console_line(line: str, width: int = 160) -> str:
+    """A log line for the console: whole, or cut at a word boundary with " ..." (never mid-word; the log has all)."""
+    line = line.rstrip()
+    if len(line) <= width:
+        return line
+    cut = line[:width - 4]
+    head = cut.rsplit(" ", 1)[0] if " " in cut[width // 2:] else cut  # a single giant word: cut it anyway
+    return head.rstrip() + " ..."
+
+
 def _run(name: str, args: list[str], log: Path, env: dict[str, str]) -> float:
     """Run `python launch/<args...>`, echo its key lines, write all output to `log`; returns seconds taken."""
     cmd = [sys.executable, *args]
@@ -61,7 +71,7 @@ def _run(name: str, args: list[str], log: Path, env: dict[str, str]) -> float:
         for line in proc.stdout:
             f.write(line)
             if _SHOW.search(line) and not line.startswith("[rank"):
-                print("   " + line.rstrip()[:160], flush=True)
+                print("   " + console_line(line), flush=True)
     if proc.returncode != 0:
         raise DemoError(f"stage {name} failed (exit {proc.returncode}); see {log}")
     took = time.time() - t0
@@ -141,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                              "DAPT on noisy captions vs on their CapFilt bootstrap (what CapFilt adds)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every training stage")
     args = parser.parse_args(argv)
+    if args.seed < 0 or args.threads < 1:  # numpy's "expected non-negative integer" names no option
+        print(f"error: {'--seed must be >= 0' if args.seed < 0 else '--threads must be >= 1'}", file=sys.stderr)
+        return 2
     data, runs = Path(args.data).resolve(), Path(args.runs).resolve()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

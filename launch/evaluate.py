@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluate a VQA run on its test split: `python launch/evaluate.py --recipe FILE [--checkpoint PATH] [key=value ...]`.
 
-Writes metrics.json and predictions.jsonl into the run directory (or --out) and prints accuracy and edit
+Writes metrics.json and predictions.jsonl into the run directory (or --out; a partial check with vqa.eval_limit
+writes into RUN/eval/limit_N instead, leaving the run's metrics.json as it is) and prints accuracy and edit
 similarity (overall / closed / open, with counts and 95% intervals by bootstrap over images) next to the
 majority-answer and question-only baselines. Without --checkpoint the newest complete checkpoint of run.dir is
 evaluated. --blank-image answers every question with the image replaced by one constant grey image (default
@@ -47,11 +48,14 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
+        from framework.gpu import user_device
         from framework.preflight import check_cuda_device
         from recipes.common.vqa_eval import blank_image_split, config_for_checkpoint, run_seed
         from recipes.common.vqa_metrics import format_table
 
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # a typo or a missing GPU: one line before minutes of loading
+        device = user_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available()
+                                                                            else "cpu")
         check_cuda_device(device)  # one line naming the build to install, not CUDA's "no kernel image"
         if args.recipe is not None and _is_retrieval(args.recipe, args.overrides):
             from recipes.medblip.retrieval import config_for, run
@@ -79,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         doc["seconds"] = round(time.time() - started, 1)
         doc["seed"] = run_seed(cfg, checkpoint)
         doc["blank_image"] = bool(args.blank_image)
+        if len(result["predictions"]) < len(split.test) and out_dir.resolve() == Path(cfg.run.dir).resolve():
+            # a partial check (vqa.eval_limit) must not replace the run's full-test metrics.json that make_table reads
+            out_dir = out_dir / "eval" / f"limit_{len(result['predictions'])}"
+            print(f"vqa.eval_limit: {len(result['predictions'])} of {len(split.test)} test questions; the run's "
+                  f"metrics.json is left as it is", flush=True)
         out = recipe.write_results(out_dir, doc, result["predictions"])
         inf = doc["inference"]
 

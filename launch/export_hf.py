@@ -21,16 +21,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=None, help="the VQA recipe YAML the model was trained with (default: the "
                         "checkpoint run's own config.yaml, whose model shape is used in any case)")
-    parser.add_argument("--out", required=True, help="output directory (created)")
+    parser.add_argument("--out", required=True, help="output directory (created; a folder holding files is refused "
+                        "unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that holds files, replacing "
+                        "those of the same name")
     parser.add_argument("--checkpoint", default=None, help="weights (default: newest checkpoint of run.dir)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     def export() -> int:
         from recipes.common.vqa_eval import config_for_checkpoint, trained_checkpoint
-        from recipes.medblip.model.to_transformers import NOT_CARRIED, export_vqa
+        from recipes.medblip.model.to_transformers import NOT_CARRIED, check_export_dir, export_vqa
         from recipes.medblip.vqa import load_trained
 
+        check_export_dir(Path(args.out), args.overwrite)  # before minutes of loading
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
         if not str(cfg.recipe).startswith("recipes.medblip."):  # the BlipForQuestionAnswering layout is BLIP's
             raise ValueError(f"{cfg.source}: export_hf.py exports MedBLIP VQA models (recipes.medblip.vqa) to "
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(cfg, "vqa"):
             raise ValueError(f"{cfg.source}: not a VQA recipe (recipe: recipes.medblip.vqa)")
         model = load_trained(cfg, trained_checkpoint(cfg, args.checkpoint))
-        out = export_vqa(model.eval(), args.out, cfg.image)
+        out = export_vqa(model.eval(), args.out, cfg.image, overwrite=args.overwrite)
         print(f"exported BlipForQuestionAnswering to {out}\nnot carried: " + "; ".join(NOT_CARRIED), flush=True)
         return 0
 

@@ -32,12 +32,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from framework.cli import run_cli  # noqa: E402
+from framework.files import check_writable_file  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "medblip"
 WARMUP_STEPS = 2  # steps left out of the speed figures (allocator, cuDNN/cuBLAS heuristics, loss-scale search)
@@ -351,6 +352,15 @@ def _num(v: Optional[float], digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def json_path(given: Optional[str], work: Optional[str], rehearse: bool) -> Path:
+    """Where the figures go: --json if given; a rehearsal's (meaningless) figures stay out of the checkout."""
+    if given is not None:
+        return Path(given)
+    if rehearse:
+        return Path(work if work else tempfile.gettempdir()) / "gpu_check.json"
+    return Path("gpu_check.json")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cap-gib", type=float, default=15.4,
@@ -361,7 +371,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="fp16 overflow skips tolerated after a stage's first clean step (default 2)")
     parser.add_argument("--only", default=None, help="comma-separated stage names to run (default: all)")
     parser.add_argument("--extra", action="store_true", help="also VQA, DAPT under ZeRO-2 and (2+ GPUs) two ranks")
-    parser.add_argument("--json", default="gpu_check.json", help="where to write the figures (default gpu_check.json)")
+    parser.add_argument("--json", default=None,
+                        help="where to write the figures (default gpu_check.json; with --rehearse, "
+                             "gpu_check.json in --work or in the system's temporary folder, not the checkout)")
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one, removed after)")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per stage (default 240)")
     parser.add_argument("--rehearse", action="store_true",
@@ -403,8 +415,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             if unknown:
                 raise ValueError(f"--only: unknown stage {unknown[0]!r}; here: {', '.join(s.name for s in stages)}")
             stages = [s for s in stages if s.name in wanted]
+        args.json = str(json_path(args.json, args.work, args.rehearse))
+        if args.work:
+            Path(args.work).mkdir(parents=True, exist_ok=True)
+        check_writable_file(args.json, "--json")  # before minutes of stages, not after them
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check-"))
-        work.mkdir(parents=True, exist_ok=True)
+        try:
+            return run_stages(stages, work, gpu, cap)
+        finally:
+            if not args.work:  # our temporary folder goes, whatever happened
+                shutil.rmtree(work, ignore_errors=True)
+
+    def run_stages(stages: list[Stage], work: Path, gpu: Optional[Any], cap: Optional[float]) -> int:
+        """Data, then each stage in turn, the table and the JSON; 0 when every stage passed."""
+        import torch
+
         device = "cpu" if gpu is None else "cuda"
         print(f"gpu_check: {gpu.describe() if gpu else 'CPU rehearsal'}; torch {torch.__version__}; "
               f"{len(stages)} stages x {args.steps} steps; cap {cap} GiB; work {work}", flush=True)
@@ -473,8 +498,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         doc = write_json(done=True)
         ok = doc["ok"]
         print(f"wrote {args.json}; {'every stage passed' if ok else 'FAILED'} in {doc['seconds']:.0f} s", flush=True)
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
         return 0 if ok else 1
 
     return run_cli(check)

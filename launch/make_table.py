@@ -17,7 +17,9 @@ SLAKE content_type).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import sys
@@ -86,9 +88,10 @@ def read_run(spec: str) -> tuple[str, Optional[str], dict[str, Any]]:
         raise FileNotFoundError(f"{where}: no metrics.json (run launch/evaluate.py on it first)")
     try:
         doc = json.loads(path.read_text())
-        doc["metrics"], doc["scores"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise TableError(f"{path}: not a VQA metrics.json (expected the keys 'metrics' and 'scores')") from None
+        doc["metrics"], doc["scores"], doc["split"]["split"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):  # a binary file too: name the path
+        raise TableError(f"{path}: not a VQA metrics.json (expected the keys 'metrics', 'scores' and "
+                         "'split')") from None
     key = ALIASES.get(label.lower()) if label else guess_label(path.parent, doc)
     if label and key is None:
         raise TableError(f"{spec}: unknown label {label!r}; use baseline, dapt, psd, scratch, dapt-noisy, "
@@ -97,8 +100,11 @@ def read_run(spec: str) -> tuple[str, Optional[str], dict[str, Any]]:
     if preds.is_file():  # per-question results: intervals for older metrics.json files and the paired tests
         try:
             doc["_predictions"] = [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
-        except json.JSONDecodeError:
+        except (UnicodeDecodeError, json.JSONDecodeError):
             raise TableError(f"{preds}: not JSON lines (re-run launch/evaluate.py)") from None
+        if "questions_sha256" not in doc:  # written before the key: the same digest from the predictions
+            with contextlib.suppress(AttributeError):
+                doc["questions_sha256"] = questions_sha256(doc["_predictions"])
     name = ROW_NAMES.get(key, path.parent.name) if key else path.parent.name
     return name, key, doc
 
@@ -133,6 +139,30 @@ def check_distinct(specs: list[str], runs: list[tuple[str, Optional[str], dict[s
 
 def _count(doc: dict[str, Any]) -> int:
     return int(doc.get("evaluated_questions", (doc.get("split") or {}).get("test", 0)))
+
+
+def questions_sha256(predictions: list[dict]) -> str:
+    """recipes.common.vqa_eval.questions_sha256 (the same digest; kept here so make_table needs no torch)."""
+    keys = sorted(json.dumps([str(p.get(k, "")) for k in ("qid", "image", "question", "ground_truth")])
+                  for p in predictions)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def check_same_questions(specs: list[str], runs: list[tuple[str, Optional[str], dict[str, Any]]]) -> None:
+    """Two runs under one split name but evaluated on different questions (another VQA-RAD copy, an eval_limit)
+    would be compared as equals: refuse, naming both."""
+    seen: dict[str, tuple[str, dict[str, Any]]] = {}
+    for spec, (_, _, doc) in zip(specs, runs):
+        digest = doc.get("questions_sha256")
+        if not digest:
+            continue
+        split = f"{doc['split'].get('dataset', 'vqa_rad')} {doc['split']['split']}"  # VQA-RAD and SLAKE share names
+        if split in seen and seen[split][1]["questions_sha256"] != digest:
+            other, odoc = seen[split]
+            raise TableError(f"{other} and {spec} were evaluated on different questions of split {split!r} "
+                             f"({odoc.get('evaluated_questions')} and {doc.get('evaluated_questions')} questions): "
+                             "not comparable; evaluate both on the same test set")
+        seen.setdefault(split, (spec, doc))
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -284,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         singles = [read_run(spec) for spec in args.runs]
+        check_same_questions(args.runs, singles)
         runs = group_runs(args.runs, singles)
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise TableError(f"--out {args.out} is a file: name a folder for table1.md and table1.csv")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -310,11 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     print(text, end="")
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table1.md").write_text(text)
         buf = io.StringIO()
         csv.writer(buf).writerows([header] + rows)
-        (out / "table1.csv").write_text(buf.getvalue())
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "table1.md").write_text(text)
+            (out / "table1.csv").write_text(buf.getvalue())
+        except OSError as e:  # a read-only folder, a full disk: one line naming the path
+            print(f"error: --out {out}: cannot write {e.filename or out} ({e.strerror})", file=sys.stderr)
+            return 2
         print(f"wrote {out / 'table1.md'} and {out / 'table1.csv'}", file=sys.stderr)
     return 0
 

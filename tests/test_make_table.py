@@ -12,7 +12,8 @@ main = load_launch("make_table").main
 
 def _run(root: Path, name: str, init: str | None = None) -> Path:
     (root / name).mkdir(parents=True)
-    (root / name / "metrics.json").write_text(json.dumps({"metrics": {}, "scores": {}, "init_from": init}))
+    (root / name / "metrics.json").write_text(json.dumps({"metrics": {}, "scores": {}, "split": {"split": "official"},
+                                                            "init_from": init}))
     return root / name
 
 

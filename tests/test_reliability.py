@@ -97,7 +97,6 @@ def test_a_signal_stops_a_run_stuck_waiting_for_data_or_in_an_evaluation(tmp_pat
     """SIGTERM while the next batch never comes (a stalled source) or during a long evaluation: the run ends within
     seconds with one line and exit 0, not at a step boundary that may never come; a second signal is not needed."""
     import signal
-    import time
 
     from tests.conftest import DIST_ENV
 
@@ -105,20 +104,21 @@ def test_a_signal_stops_a_run_stuck_waiting_for_data_or_in_an_evaluation(tmp_pat
     # the toy's batch 4 x accumulation 2: 8 samples a step; the source stalls after about 4 steps (mid-step or not)
     stall = ["model.stall_after=40"] if phase == "data" else ["model.eval_sleep=3600", "run.eval_every=1"]
     env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--recipe", TOY, shards,
-                             f"run.dir={tmp_path / 'run'}", "train.epochs=null", "train.max_steps=100",
-                             "data.num_workers=0", "run.save_every=1", *stall],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / "config.yaml").is_file() and time.time() < deadline:
-        time.sleep(0.2)  # training has started (the config is written when it does)
-    time.sleep(3)  # now stuck in the stalled decode or the evaluation
+    with open(tmp_path / "err.txt", "w") as err_file:  # a file, not a pipe nobody reads while we wait
+        proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--recipe", TOY, shards,
+                                 f"run.dir={tmp_path / 'run'}", "train.epochs=null", "train.max_steps=100",
+                                 "data.num_workers=0", "run.save_every=1", *stall],
+                                stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
+    # Wait on the event, not a clock: the toy says when its source stalls or its evaluation starts sleeping
+    stuck = any(line.startswith("toy: ") for line in proc.stdout)
+    assert stuck, (tmp_path / "err.txt").read_text()[-2000:]
     proc.send_signal(signal.SIGTERM)
-    try:
-        out, err = proc.communicate(timeout=30)
+    try:  # stuck for an hour otherwise: minutes are room for a loaded machine, and still tell the two apart
+        proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail(f"SIGTERM did not stop a run stuck in {phase}")
+    err = (tmp_path / "err.txt").read_text()
     # a clean preemption, as at a step boundary: exit 0 (the CLI's 130 is for a second signal)
     assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
     where = "while waiting for data" if phase == "data" else "during evaluation"

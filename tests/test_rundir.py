@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -99,21 +99,25 @@ def test_a_second_process_cannot_train_into_the_same_directory(tmp_path):
     shards = tmp_path / "shards"
     make_shards(shards, 64, 2)
     env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "PYTHONPATH": str(ROOT)}
-    slow = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--recipe", TOY,
-                             f"data.train={shards}", f"run.dir={tmp_path / 'run'}", "train.epochs=null",
-                             "train.max_steps=100000", "model.step_sleep=0.05", "run.save_every=0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with open(tmp_path / "first.err", "w") as first_err:
+        slow = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--recipe", TOY,
+                                 f"data.train={shards}", f"run.dir={tmp_path / 'run'}", "train.epochs=null",
+                                 "train.max_steps=100000", "model.step_sleep=0.05", "run.save_every=0",
+                                 "run.log_every=1"], stdout=subprocess.PIPE, stderr=first_err, text=True, env=env)
     try:
-        deadline = time.time() + 120
-        while not (tmp_path / "run" / "config.yaml").is_file() and time.time() < deadline:
-            time.sleep(0.2)  # it is training once its config is written
+        # Wait on an event, not a clock: its first logged step means it took the lock (taken before training),
+        # however long the start takes on a loaded machine. EOF (it died) ends the loop too.
+        started = any(line.startswith("step ") for line in slow.stdout)
+        assert started, (tmp_path / "first.err").read_text()[-2000:]
+        threading.Thread(target=slow.stdout.read, daemon=True).start()  # keep its pipe from filling up
         second = train(tmp_path / "run", shards, "train.max_steps=100000", "model.step_sleep=0.05",
                        "run.save_every=0")
         err = one_error_line(second)
         assert "is in use by training process" in err and f"{slow.pid}" in err
     finally:
         slow.send_signal(signal.SIGTERM)
-        out, errs = slow.communicate(timeout=120)
+        slow.wait(timeout=300)
+    errs = (tmp_path / "first.err").read_text()
     assert slow.returncode == 0 and "received SIGTERM" in errs  # the first run was not disturbed
 
 

@@ -107,7 +107,8 @@ def test_table_rows_are_named_from_the_run(tmp_path):
              ("run5", None, "psd", "DAPT + PSD")]
     for name, init, label, expected in cases:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.json").write_text(json.dumps({"metrics": {}, "scores": {}, "init_from": init}))
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"metrics": {}, "scores": {}, "init_from": init,
+                                                                  "split": {"split": "official"}}))
         spec_arg = f"{tmp_path / name}={label}" if label else str(tmp_path / name)
         assert table.read_run(spec_arg)[0] == expected, (name, init, label)
 

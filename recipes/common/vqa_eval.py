@@ -2,6 +2,7 @@
 where the trained weights are, metrics.json + predictions.jsonl, and TensorBoard samples."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -145,9 +146,18 @@ def write_results(out_dir: Union[str, Path], document: dict[str, Any], predictio
     add_statistics(document, predictions)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # make_table compares runs only on the same questions: a split name alone does not say which were asked
+    document = {**document, "questions_sha256": questions_sha256(predictions)}
     atomic_write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")
     atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     return out
+
+
+def questions_sha256(predictions: list[dict]) -> str:
+    """sha256 of the questions evaluated (qid, image, question, ground truth; in any order): equal = same questions."""
+    keys = sorted(json.dumps([str(p.get(k, "")) for k in ("qid", "image", "question", "ground_truth")])
+                  for p in predictions)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def samples_markdown(predictions: list[dict], n: int = 8) -> str:
@@ -174,11 +184,33 @@ def sample_images(predictions: list[dict], image_dir: Union[str, Path], n: int =
         canvas = Image.new("RGB", (side, side + 48), "black")
         canvas.paste(img, (0, 0))
         draw = ImageDraw.Draw(canvas)
-        draw.text((4, side + 2), f"Q: {p['question']}"[:48], fill="white")
-        draw.text((4, side + 17), f"truth: {p['ground_truth']}"[:48], fill="white")
-        draw.text((4, side + 32), f"pred: {p['prediction']}"[:48], fill="lime" if p["match"] else "red")
+        font = label_font()
+        for row, (text, colour) in enumerate([(f"Q: {p['question']}", "white"),
+                                              (f"truth: {p['ground_truth']}", "white"),
+                                              (f"pred: {p['prediction']}", "lime" if p["match"] else "red")]):
+            draw.text((4, side + 2 + 15 * row), fit_text(text, font, side - 8), fill=colour, font=font)
         out[f"sample_{i}"] = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return out
+
+
+def label_font() -> Any:
+    """Pillow's default font at 13 px: at its default ~10 px, hinting shrinks spaces to nothing ("is thisabdomen")."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the bitmap font, whose spaces are whole
+        return ImageFont.load_default()
+
+
+def fit_text(text: str, font: Any, width: int) -> str:
+    """`text`, or its first whole words and "..." when it is wider than `width` px (not cut mid-word)."""
+    if font.getlength(text) <= width:
+        return text
+    words = text.split(" ")
+    while len(words) > 1 and font.getlength(" ".join(words) + " ...") > width:
+        words.pop()
+    return " ".join(words) + " ..."
 
 
 def config_for_checkpoint(recipe: Optional[str], checkpoint: Optional[str],

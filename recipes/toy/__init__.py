@@ -89,6 +89,7 @@ def decode(sample: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Raw sample {"npy": bytes, "json": bytes} -> {"x": Tensor[D], "y": float}."""
     _DECODES[0] += 1
     if 0 <= _STALL_AFTER[0] < _DECODES[0]:
+        print("toy: the data source stalls now", flush=True)  # the event the signal tests wait on
         time.sleep(3600)
     x = np.load(io.BytesIO(sample["npy"]))
     y = json.loads(sample["json"])["y"]
@@ -101,6 +102,7 @@ _STALL_AFTER, _DECODES = [-1], [0]  # set by build (module state: DataLoader wor
 def sleeping_evaluation(seconds: float):
     """An evaluation that takes `seconds` (a long evaluation, for the signal tests)."""
     def evaluate(model: nn.Module, step: int) -> dict[str, float]:
+        print(f"toy: evaluating for {seconds:g} s", flush=True)  # the event the signal tests wait on
         time.sleep(seconds)
         return {"slept": float(seconds)}
 

@@ -27,6 +27,7 @@ from corpora.rocov2 import (
 )
 from framework.data import count_samples, expand_shards, read_manifest
 from framework.distributed import say
+from framework.rundir import run_dir_of
 from recipes.medblip.capfilt.generation import SamplingOptions
 from recipes.medblip.capfilt.models import (
     LoadedModel,
@@ -69,6 +70,14 @@ class CapFiltOptions:
             raise ValueError(f"--threshold must be in [0, 1], got {self.settings.threshold}")
         if self.batch_size < 1 or self.examples < 0:
             raise ValueError(f"--batch-size must be >= 1 and --examples >= 0 (got {self.batch_size}, {self.examples})")
+        if self.device:
+            resolve_device(self.device)  # a typo or a missing GPU: one line now, not a traceback after loading
+        out = Path(self.out).resolve()
+        for option, spec in (("--captioner", self.captioner), ("--filter", self.filter)):
+            run = run_dir_of(spec)
+            if run is not None and (out == run.resolve() or run.resolve() in out.parents):
+                raise ValueError(f"--out {self.out} lies in the run directory of {option} {spec}: the shards would "
+                                 "mix with the run's files; choose another --out")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from framework.build import Precision, resolve_precision
 from framework.config import config_to_dict, load_config
 from framework.gpu import gpu_facts
 from framework.preflight import check_gpu_arch
+from framework.gpu import user_device
 from framework.rundir import run_dir_of
 from recipes.common.image_text import ImageConfig, image_transform
 from recipes.medblip.model.blip_pretrain import MedBlipPretrain
@@ -72,7 +73,7 @@ def weights_digest(model: torch.nn.Module) -> str:
 def resolve_device(device: Optional[str]) -> torch.device:
     """cpu | cuda | cuda:N, default: this rank's GPU if there is one (the launcher's LOCAL_RANK)."""
     if device:
-        return torch.device(device)
+        return user_device(device)
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -83,6 +83,8 @@ class ModelConfig:
             self.vit = VisionConfig(**self.vit)
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
+        # which sizes the preset chose (not a field: never saved), so notes speak only of what the user set
+        self._from_preset = {f"vit.{k}" for k in vit if getattr(self.vit, k) is None}
         for section, defaults in ((self.vit, vit), (self.text, text)):
             for k, v in defaults.items():
                 if getattr(section, k) is None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -88,24 +90,59 @@ def export_tokenizer(model: MedBlipVqa) -> PreTrainedTokenizerBase:
     return tok
 
 
-def export_vqa(model: MedBlipVqa, out_dir: Union[str, Path], image: ImageConfig) -> Path:
-    """Write BlipForQuestionAnswering + BlipProcessor files into out_dir (safetensors); returns out_dir."""
+def export_vqa(model: MedBlipVqa, out_dir: Union[str, Path], image: ImageConfig, overwrite: bool = False) -> Path:
+    """Write BlipForQuestionAnswering + BlipProcessor files into out_dir (safetensors); returns out_dir.
+
+    A folder holding other files is refused unless `overwrite`; the files are written into a temporary sibling
+    and moved in at the end (medblip_export.json last), so a failed export leaves `out_dir` as it was.
+    """
     from transformers import BlipImageProcessor, BlipProcessor
 
     if image.size != model.cfg.vit.image_size:
         raise ExportError(f"image.size={image.size} differs from the model's ViT size {model.cfg.vit.image_size}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf = to_hf(model)
-    hf.generation_config.update(num_beams=3, max_length=10, min_length=1)  # BLIP's beam search (outer model)
-    hf.save_pretrained(out, safe_serialization=True)
-    processor = BlipProcessor(image_processor=BlipImageProcessor(
-        size={"height": image.size, "width": image.size}, resample=3,  # PIL bicubic, as our test transform
-        image_mean=list(MEAN), image_std=list(STD), do_convert_rgb=True), tokenizer=export_tokenizer(model))
-    processor.save_pretrained(out)
-    (out / "medblip_export.json").write_text(json.dumps(
-        {"exported_from": "recipes.medblip.vqa (MedBlipVqa)", "enc_token_id": model.enc_token_id,
-         "decoder_start_token_id": model.bos_token_id, "eos_token_id": model.sep_token_id,
-         "generate_kwargs": {"num_beams": 3, "max_length": 10, "min_length": 1},
-         "not_carried": NOT_CARRIED}, indent=2) + "\n")
+    check_export_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        hf = to_hf(model)
+        hf.generation_config.update(num_beams=3, max_length=10, min_length=1)  # BLIP's beam search (outer model)
+        hf.save_pretrained(tmp, safe_serialization=True)
+        processor = BlipProcessor(image_processor=BlipImageProcessor(
+            size={"height": image.size, "width": image.size}, resample=3,  # PIL bicubic, as our test transform
+            image_mean=list(MEAN), image_std=list(STD), do_convert_rgb=True), tokenizer=export_tokenizer(model))
+        processor.save_pretrained(tmp)
+        (tmp / "medblip_export.json").write_text(json.dumps(
+            {"exported_from": "recipes.medblip.vqa (MedBlipVqa)", "enc_token_id": model.enc_token_id,
+             "decoder_start_token_id": model.bos_token_id, "eos_token_id": model.sep_token_id,
+             "generate_kwargs": {"num_beams": 3, "max_length": 10, "min_length": 1},
+             "not_carried": NOT_CARRIED}, indent=2) + "\n")
+        mode = 0o666 & ~_umask()  # safetensors writes 0600; an export is meant to be shared like any other file
+        out.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda p: p.name == "medblip_export.json"):
+            if f.is_file():
+                os.chmod(f, mode)
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_export_dir(out: Path, overwrite: bool) -> None:
+    """Raise ExportError unless `out` is a new or empty folder (or `overwrite`): another model's files stay."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file: the export is a folder; name a new folder")
+    if out.is_dir() and not overwrite:
+        names = sorted(p.name for p in out.iterdir())
+        if names:
+            raise ExportError(f"--out {out} already holds {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: "
+                              f"name a new folder, or --overwrite to replace the files of the same name")
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -69,7 +69,8 @@ def model_config(cfg: BlipConfig) -> ModelConfig:
     mc = cfg.model
     size = cfg.image.size
     if mc.vit.image_size != size:
-        say(f"model: ViT built for image.size={size} (model.vit.image_size was {mc.vit.image_size})")
+        if "vit.image_size" not in getattr(mc, "_from_preset", set()):  # the user's own setting is overruled: say so
+            say(f"model: ViT built for image.size={size} (model.vit.image_size was {mc.vit.image_size})")
         mc = mc.replace(vit=dataclasses.replace(mc.vit, image_size=size))
     return mc
 
@@ -94,7 +95,24 @@ def build_model(cfg: PretrainConfig, *, load_weights: bool = True) -> MedBlipPre
         fetch_on_rank0(cfg.run.init_from)  # every rank builds the model: one download, not one per rank
         report = load_pretrained(model, cfg.run.init_from)
         say(report.summary())
+        say_missing_heads(report.missing, enabled_objectives(cfg), cfg.run.init_from)
     return model
+
+
+# The heads each objective trains that only a pretraining checkpoint holds (a VQA run has none of them).
+OBJECTIVE_HEADS = {"itc": ("vision_proj.", "text_proj."), "itm": ("itm_head.",)}
+
+
+def say_missing_heads(missing: list[str], enabled: set[str], source: str) -> list[str]:
+    """One warning line when `source` lacks the ITC/ITM heads the enabled objectives train (e.g. PSD started from a
+    VQA run): they start from random weights, which a long missing-key list hides. Returns the objectives named."""
+    lacking = sorted(o for o in enabled & set(OBJECTIVE_HEADS)
+                     if any(m.startswith(OBJECTIVE_HEADS[o]) for m in missing))
+    if lacking:
+        say(f"warning: run.init_from={source} holds no {' / '.join(o.upper() for o in lacking)} head (a VQA or "
+            f"other non-pretraining run?): {', '.join(lacking)} start(s) from random weights; start from a DAPT "
+            "run or model_base.pth")
+    return lacking
 
 
 def build(cfg: PretrainConfig, dist: DistInfo) -> Task:
