@@ -151,15 +151,16 @@ def questions_sha256(predictions: list[dict]) -> str:
 def check_same_questions(specs: list[str], runs: list[tuple[str, Optional[str], dict[str, Any]]]) -> None:
     """Two runs under one split name but evaluated on different questions (another VQA-RAD copy, an eval_limit)
     would be compared as equals: refuse, naming both."""
-    seen: dict[str, tuple[str, dict[str, Any]]] = {}
+    seen: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
     for spec, (_, _, doc) in zip(specs, runs):
         digest = doc.get("questions_sha256")
         if not digest:
             continue
-        split = f"{doc['split'].get('dataset', 'vqa_rad')} {doc['split']['split']}"  # VQA-RAD and SLAKE share names
+        name, dataset = doc["split"]["split"], doc["split"].get("dataset", "vqa_rad")
+        split = (dataset, name)  # VQA-RAD and SLAKE share split names
         if split in seen and seen[split][1]["questions_sha256"] != digest:
             other, odoc = seen[split]
-            raise TableError(f"{other} and {spec} were evaluated on different questions of split {split!r} "
+            raise TableError(f"{other} and {spec} were evaluated on different questions of split {name!r} ({dataset}) "
                              f"({odoc.get('evaluated_questions')} and {doc.get('evaluated_questions')} questions): "
                              "not comparable; evaluate both on the same test set")
         seen.setdefault(split, (spec, doc))

@@ -91,6 +91,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (major, minor))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: name)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda *a, **k: 1)  # one such GPU in the machine
 
 
 @pytest.fixture

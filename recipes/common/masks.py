@@ -20,14 +20,15 @@ def additive_padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return torch.where(keep, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
 
 
-def prebuild_padding_masks(model: nn.Module, dtype_of: Callable[[nn.Module, dict], torch.dtype]) -> Any:
-    """Install a forward pre-hook on `model` turning its 2D `attention_mask` (unless the call is a decoder's, whose
-    mask is causal) and `encoder_attention_mask` keyword arguments into additive 4D masks in the dtype
-    `dtype_of(module, kwargs)` gives (transformers builds them in its embeddings' dtype). Returns the hook handle.
-    The dtype is read from the module called, so a deepcopy (an EMA teacher, a momentum encoder) uses its own."""
+class _PrebuiltMasks:
+    """The forward pre-hook of prebuild_padding_masks (a class, not a closure: a model carrying it still pickles,
+    e.g. CapFilt's ranks exchanging what they loaded)."""
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        dtype = dtype_of(module, kwargs)
+    def __init__(self, dtype_of: Callable[[nn.Module, dict], torch.dtype]):
+        self.dtype_of = dtype_of
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        dtype = self.dtype_of(module, kwargs)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not kwargs.get("is_decoder", False):
             kwargs["attention_mask"] = additive_padding_mask(mask, dtype)
@@ -36,4 +37,11 @@ def prebuild_padding_masks(model: nn.Module, dtype_of: Callable[[nn.Module, dict
             kwargs["encoder_attention_mask"] = additive_padding_mask(enc, dtype)
         return args, kwargs
 
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+def prebuild_padding_masks(model: nn.Module, dtype_of: Callable[[nn.Module, dict], torch.dtype]) -> Any:
+    """Install a forward pre-hook on `model` turning its 2D `attention_mask` (unless the call is a decoder's, whose
+    mask is causal) and `encoder_attention_mask` keyword arguments into additive 4D masks in the dtype
+    `dtype_of(module, kwargs)` gives (transformers builds them in its embeddings' dtype; a module-level function,
+    so that the model pickles). Returns the hook handle. The dtype is read from the module called, so a deepcopy
+    (an EMA teacher, a momentum encoder) uses its own."""
+    return model.register_forward_pre_hook(_PrebuiltMasks(dtype_of), with_kwargs=True)
