@@ -105,6 +105,15 @@ ALLOWED_KEY_PREFIXES = (
 )
 # Wrong on purpose: the bad input quoted in the error messages of docs/reliability.md and docs/troubleshooting.md.
 ALLOWED_BAD_INPUT = {"recipes.nope", "train.lrate", "train.lr.peak", "train.lrr", "objectives.vqa"}
+# Code files of other projects, named where our code follows or is compared with them, and placeholders.
+UPSTREAM_FILES = {
+    "blip_vqa.py", "models/blip_pretrain.py", "med.py", "configs/vqa.yaml", "caption_coco.yaml",
+    "train_retrieval.py",  # salesforce/BLIP's code and configs
+    "blip2_qformer.py",  # LAVIS's BLIP-2 Q-Former
+    "scripts/fetch.py",  # the ROCO release's download script
+    "other.yaml",  # docs/configuration.md and docs/demo.md: "`base: other.yaml`", any recipe of the reader's
+}
+USER_FOLDERS = ("runs/", "data/", "checkpoints/", "exports/")  # what the commands write: a user's files, not ours
 # Top-level folders of this repository: a path under one of them is checked. Paths a user creates (runs/, data/,
 # checkpoints/, exports/, ...) lie under none of them and are not checked.
 REPO_FOLDERS = ("framework", "recipes", "launch", "corpora", "docs", "tests", ".ci")
@@ -148,6 +157,32 @@ def path_exists(path: str) -> bool:
     if "*" in path:
         return any(ROOT.glob(path))
     return (ROOT / path).exists()
+
+
+def named_code_files(text: str) -> set[str]:
+    """Backticked .py / .yaml names given without a repository folder (`model/losses.py`, `dapt.yaml`)."""
+    names = set()
+    for span in inline_code(text):
+        for token in span.split():
+            token = token.strip("(),;:'\"")
+            if re.fullmatch(r"[\w./-]*\w\.(?:py|ya?ml)", token) and not PATH_RE.fullmatch(token) \
+                    and not token.startswith(USER_FOLDERS):
+                names.add(token)
+    return names
+
+
+_CODE_FILES: list[str] = []
+
+
+def code_file_exists(name: str) -> bool:
+    """`name` is the tail of one of this repository's .py / .yaml files (e.g. recipes/medblip/model/losses.py)."""
+    if name in UPSTREAM_FILES:
+        return True
+    if not _CODE_FILES:
+        _CODE_FILES.extend(str(p.relative_to(ROOT)) for pattern in ("*.py", "*.yaml", "*.yml")
+                           for p in ROOT.rglob(pattern)
+                           if not any(part.startswith(".") for part in p.relative_to(ROOT).parts))
+    return any(f == name or f.endswith("/" + name) for f in _CODE_FILES)
 
 
 def named_modules(text: str) -> set[str]:
@@ -284,7 +319,8 @@ def missing_names(page: str, text: str, keys: set[str]) -> dict[str, list[str]]:
     """What `text` (the page `page`) names that does not exist, by kind; empty lists when all exist."""
     sections = {k.split(".")[0] for k in keys if "." in k}
     return {
-        "paths": sorted(p for p in named_paths(text) if not path_exists(p)),
+        "paths": sorted({p for p in named_paths(text) if not path_exists(p)}
+                        | {f for f in named_code_files(text) if not code_file_exists(f)}),
         "links": broken_links(page, text),
         "modules": sorted(m for m in named_modules(text) if not module_exists(m)),
         "options": sorted(f"{s} {o}" for s, o in named_options(text)
@@ -302,7 +338,7 @@ def test_every_name_in_the_readme_and_docs_exists():
         found = {kind: names for kind, names in missing_names(page, text, keys).items() if names}
         if found:
             missing[page] = found
-        counted["paths"] += len(named_paths(text))
+        counted["paths"] += len(named_paths(text)) + len(named_code_files(text))
         counted["links"] += len(LINK_RE.findall(text))
         counted["modules"] += len(named_modules(text))
         counted["options"] += len(named_options(text))
@@ -318,16 +354,18 @@ def test_the_name_check_fails_on_made_up_names():
     fake = ("Run `python launch/train.py --recipe recipes/medblip/dapt.yaml --no-such-flag train.no_such_key=1`,\n"
             "read `launch/no_such_script.py`, `recipes/medblip/no_such.yaml` and [a page](docs/no_such.md),\n"
             "[an anchor](docs/vqa.md#no-such-section), import `recipes.medblip.no_such_module` and "
-            "`framework.checkpoint.no_such_function`; set `model.no_such_width`.\n")
+            "`framework.checkpoint.no_such_function`; set `model.no_such_width`; see `model/no_such_losses.py`.\n")
     found = missing_names("README.md", fake, keys)
     assert found == {
-        "paths": ["docs/no_such.md", "launch/no_such_script.py", "recipes/medblip/no_such.yaml"],
+        "paths": ["docs/no_such.md", "launch/no_such_script.py", "model/no_such_losses.py",
+                  "recipes/medblip/no_such.yaml"],
         "links": ["docs/no_such.md", "docs/vqa.md#no-such-section"],
         "modules": ["framework.checkpoint.no_such_function", "recipes.medblip.no_such_module"],
         "options": ["launch/train.py --no-such-flag"],
         "keys": ["model.no_such_width", "train.no_such_key"],
     }
-    real = "`python launch/train.py --recipe recipes/medblip/dapt.yaml train.lr=1` [x](docs/vqa.md), `recipes.toy`"
+    real = ("`python launch/train.py --recipe recipes/medblip/dapt.yaml train.lr=1` [x](docs/vqa.md), `recipes.toy`, "
+            "`model/losses.py`, `psd.yaml`")
     assert not any(missing_names("README.md", real, keys).values())
 
 
