@@ -12,11 +12,11 @@ setup(
     package_data={"recipes": ["**/*.yaml", "**/*.json", "**/assets/*"]},
     include_package_data=True,
     # Lower bounds only: torch is not pinned, so a user can install the build that has kernels for their GPU
-    # (a P100 needs a CUDA 12.6-or-older build; see README "Troubleshooting").
+    # (a P100 needs a CUDA 12.6-or-older build; see docs/troubleshooting.md).
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
-        # Pinned to the versions the suite passes with (README "A new DeepSpeed or transformers"): the framework
+        # Pinned to the versions the suite passes with (docs/tests.md, "A new DeepSpeed or transformers"): the framework
         # patches DeepSpeed (framework/deepspeed_patches.py); transformers 5.17 fails 4 model tests (generate's
         # cache, beam scores, export)
         "deepspeed>=0.19.8,<0.20",

@@ -1,5 +1,6 @@
 """Every change the framework makes to DeepSpeed's behaviour, in one place, each with a test in
-tests/test_deepspeed_patches.py that fails when DeepSpeed's own behaviour changes (see README, "A new DeepSpeed").
+tests/test_deepspeed_patches.py that fails when DeepSpeed's own behaviour changes (see docs/tests.md, "A new
+DeepSpeed or transformers").
 
 Written against deepspeed 0.19.x (setup.py pins the range the suite passes with).
 """

@@ -64,8 +64,8 @@ def test_missing_blip2_weights_name_the_key_and_say_nothing_is_downloaded(tmp_pa
     cfg = load_config(ROOT / "recipes" / "blip2" / "stage1.yaml", ["model.vision_weights=null"])  # init_from missing
     with pytest.raises(CheckpointError, match=r"^run\.init_from: checkpoint not found: checkpoints/blip2/"):
         build_model(cfg, stage="stage1")
-    readme = (ROOT / "README.md").read_text()
-    assert "| `model.vision_weights: checkpoint not found" in readme
+    troubleshooting = (ROOT / "docs" / "troubleshooting.md").read_text()
+    assert "| `model.vision_weights: checkpoint not found" in troubleshooting
 
 
 def _fake_run(root: Path, recipe: Path) -> Path:

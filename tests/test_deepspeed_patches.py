@@ -1,5 +1,5 @@
 """What each patch in framework/deepspeed_patches.py works around is still DeepSpeed's behaviour: a test here fails
-when a new DeepSpeed changes it (then drop or adapt the patch; README, "A new DeepSpeed")."""
+when a new DeepSpeed changes it (then drop or adapt the patch; docs/tests.md, "A new DeepSpeed")."""
 from __future__ import annotations
 
 import inspect
