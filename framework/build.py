@@ -270,7 +270,7 @@ def build_stream(cfg: Config, task: Task, dist: DistInfo) -> Union[ShardStream, 
     """The training batches: the task's map-style dataset, or data.train's shards through task.decode."""
     if task.train_dataset is not None:
         return MapStream(task.train_dataset, task.collate, cfg.data.batch_size, seed=cfg.train.seed,
-                         rank=dist.rank, world_size=dist.world_size)
+                         rank=dist.rank, world_size=dist.world_size, batch_multiple=cfg.train.grad_accum)
     if cfg.data.train is None:
         raise ValueError(f"{cfg.source}: data.train is not set (a shard directory, pattern or list)")
     urls = expand_shards(cfg.data.train)

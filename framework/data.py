@@ -424,16 +424,25 @@ class ShardStream(IterableDataset):
 
 
 class MapStream(IterableDataset):
-    """A map-style dataset as an epoch-seeded, rank-sharded, resumable stream of batches (equal per rank)."""
+    """A map-style dataset as an epoch-seeded, rank-sharded, resumable stream of batches (equal per rank).
+
+    Like ShardStream, an epoch trains on every sample: each rank gets ceil(samples / (batch x ranks x
+    batch_multiple)) x batch_multiple batches, the epoch's shuffled order wrapping around to its start for the pad
+    (fewer than one optimizer step's samples seen twice). Data that cannot fill one optimizer step keeps its whole
+    batches (build_run refuses that epoch)."""
 
     def __init__(self, dataset: Dataset, collate: Callable[[list], dict], batch_size: int, *, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, batch_multiple: int = 1):
+        # drop_last=False: the sampler pads the epoch's order by wrapping it, so that every rank has as many samples
         self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
-                                          seed=seed, drop_last=True)
+                                          seed=seed, drop_last=False)
         self.dataset, self.collate, self.batch_size = dataset, collate, batch_size
-        self.batches = len(self.sampler) // batch_size
-        if self.batches == 0:
+        per_batch, multiple = batch_size * world_size, max(1, batch_multiple)
+        full = len(dataset) // per_batch
+        if full == 0:
             raise DataError(f"{len(dataset)} samples cannot fill one batch of {batch_size} on {world_size} rank(s)")
+        self.batches = -(-len(dataset) // (per_batch * multiple)) * multiple if full >= multiple else full
+        self.pad = max(0, self.batches * per_batch - len(dataset))
         self.skip = 0
 
     def __len__(self) -> int:
@@ -445,7 +454,9 @@ class MapStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker_role(self.skip)  # roles rotate on resume, as in ShardStream
-        indices = list(self.sampler)
+        indices = list(self.sampler)  # this rank's share of the epoch's order
+        need = self.batches * self.batch_size
+        indices = (indices * -(-need // len(indices)))[:need]  # the pad wraps to this share's start
         first = self.skip + (worker - self.skip) % workers  # this worker's first batch at or after skip
 
         for b in range(first, self.batches, workers):

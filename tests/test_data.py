@@ -340,3 +340,29 @@ def test_private_rng_leaves_the_cuda_generators_alone(monkeypatch):
     monkeypatch.undo()
     expected = torch.Generator().manual_seed(1234)
     assert torch.equal(torch.cat(drawn), torch.rand(6, generator=expected))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_map_style_epoch_trains_every_sample_with_a_pad_under_one_step(world_size):
+    """37 samples, batch 4, 2 micro-batches a step: every sample in the epoch, whole optimizer steps per rank, the same
+    number of batches on every rank, and fewer than one optimizer step's samples seen twice (drop_last used to lose
+    up to a step's worth)."""
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 37
+
+        def __getitem__(self, i):
+            return {"key": f"s{i:02d}"}
+
+    from framework.data import MapStream
+
+    streams = [MapStream(Items(), lambda s: {"keys": [x["key"] for x in s]}, 4, seed=3, rank=r,
+                         world_size=world_size, batch_multiple=2) for r in range(world_size)]
+    seen = []
+    for s in streams:
+        s.set_epoch(1)
+        batches = list(s)
+        assert len(batches) == len(s) and len(s) % 2 == 0 and all(len(b["keys"]) == 4 for b in batches)
+        seen += [k for b in batches for k in b["keys"]]
+    assert {f"s{i:02d}" for i in range(37)} == set(seen)
+    assert 0 <= len(seen) - 37 < 4 * world_size * 2 and streams[0].pad == len(seen) - 37
