@@ -31,7 +31,26 @@ def _one_line(e: BaseException) -> str:
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    """Run `main`; print user errors as `error: ...` (one line) and return 2; FRAMEWORK_DEBUG=1 re-raises."""
+    """Run `main`; print user errors as `error: ...` (one line) and return 2; FRAMEWORK_DEBUG=1 re-raises.
+
+    A rank of several that failed leaves at once (os._exit, its line printed): at interpreter exit gloo can abort
+    the process after a failure ("terminate called without an active exception"), turning exit status 2 into -6."""
+    peers: list[bool] = []
+    code = _run_cli(main, peers)
+    if code != 0 and any(peers):
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run_cli(main: Callable[[], int], peers: list[bool]) -> int:
+    """run_cli's body; appends to `peers` whether this process had a group of several ranks at the end."""
+    import torch.distributed as dist
+
     from .distributed import shutdown_distributed
     from .health import TrainingStopped
     from .preflight import PreflightError
@@ -57,4 +76,5 @@ def run_cli(main: Callable[[], int]) -> int:
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     finally:  # after a failure (a no-op after success): close the group, without waiting on peers that may be gone
+        peers.append(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
         shutdown_distributed(drain=False)
