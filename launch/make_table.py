@@ -264,21 +264,22 @@ def build_rows(runs: list[tuple[str, Optional[str], Any]],
     first = groups[0][2][0]
     base = first["baselines"]["majority_per_type"]
     answers = base["answers"]
-    row = [f"Majority answer per type ({answers['closed']!r} / {answers['open']!r})", split(first),
-           str(base["scores"]["overall"]["count"])]
-    for metric, _ in COLUMNS:
-        group, field = _group_field(metric)
-        row += [_fmt(base["scores"][group][field]), "-"]
-    rows.append(row + ["-", "-"])
+    rows.append(_baseline_row(f"Majority answer per type ({answers['closed']!r} / {answers['open']!r})",
+                              split(first), base["scores"]))
     qm = first["baselines"].get("question_majority")
     if qm:  # the question alone: the training answer most often given to the same question
-        row = [f"Question-only majority ({qm['unseen_questions']} unseen questions)", split(first),
-               str(qm["scores"]["overall"]["count"])]
-        for metric, _ in COLUMNS:
-            group, field = _group_field(metric)
-            row += [_fmt(qm["scores"][group][field]), "-"]
-        rows.append(row + ["-", "-"])
+        rows.append(_baseline_row(f"Question-only majority ({qm['unseen_questions']} unseen questions)",
+                                  split(first), qm["scores"]))
     return header, rows
+
+
+def _baseline_row(label: str, where: str, scores: dict[str, Any]) -> list[str]:
+    """A baseline's table row: its scores, no paper figure, no interval or p-value."""
+    row = [label, where, str(scores["overall"]["count"])]
+    for metric, _ in COLUMNS:
+        group, field = _group_field(metric)
+        row += [_fmt(scores[group][field]), "-"]
+    return row + ["-", "-"]
 
 
 def type_table(runs: list[tuple[str, Optional[str], list[dict[str, Any]]]]) -> Optional[str]:

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from recipes.common.image_text import make_decode
+from recipes.common.image_text import make_collate, make_decode
 
 from .llm_text import LlmText
 
@@ -19,15 +19,7 @@ __all__ = ["make_decode", "qformer_collate", "LlmCollate"]
 def qformer_collate(tokenizer: Any, max_len: int) -> Callable[[list[dict]], dict]:
     """Caption samples -> {"image", "input_ids" [B, max_len], "attention_mask", "keys", "captions"} (Q-Former
     tokens padded to max_len, as LAVIS's padding="max_length": every rank's batch has one shape for ITM's gather)."""
-
-    def collate(samples: list[dict]) -> dict:
-        captions = [s["caption"] for s in samples]
-        tok = tokenizer(captions, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-        return {"image": torch.stack([s["image"] for s in samples]), "input_ids": tok["input_ids"],
-                "attention_mask": tok["attention_mask"], "keys": [s["key"] for s in samples],
-                "captions": captions}
-
-    return collate
+    return make_collate(tokenizer, max_len, padding="max_length")
 
 
 class LlmCollate:

@@ -166,13 +166,13 @@ def make_decode(cfg: ImageConfig, train: bool, max_words: int = 30) -> Callable[
     return decode
 
 
-def make_collate(tokenizer: Any, max_len: int) -> Callable[[list[dict]], dict]:
+def make_collate(tokenizer: Any, max_len: int, padding: str = "longest") -> Callable[[list[dict]], dict]:
     """Samples -> {"image": [B,3,H,W], "input_ids": [B,L], "attention_mask": [B,L], "keys", "captions"}
-    (L = longest caption in the batch, at most max_len tokens)."""
+    (L = longest caption in the batch, at most max_len tokens; padding="max_length": L = max_len)."""
 
     def collate(samples: list[dict]) -> dict:
         captions = [s["caption"] for s in samples]
-        tok = tokenizer(captions, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+        tok = tokenizer(captions, padding=padding, truncation=True, max_length=max_len, return_tensors="pt")
         return {"image": torch.stack([s["image"] for s in samples]), "input_ids": tok["input_ids"],
                 "attention_mask": tok["attention_mask"], "keys": [s["key"] for s in samples],
                 "captions": captions}

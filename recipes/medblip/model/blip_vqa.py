@@ -201,8 +201,8 @@ class MedBlipVqa(nn.Module):
              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """BLIP's rank_answer, batched: keep each question's k candidates with the most probable first token, rescore
         them in full; returns (index into the candidates [B], its score [B])."""
-        states = self._question_states(image, question_ids, question_mask)
-        return self.rank_states(states, question_mask, answer_ids, answer_mask, k, label_smoothing)
+        topk, scores = self.rank_all(image, question_ids, question_mask, answer_ids, answer_mask, k, label_smoothing)
+        return topk[:, 0], scores[:, 0]
 
     @torch.no_grad()
     def rank_states(self, states: torch.Tensor, question_mask: torch.Tensor, answer_ids: torch.Tensor,
