@@ -303,8 +303,8 @@ class Trainer:
         pending = self.pos.batch_in_epoch % self.run.accum and self.phase == "data"
         if not pending and self.saved_step != self.pos.step:
             self._save()
-        self.log.message(f"stopped {where} at step {self.pos.step} (checkpoint: {self.saved_tag or 'none yet'}); "
-                         f"resume with run.resume=auto")
+        self.log.message(f"received {self.stop_signal} {where}: stopped at step {self.pos.step} "
+                         f"(checkpoint: {self.saved_tag or 'none yet'}); resume with run.resume=auto")
         raise _StoppedOutsideStep
 
 

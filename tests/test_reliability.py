@@ -122,7 +122,7 @@ def test_a_signal_stops_a_run_stuck_waiting_for_data_or_in_an_evaluation(tmp_pat
     # a clean preemption, as at a step boundary: exit 0 (the CLI's 130 is for a second signal)
     assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
     where = "while waiting for data" if phase == "data" else "during evaluation"
-    assert f"stopped {where} at step" in err
+    assert f"received SIGTERM {where}: stopped at step" in err
     tag = find_resume_tag(tmp_path / "run" / "checkpoints")  # the last whole step is saved, the run resumable
     assert tag is not None and (phase == "data" or tag == "step_00000001"), tag
     assert f"(checkpoint: {tag})" in err
