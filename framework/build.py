@@ -17,6 +17,7 @@ from .compile import check_can_compile, compile_towers
 from .ema import check_zero_stage
 from .gpu import GpuFacts, gpu_facts, set_extension_arch
 from .loss_weights import StaticLossWeights
+from .master_weights import MasterWeights
 from .preflight import (
     GIB,
     MemoryEstimate,
@@ -229,6 +230,12 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
         module.float()  # DeepSpeed cast everything to half; momentum/EMA copies must stay fp32 to move
     if cfg.train.compile:
         compile_towers(task.model, gpu)  # in place, after the casts (a dtype change would recompile)
+    masters = MasterWeights(ds)
+    readers = [p for p in plugins if hasattr(p, "use_master_weights")]
+    for plugin in readers:
+        plugin.use_master_weights(masters)
+    if readers and precision.name != "fp32":
+        say(f"{', '.join(p.name for p in readers)}: copies follow the {masters.source}")
     for plugin in plugins:
         plugin.setup(ds.module, precision.dtype, dist.device)
     run = Run(cfg, dist, task, ds, distillation.forward(ds) if distillation else ds, combine, plugins, stream,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import TAU_SCHEDULES
+from .master_weights import MasterWeights
 from .schedules import ramp
 
 
@@ -76,11 +77,16 @@ class EMATeacher:
             if id(t) not in self._shared and t.is_floating_point():
                 t.data = t.data.float()  # fp32 copies; the shared towers keep their own dtype
         self.compute_dtype: Optional[torch.dtype] = None  # the training precision, set by setup()
+        self.masters: Optional[MasterWeights] = None  # the student's fp32 masters, set by use_master_weights()
 
     def tau_at(self, step: int) -> float:
         return tau_at(step, start=self.tau_start, end=self.tau_end, steps=self.tau_steps, schedule=self.tau_schedule)
 
     # ------------------------------------------------------------------ plugin contract
+
+    def use_master_weights(self, masters: MasterWeights) -> None:
+        """Before setup: the update reads the student's fp32 master weights where the optimizer holds them."""
+        self.masters = masters
 
     def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         """After deepspeed.initialize: refuse ZeRO-3 partitioned parameters, put the fp32 teacher on `device`."""
@@ -119,8 +125,11 @@ class EMATeacher:
 
     @torch.no_grad()
     def update(self, tau: float) -> None:
-        """theta_t <- tau*theta_t + (1-tau)*theta_s for every own parameter (fp32 math); buffers copied."""
-        ema_update_(*self._pairs("named_parameters"), tau)
+        """theta_t <- tau*theta_t + (1-tau)*theta_s for every own parameter (fp32 math); buffers copied.
+
+        theta_s is the student's fp32 master weight where `masters` holds one, else its module weight."""
+        teacher, student = self._pairs("named_parameters")
+        ema_update_(teacher, student if self.masters is None else self.masters.of(student), tau)
         self.copy_buffers()
 
     @torch.no_grad()

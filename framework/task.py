@@ -58,6 +58,8 @@ class Plugin(Protocol):
     name: str  # key of its state in checkpoints
     per_rank_state: bool  # True: every rank saves its own state (e.g. a per-rank RNG); False: rank 0's is saved
     # Optional: needs_whole_parameters (str), why ZeRO stage 3 cannot run; then it is refused before the engine is built
+    # Optional: use_master_weights(masters: framework.master_weights.MasterWeights) -> None, called before setup; the
+    # plugin then reads (or clamps) the optimizer's fp32 master weights where DeepSpeed holds them on this rank
 
     def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         """Called once after deepspeed.initialize with the recipe's model (DeepSpeed's engine.module)."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from framework.distributed import all_gather_cat
 from framework.ema import ema_update_
+from framework.master_weights import MasterWeights
 from framework.preflight import transformer_activation_bytes
 from recipes.common.tokenizer import load_tokenizer
 from recipes.medblip.model.config import ModelConfig
@@ -117,6 +118,8 @@ class MedBlipPretrain(nn.Module):
         self.itm_generator = torch.Generator().manual_seed(seed)  # moved to the model's device by seed_negatives
         self.step = 0  # optimizer steps done; set by MomentumUpdate (drives the alpha ramp and the momentum update)
         self.momentum_updates = 0  # steps whose momentum update is applied (step + 1 once this step's is done)
+        # set by MomentumUpdate under DeepSpeed: the momentum copies then follow the fp32 masters, not the half weights
+        self.master_weights: Optional[MasterWeights] = None
 
     # ------------------------------------------------------------------ momentum encoders and queue
 
@@ -147,10 +150,13 @@ class MedBlipPretrain(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self, momentum: Optional[float] = None) -> None:
-        """p_m <- m * p_m + (1 - m) * p for every momentum parameter (in the momentum copy's dtype, fp32)."""
+        """p_m <- m * p_m + (1 - m) * p for every momentum parameter (in the momentum copy's dtype, fp32); p is the
+        fp32 master of the online weight where `master_weights` holds one."""
         m = self.cfg.momentum if momentum is None else momentum
         pairs = self._param_pairs()
-        ema_update_([p_m for _, p_m in pairs], [p for p, _ in pairs], m)
+        online = [p for p, _ in pairs]
+        sources = online if self.master_weights is None else self.master_weights.of(online)
+        ema_update_([p_m for _, p_m in pairs], sources, m)
 
     @torch.no_grad()
     def momentum_update_for_step(self) -> bool:

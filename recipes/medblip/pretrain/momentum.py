@@ -1,12 +1,14 @@
 """The momentum-encoder bookkeeping as a plugin: the optimizer step count that times BLIP's momentum update."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from framework.master_weights import MasterWeights
 from recipes.medblip.model.blip_pretrain import MedBlipPretrain
+from recipes.medblip.model.losses import TEMP_MAX, TEMP_MIN
 
 
 class MomentumUpdate:
@@ -15,7 +17,9 @@ class MomentumUpdate:
     BLIP's forward starts with `_momentum_update()` (p_m <- m*p_m + (1-m)*p, fp32 copies) before computing its
     momentum features; `MedBlipPretrain.momentum_update_for_step` does the same at the first forward of each
     optimizer step, so the sequence is BLIP's at grad_accum 1 and one update per step under accumulation. The plugin
-    also owns the ITM-negative generator and the count of updates applied, both saved per rank.
+    also owns the ITM-negative generator and the count of updates applied, both saved per rank. Under DeepSpeed
+    the momentum copies follow the fp32 master weights where the optimizer holds them (framework.master_weights),
+    and `temp` is clamped to BLIP's range in its master too after each step, so the next step starts in range.
     """
 
     name = "medblip_momentum"
@@ -27,6 +31,11 @@ class MomentumUpdate:
         self.model = model  # the unwrapped model (DeepSpeed wraps this very object)
         self.seed = seed
         self.step = 0
+        self.masters: Optional[MasterWeights] = None
+
+    def use_master_weights(self, masters: MasterWeights) -> None:
+        """Before setup: the momentum update reads the online weights' fp32 masters; `temp` is clamped there."""
+        self.masters = self.model.master_weights = masters
 
     def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         if any(hasattr(p, "ds_id") for p in self.model.parameters()):
@@ -41,6 +50,8 @@ class MomentumUpdate:
     def after_optimizer_step(self, step: int) -> dict[str, Any]:
         """The step's alpha and temperature (a device tensor: the engine reads logged values once per log interval)."""
         self.step = self.model.step = step
+        if self.masters is not None:  # the forward clamps the module's copy; the optimizer steps from the master
+            self.masters.clamp_(self.model.temp, TEMP_MIN, TEMP_MAX)
         return {"medblip/alpha": self.model.alpha, "medblip/temp": self.model.temp.detach()[0].clone()}
 
     def state_dict(self) -> dict[str, Any]:
