@@ -235,7 +235,7 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
     for plugin in readers:
         plugin.use_master_weights(masters)
     if readers and precision.name != "fp32":
-        say(f"{', '.join(p.name for p in readers)}: copies follow the {masters.source}")
+        say(f"{', '.join(p.name for p in readers)} read the {masters.source}")
     for plugin in plugins:
         plugin.setup(ds.module, precision.dtype, dist.device)
     run = Run(cfg, dist, task, ds, distillation.forward(ds) if distillation else ds, combine, plugins, stream,

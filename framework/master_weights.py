@@ -94,3 +94,34 @@ class MasterWeights:
         master = self.of([param])[0]
         if master is not param:
             master.clamp_(lo, hi)
+
+
+class MasterClamp:
+    """Plugin: after each optimizer step, clamp one parameter to [lo, hi] in its fp32 master as well.
+
+    For a parameter the model clamps in its forward (BLIP's `temp`): that clamps the module's copy only, and the
+    optimizer would step on from the unclamped master. Holds no state.
+    """
+
+    per_rank_state = False
+
+    def __init__(self, name: str, param: torch.nn.Parameter, lo: float, hi: float):
+        self.name, self.param, self.lo, self.hi = name, param, lo, hi
+        self.masters: Optional[MasterWeights] = None
+
+    def use_master_weights(self, masters: MasterWeights) -> None:
+        self.masters = masters
+
+    def setup(self, module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> dict[str, float]:
+        if self.masters is not None:
+            self.masters.clamp_(self.param, self.lo, self.hi)
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -12,7 +12,7 @@ from framework.build import build_deepspeed, resolve_precision
 from framework.config import config_from_dict
 from framework.distributed import DistInfo
 from framework.ema import EMATeacher
-from framework.master_weights import MasterWeights
+from framework.master_weights import MasterClamp, MasterWeights
 from recipes.medblip import pretrain
 from tests.test_medblip_model import CAPTIONS
 
@@ -96,6 +96,21 @@ def test_a_frozen_parameter_is_its_own_source(cpu_fp16):
     frozen, trained = model[0].weight, model[1].weight
     m_frozen, m_trained = masters.of([frozen, trained])
     assert m_frozen is frozen and m_trained.dtype == torch.float32 and m_trained.shape == trained.shape
+
+
+def test_master_clamp_clamps_the_master_the_next_step_starts_from(cpu_fp16):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    ds = toy_engine(model, 0)
+    clamp = MasterClamp("bias", model[2].bias, -0.25, 0.25)
+    clamp.use_master_weights(MasterWeights(ds))
+    (master,) = clamp.masters.of([model[2].bias])
+    with torch.no_grad():
+        master.fill_(0.75)
+    assert clamp.after_optimizer_step(1) == {}
+    assert float(master) == 0.25
+    step(ds)  # DeepSpeed copies the master into the module weight: from the clamped value (~4e-7 away)
+    assert abs(float(model[2].bias) - 0.25) < 1e-3
 
 
 @pytest.mark.parametrize("zero", [0, 1])

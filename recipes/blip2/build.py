@@ -10,6 +10,7 @@ import torch
 from framework.build import PrecisionError, resolve_precision
 from framework.config import Config, ConfigError
 from framework.distributed import DistInfo, say
+from framework.master_weights import MasterClamp
 from framework.task import Task
 from recipes.medblip.model.weights import CheckpointError
 from recipes.common.image_text import ImageConfig
@@ -17,6 +18,7 @@ from recipes.medblip.model.weights import fetch_on_rank0
 
 from .config import Blip2ModelConfig
 from .model import STAGE1, Blip2
+from .objectives import TEMP_MAX, TEMP_MIN
 from .tokenizers import llm_tokenizer, qformer_tokenizer
 from .weights import load_pretrained, weight_sources
 
@@ -31,9 +33,11 @@ class Blip2Config(Config):
 
 def task_for(model: Blip2, **fields) -> Task:
     """A Task around a Blip2 with what the framework must know of it declared: the parts kept fp32 under fp16, the
-    frozen towers (an EMA teacher shares them), the activation estimate."""
+    frozen towers (an EMA teacher shares them), the activation estimate; `temp` clamped in its fp32 master too."""
+    temp = getattr(model, "temp", None)
+    plugins = [MasterClamp("blip2_temp", temp, TEMP_MIN, TEMP_MAX)] if isinstance(temp, torch.nn.Parameter) else []
     return Task(model=model, fp32_modules=model.fp32_modules(), frozen_modules=model.frozen_modules(),
-                activation_bytes=model.activation_bytes, **fields)
+                activation_bytes=model.activation_bytes, plugins=plugins, **fields)
 
 
 def enabled(cfg: Config, known: tuple[str, ...]) -> tuple[str, ...]:
