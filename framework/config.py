@@ -110,7 +110,7 @@ class ObjectiveConfig:
 
 
 DISTILL_MODES = ("loss_mse", "output_kl")
-TAU_SCHEDULES = ("constant", "linear", "cosine", "progressive")  # progressive = the study's linear ramp
+TAU_SCHEDULES = ("constant", "linear", "cosine")  # linear: the study's 0.95 -> 0.995 ramp
 
 
 def check_distill_modes(spec: Union[str, dict]) -> None:
@@ -126,7 +126,7 @@ class DistillConfig:
     enabled: bool = False  # progressive self-distillation with an EMA teacher
     tau_start: float = 0.95  # EMA decay at step 0 ...
     tau_end: float = 0.995  # ... and at the end of the schedule
-    tau_schedule: str = "linear"  # constant (tau_end) | linear | progressive (= linear) | cosine
+    tau_schedule: str = "linear"  # constant (tau_end) | linear (the study's) | cosine
     tau_steps: Optional[int] = None  # schedule length in optimizer steps (default: the whole run)
     mode: Union[str, dict] = "loss_mse"  # loss_mse | output_kl, or {objective: mode}
     temperature: float = 1.0  # softening for output_kl
@@ -138,6 +138,8 @@ class DistillConfig:
         for key in ("tau_start", "tau_end", "ratio_momentum"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"distill.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.tau_schedule == "progressive":  # its name before the schedules had one name each
+            raise ConfigError("distill.tau_schedule: 'progressive' is now called 'linear' (the same straight ramp)")
         if self.tau_schedule not in TAU_SCHEDULES:
             raise ConfigError(f"distill.tau_schedule: unknown schedule {self.tau_schedule!r}; known: "
                               f"{', '.join(TAU_SCHEDULES)}")

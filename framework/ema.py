@@ -40,12 +40,12 @@ def check_zero_stage(stage: int) -> None:
 def tau_at(step: int, *, start: float, end: float, steps: int, schedule: str = "linear") -> float:
     """EMA decay used by the update after optimizer step `step` (1 = first): `start` at 0 -> `end` at >= `steps`.
 
-    constant: always `end`; linear / progressive (the study's 0.95 -> 0.995 ramp): straight line; cosine: half
+    constant: always `end`; linear (the study's 0.95 -> 0.995 ramp): straight line; cosine: half
     cosine. A pure function of the optimizer step, so a resumed run continues the schedule exactly.
     """
     if schedule not in TAU_SCHEDULES:
         raise ValueError(f"distill.tau_schedule: unknown schedule {schedule!r}; known: {', '.join(TAU_SCHEDULES)}")
-    return ramp(step, start=start, end=end, steps=steps, kind="linear" if schedule == "progressive" else schedule)
+    return ramp(step, start=start, end=end, steps=steps, kind=schedule)
 
 
 class EMATeacher:

@@ -368,7 +368,7 @@ def test_engine_resume_restores_teacher_ratios_and_tau_exactly(tmp_path):
 def test_psd_recipe_inherits_dapt_with_the_studys_settings():
     cfg = load_config(ROOT / "recipes" / "medblip" / "psd.yaml")
     d = cfg.distill
-    assert d.enabled and (d.tau_start, d.tau_end, d.tau_schedule, d.mode) == (0.95, 0.995, "progressive", "loss_mse")
+    assert d.enabled and (d.tau_start, d.tau_end, d.tau_schedule, d.mode) == (0.95, 0.995, "linear", "loss_mse")
     assert (cfg.train.lr, cfg.data.batch_size, cfg.train.grad_accum, cfg.train.epochs) == (4e-7, 16, 4, 2)
     assert cfg.model.queue_size == 256 and cfg.model.alpha == 0.0 and cfg.run.init_from == "runs/medblip-dapt"
 
