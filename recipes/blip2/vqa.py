@@ -10,27 +10,17 @@ VQA recipe's, so launch/evaluate.py and launch/make_table.py read BLIP-2 runs un
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.config import ConfigError
-from framework.distributed import DistInfo, rank, say
-from framework.task import Recipe, Task
-from recipes.common.vqa_eval import (
-    candidate_answers,
-    check_dataset,
-    load_vqa,
-    rank_coverage,
-    sample_images,
-    samples_markdown,
-    trained_checkpoint,
-    write_results,
-)
-from recipes.common.vqa_metrics import flatten, majority_baselines, score, score_one
+from framework.distributed import DistInfo
+from framework.task import Task
+from recipes.common.vqa_eval import candidate_answers, check_dataset, load_vqa, rank_coverage
+from recipes.common.vqa_metrics import flatten, score, score_one
+from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
 from recipes.common.vqa_rad import SPLITS, VqaDataset, VqaSplit
 
 from .build import Blip2Config, build_model, task_for
@@ -89,8 +79,7 @@ class Blip2VqaConfig(Blip2Config):
     vqa: VqaConfig = field(default_factory=VqaConfig)
 
 
-__all__ = ["RECIPE", "Blip2VqaConfig", "VqaConfig", "build", "load_vqa", "trained_checkpoint", "load_trained",
-           "evaluate_model", "results_document", "write_results"]
+__all__ = ["RECIPE", "Blip2VqaRecipe", "Blip2VqaConfig", "VqaConfig", "build", "load_trained", "evaluate_model"]
 
 
 def load_trained(cfg: Blip2VqaConfig, checkpoint: str) -> Blip2:
@@ -110,7 +99,7 @@ def build(cfg: Blip2VqaConfig, dist: DistInfo) -> Task:
     model = build_model(cfg, stage="vqa", dist=dist)
     return task_for(model, collate=LlmCollate(model.text, cfg.model.prompt),
                 train_dataset=VqaDataset(split.train, split.image_dir, cfg.image, train=True),
-                evaluate=VqaEvaluator(cfg, split))
+                evaluate=RECIPE.evaluator(cfg, split))
 
 
 @torch.no_grad()
@@ -118,7 +107,7 @@ def evaluate_model(model: Blip2, cfg: Blip2VqaConfig, split: VqaSplit, candidate
                    num_workers: int = 0) -> dict[str, Any]:
     """Answer the test questions in every configured mode -> {"predictions", "scores", "by_inference", "inference"}."""
     v: VqaConfig = cfg.vqa
-    test = split.test[: v.eval_limit] if v.eval_limit else split.test
+    test = evaluated_questions(cfg, split)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -159,41 +148,15 @@ def evaluate_model(model: Blip2, cfg: Blip2VqaConfig, split: VqaSplit, candidate
             "inference": inference}
 
 
-def results_document(cfg: Blip2VqaConfig, split: VqaSplit, result: dict[str, Any], *, step: Optional[int] = None,
-                     checkpoint: Optional[str] = None) -> dict[str, Any]:
-    """metrics.json: the MedBLIP VQA document (split, scores, flat metrics, baselines, provenance) + by_inference."""
-    test = split.test[: cfg.vqa.eval_limit] if cfg.vqa.eval_limit else split.test
-    return {"split": split.summary(), "evaluated_questions": len(result["predictions"]), "model": "blip2",
-            "scores": result["scores"], "metrics": flatten(result["scores"]), "inference": result["inference"],
-            "by_inference": result["by_inference"], "baselines": majority_baselines(split.train, test),
-            "step": step, "checkpoint": checkpoint, "init_from": cfg.run.init_from, "recipe": cfg.source,
-            "image_size": cfg.image.size, "freeze_vision": True, "freeze_llm": True, "seed": cfg.train.seed}
+@dataclass(frozen=True)
+class Blip2VqaRecipe(VqaRecipeBase):
+    """BLIP-2's VQA recipe: answers in every configured mode; metrics.json adds by_inference and what is frozen."""
+
+    load_trained = staticmethod(load_trained)
+    evaluate_model = staticmethod(evaluate_model)
+
+    def document_fields(self, cfg: Blip2VqaConfig, result: dict[str, Any]) -> dict[str, Any]:
+        return {"model": "blip2", "by_inference": result["by_inference"], "freeze_vision": True, "freeze_llm": True}
 
 
-class VqaEvaluator:
-    """Task.evaluate: scores the test split in both modes, writes metrics.json/predictions.jsonl (rank 0)."""
-
-    def __init__(self, cfg: Blip2VqaConfig, split: VqaSplit):
-        self.cfg, self.split = cfg, split.for_selection()  # SLAKE/PathVQA: select on validation, never on test
-        if self.split.evaluated == "validation":
-            say(f"evaluation during training: the {len(self.split.test)} validation questions (choose the checkpoint "
-                "there); the test split is scored only by launch/evaluate.py")
-        self.candidates = candidate_answers(cfg, split)
-
-    def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
-        result = evaluate_model(model, self.cfg, self.split, self.candidates)
-        if self.cfg.vqa.save_predictions and rank() == 0:
-            doc = results_document(self.cfg, self.split, result, step=step, checkpoint=f"step {step} (in training)")
-            run_dir = Path(self.cfg.run.dir)
-            write_results(run_dir / "eval" / f"step_{step:08d}", doc, result["predictions"])
-            if self.split.evaluated == "test":  # validation scores never stand in for the test result
-                write_results(run_dir, doc, result["predictions"])  # the latest result, for make_table
-        flat = dict(flatten(result["scores"]))
-        for mode, r in result["by_inference"].items():
-            flat |= {f"{mode}/{k}": v for k, v in r["metrics"].items()}
-        say(" | ".join(f"{m}: acc {r['metrics'].get('accuracy', 0):.3f}" for m, r in result["by_inference"].items()))
-        return flat | {"samples": samples_markdown(result["predictions"])} | sample_images(result["predictions"],
-                                                                                          self.split.image_dir)
-
-
-RECIPE = Recipe(config=Blip2VqaConfig, objectives=VQA_OBJECTIVES, build=build)
+RECIPE = Blip2VqaRecipe(config=Blip2VqaConfig, objectives=VQA_OBJECTIVES, build=build)

@@ -8,27 +8,17 @@ of our DAPT/PSD runs, a VQA run or a transformers BlipForQuestionAnswering direc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.config import ConfigError
-from framework.distributed import DistInfo, rank, say
-from framework.task import Recipe, Task
-from recipes.common.vqa_eval import (
-    candidate_answers,
-    check_dataset,
-    load_vqa,
-    rank_coverage,
-    sample_images,
-    samples_markdown,
-    trained_checkpoint,
-    write_results,
-)
-from recipes.common.vqa_metrics import flatten, majority_baselines, score, score_one
+from framework.distributed import DistInfo, say
+from framework.task import Task
+from recipes.common.vqa_eval import candidate_answers, check_dataset, load_vqa, rank_coverage
+from recipes.common.vqa_metrics import score, score_one
+from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
 from recipes.common.vqa_rad import (
     SPLITS,
     VqaDataset,
@@ -87,8 +77,8 @@ class VqaRecipeConfig(BlipConfig):
 
     vqa: VqaConfig = field(default_factory=VqaConfig)
 
-__all__ = ["RECIPE", "VqaConfig", "VqaRecipeConfig", "build", "build_model", "trained_checkpoint", "load_trained",
-           "load_vqa", "evaluate_model", "write_results", "candidate_answers"]
+__all__ = ["RECIPE", "MedBlipVqaRecipe", "VqaConfig", "VqaRecipeConfig", "build", "build_model", "load_trained",
+           "evaluate_model"]
 
 
 def build_model(cfg: VqaRecipeConfig, *, load_weights: bool = True) -> MedBlipVqa:
@@ -125,7 +115,7 @@ def build(cfg: VqaRecipeConfig, dist: DistInfo) -> Task:
     model = build_model(cfg)
     return Task(model=model, collate=model.collate_fn(),
                 train_dataset=VqaDataset(split.train, split.image_dir, cfg.image, train=True),
-                evaluate=VqaEvaluator(cfg, split))
+                evaluate=RECIPE.evaluator(cfg, split))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -135,7 +125,7 @@ def evaluate_model(model: MedBlipVqa, cfg: VqaRecipeConfig, split: VqaSplit, can
                    num_workers: int = 0) -> dict[str, Any]:
     """Answer the test questions -> {"predictions": [row per question], "scores": {...}, "inference": {...}}."""
     v = cfg.vqa
-    test = split.test[: v.eval_limit] if v.eval_limit else split.test
+    test = evaluated_questions(cfg, split)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -171,38 +161,15 @@ def evaluate_model(model: MedBlipVqa, cfg: VqaRecipeConfig, split: VqaSplit, can
     return {"predictions": rows, "scores": scores, "inference": inference}
 
 
-def results_document(cfg: VqaRecipeConfig, split: VqaSplit, result: dict[str, Any], *, step: Optional[int] = None,
-                     checkpoint: Optional[str] = None) -> dict[str, Any]:
-    """What metrics.json holds: the split used, the scores, flat metrics, majority baselines and provenance."""
-    test = split.test[: cfg.vqa.eval_limit] if cfg.vqa.eval_limit else split.test
-    return {"split": split.summary(), "evaluated_questions": len(result["predictions"]),
-            "scores": result["scores"], "metrics": flatten(result["scores"]), "inference": result["inference"],
-            "baselines": majority_baselines(split.train, test), "step": step, "checkpoint": checkpoint,
-            "init_from": cfg.run.init_from, "recipe": cfg.source, "image_size": cfg.image.size,
-            "freeze_vision": cfg.vqa.freeze_vision, "seed": cfg.train.seed}
+@dataclass(frozen=True)
+class MedBlipVqaRecipe(VqaRecipeBase):
+    """MedBLIP's VQA recipe: BLIP_VQA's weights, answers by rank or generation; metrics.json says freeze_vision."""
+
+    load_trained = staticmethod(load_trained)
+    evaluate_model = staticmethod(evaluate_model)
+
+    def document_fields(self, cfg: VqaRecipeConfig, result: dict[str, Any]) -> dict[str, Any]:
+        return {"freeze_vision": cfg.vqa.freeze_vision}
 
 
-class VqaEvaluator:
-    """Task.evaluate: scores the validation split when the data set has one (SLAKE, PathVQA: checkpoints are
-    selected there, never on test), else the test split; returns flat metrics (+ samples) and writes the files."""
-
-    def __init__(self, cfg: VqaRecipeConfig, split: VqaSplit):
-        self.cfg, self.split = cfg, split.for_selection()
-        if self.split.evaluated == "validation":
-            say(f"evaluation during training: the {len(self.split.test)} validation questions (choose the checkpoint "
-                "there); the test split is scored only by launch/evaluate.py")
-        self.candidates = candidate_answers(cfg, split) if cfg.vqa.inference == "rank" else None
-
-    def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
-        result = evaluate_model(model, self.cfg, self.split, self.candidates)
-        if self.cfg.vqa.save_predictions and rank() == 0:
-            doc = results_document(self.cfg, self.split, result, step=step, checkpoint=f"step {step} (in training)")
-            run_dir = Path(self.cfg.run.dir)
-            write_results(run_dir / "eval" / f"step_{step:08d}", doc, result["predictions"])
-            if self.split.evaluated == "test":  # validation scores never stand in for the test result
-                write_results(run_dir, doc, result["predictions"])  # the latest result, for make_table
-        return (flatten(result["scores"]) | {"samples": samples_markdown(result["predictions"])}
-                | sample_images(result["predictions"], self.split.image_dir))
-
-
-RECIPE = Recipe(config=VqaRecipeConfig, objectives=("vqa",), build=build)
+RECIPE = MedBlipVqaRecipe(config=VqaRecipeConfig, objectives=("vqa",), build=build)
