@@ -10,7 +10,7 @@ VQA recipe's, so launch/evaluate.py and launch/make_table.py read BLIP-2 runs un
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 from framework.config import ConfigError
 from framework.distributed import DistInfo
 from framework.task import Task
-from recipes.common.vqa_eval import candidate_answers, check_dataset, load_vqa, rank_coverage
+from recipes.common.vqa_eval import VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
 from recipes.common.vqa_metrics import flatten, score, score_one
 from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
-from recipes.common.vqa_rad import SPLITS, VqaDataset, VqaSplit
+from recipes.common.vqa_rad import VqaDataset, VqaSplit
 
 from .build import Blip2Config, build_model, task_for
 from .data import LlmCollate
@@ -34,38 +34,25 @@ INFERENCE = ("both",) + MODES
 
 
 @dataclass
-class VqaConfig:
-    """The `vqa:` section: data, split, the two inference modes and which one fills metrics.json's scores."""
+class VqaConfig(VqaSectionConfig):
+    """The `vqa:` section: the shared keys (data, split, candidates, evaluation) + the two inference modes and which
+    one fills metrics.json's scores."""
 
-    dataset: str = "vqa_rad"  # vqa_rad | slake (English) | pathvqa (the parquet copy)
-    root: str = "data/vqa_rad"  # 'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/'
-    split: str = "official"  # official (451 test) | mevf
-    image_cache: Optional[str] = None  # pathvqa: where its parquet images are written once (default root/images)
+    INFERENCE: ClassVar[tuple[str, ...]] = INFERENCE
+
     inference: str = "both"  # both | generate | rank
     primary: str = "generate"  # the mode whose scores are metrics.json's "scores"/"metrics" (make_table's row)
-    answer_list: str = "train"  # rank candidates: the distinct training answers, or a JSON list file
-    k_test: int = 128  # rank: candidates kept by first-token log-probability, then scored in full (BLIP's k)
     num_beams: int = 5  # generate: LAVIS's BLIP-2 VQA settings (beams 5, at most 10 new tokens, length penalty 0)
     max_new_tokens: int = 10
     length_penalty: float = 0.0
-    max_question_words: int = 35
     eval_batch_size: int = 16
-    eval_limit: Optional[int] = None  # evaluate the first N test questions only (quick checks)
-    save_predictions: bool = True
 
     def check(self) -> None:
-        check_dataset(self.dataset, self.split)
-        if self.split not in SPLITS:
-            raise ConfigError(f"vqa.split: unknown split {self.split!r}; known: {', '.join(SPLITS)}")
-        if self.inference not in INFERENCE:
-            raise ConfigError(f"vqa.inference: unknown mode {self.inference!r}; known: {', '.join(INFERENCE)}")
+        super().check()
         if self.primary not in MODES or (self.inference != "both" and self.primary != self.inference):
             raise ConfigError(f"vqa.primary must be a mode that runs ({', '.join(self.modes)}), got {self.primary!r}")
-        for name in ("k_test", "num_beams", "max_new_tokens", "eval_batch_size", "max_question_words"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"vqa.{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise ConfigError(f"vqa.eval_limit must be >= 1 or null, got {self.eval_limit}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"vqa.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @property
     def modes(self) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ of our DAPT/PSD runs, a VQA run or a transformers BlipForQuestionAnswering direc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -16,14 +16,10 @@ from torch.utils.data import DataLoader
 from framework.config import ConfigError
 from framework.distributed import DistInfo, say
 from framework.task import Task
-from recipes.common.vqa_eval import candidate_answers, check_dataset, load_vqa, rank_coverage
+from recipes.common.vqa_eval import VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
 from recipes.common.vqa_metrics import score, score_one
 from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
-from recipes.common.vqa_rad import (
-    SPLITS,
-    VqaDataset,
-    VqaSplit,
-)
+from recipes.common.vqa_rad import VqaDataset, VqaSplit
 from recipes.medblip.model.blip_vqa import MedBlipVqa, load_vqa_weights
 from recipes.medblip.model.weights import fetch_on_rank0
 from recipes.medblip.pretrain import BlipConfig, model_config
@@ -32,41 +28,26 @@ INFERENCE_MODES = ("rank", "generate")
 
 
 @dataclass
-class VqaConfig:
-    """The `vqa:` section: data, split, inference and fine-tuning switches."""
+class VqaConfig(VqaSectionConfig):
+    """The `vqa:` section: the shared keys (data, split, candidates, evaluation) + inference and fine-tuning."""
 
-    dataset: str = "vqa_rad"  # vqa_rad | slake (English) | pathvqa (the parquet copy)
-    root: str = "data/vqa_rad"  # folder of the release: 'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/'
-    split: str = "official"  # official (451 test: test_freeform + test_para) | mevf (trainset/testset.json)
-    image_cache: Optional[str] = None  # pathvqa: where its parquet images are written once (default root/images)
+    INFERENCE: ClassVar[tuple[str, ...]] = INFERENCE_MODES
+
     inference: str = "rank"  # rank (over answer_list, BLIP's default) | generate (beam search)
-    answer_list: str = "train"  # rank candidates: "train" (distinct training answers) or a JSON list file
-    k_test: int = 128  # rank: candidates kept by first-token probability, then rescored in full (BLIP: 128)
     rank_label_smoothing: float = 0.0  # rank score = answer log-likelihood; 0.1 = BLIP's smoothed-loss score
     num_beams: int = 3  # generate: beams (BLIP: 3)
     max_generate_len: int = 10  # generate: max tokens including [DEC] (BLIP: 10)
     freeze_vision: bool = True  # the study fine-tunes with the ViT frozen
-    max_question_words: int = 35  # BLIP's pre_question word limit
     max_question_len: int = 35  # question tokens (BLIP: 35)
     max_answer_len: int = 32  # answer tokens for training and candidates (VQA-RAD's longest answer: 32)
-    eval_batch_size: int = 32
-    eval_limit: Optional[int] = None  # evaluate only the first N test questions (quick checks); None = all
-    save_predictions: bool = True  # write metrics.json + predictions.jsonl at every evaluation (rank 0)
 
     def check(self) -> None:
-        check_dataset(self.dataset, self.split)
-        if self.split not in SPLITS:
-            raise ConfigError(f"vqa.split: unknown split {self.split!r}; known: {', '.join(SPLITS)}")
-        if self.inference not in INFERENCE_MODES:
-            raise ConfigError(f"vqa.inference: unknown mode {self.inference!r}; known: {', '.join(INFERENCE_MODES)}")
-        for name in ("k_test", "num_beams", "max_question_words", "max_question_len", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"vqa.{name} must be >= 1, got {getattr(self, name)}")
+        super().check()
+        if self.max_question_len < 1:
+            raise ConfigError(f"vqa.max_question_len must be >= 1, got {self.max_question_len}")
         if self.max_answer_len < 3 or self.max_generate_len < 2:
             raise ConfigError("vqa.max_answer_len must be >= 3 and vqa.max_generate_len >= 2 ([DEC]/[CLS], a "
                               "token, [SEP])")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise ConfigError(f"vqa.eval_limit must be >= 1 or null, got {self.eval_limit}")
         if not 0.0 <= self.rank_label_smoothing < 1.0:
             raise ConfigError(f"vqa.rank_label_smoothing must be in [0, 1), got {self.rank_label_smoothing}")
 
