@@ -58,3 +58,18 @@ def test_results_document_is_shared_plus_the_recipe_s_own_fields(recipe, yaml, o
     assert {k: doc[k] for k in own} == own
     assert doc["step"] == 3 and doc["checkpoint"] == "c" and doc["evaluated_questions"] == 1
     assert doc["baselines"]["majority_overall"]["scores"]["overall"]["count"] == 1  # vqa.eval_limit's questions
+
+
+def test_make_table_shares_the_document_digest_without_importing_torch():
+    """make_table compares metrics.json files by the digest evaluate.py writes, and must load without torch."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('make_table', {str(ROOT / 'launch' / 'make_table.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "from recipes.common.vqa_document import questions_sha256\n"
+            "assert m.questions_sha256 is questions_sha256\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -2,7 +2,6 @@
 where the trained weights are, metrics.json + predictions.jsonl, and TensorBoard samples."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from framework.distributed import say
 from framework.files import atomic_write_text
 from recipes.common.image_text import open_image
+from recipes.common.vqa_document import questions_sha256
 from recipes.common.vqa_rad import (
     ANSWER_TYPES,
     SPLITS,
@@ -188,13 +188,6 @@ def write_results(out_dir: Union[str, Path], document: dict[str, Any], predictio
     atomic_write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")
     atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     return out
-
-
-def questions_sha256(predictions: list[dict]) -> str:
-    """sha256 of the questions evaluated (qid, image, question, ground truth; in any order): equal = same questions."""
-    keys = sorted(json.dumps([str(p.get(k, "")) for k in ("qid", "image", "question", "ground_truth")])
-                  for p in predictions)
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def samples_markdown(predictions: list[dict], n: int = 8) -> str:
