@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             trained_checkpoint,
             write_results,
         )
-        from recipes.common.vqa_recipe import vqa_recipe
         from recipes.common.vqa_metrics import format_table
+        from recipes.common.vqa_recipe import vqa_recipe
 
         # a typo or a missing GPU: one line before minutes of loading
         device = user_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available()

@@ -20,8 +20,8 @@ from framework.distributed import DistInfo
 from framework.task import Task
 from recipes.common.vqa_eval import VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
 from recipes.common.vqa_metrics import flatten, score, score_one
-from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
 from recipes.common.vqa_rad import VqaDataset, VqaSplit
+from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
 
 from .build import Blip2Config, build_model, task_for
 from .data import LlmCollate

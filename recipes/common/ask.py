@@ -24,8 +24,8 @@ from PIL import Image, UnidentifiedImageError
 
 from recipes.common.image_text import open_image
 from recipes.common.vqa_eval import candidate_answers, config_for_checkpoint, load_vqa, trained_checkpoint
-from recipes.common.vqa_recipe import NotAVqaRecipe, vqa_recipe
 from recipes.common.vqa_rad import VqaDataset, normalize_text
+from recipes.common.vqa_recipe import NotAVqaRecipe, vqa_recipe
 
 ImageInput = Union[str, Path, bytes, Image.Image]
 

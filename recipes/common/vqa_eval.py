@@ -1,4 +1,4 @@
-"""VQA evaluation pieces every VQA recipe shares: the split it announces, rank candidates and their coverage,
+"""VQA evaluation pieces every VQA recipe shares: the vqa: keys they all have, the split it announces, rank candidates and their coverage,
 where the trained weights are, metrics.json + predictions.jsonl, and TensorBoard samples."""
 from __future__ import annotations
 

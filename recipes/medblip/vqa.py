@@ -18,8 +18,8 @@ from framework.distributed import DistInfo, say
 from framework.task import Task
 from recipes.common.vqa_eval import VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
 from recipes.common.vqa_metrics import score, score_one
-from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
 from recipes.common.vqa_rad import VqaDataset, VqaSplit
+from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
 from recipes.medblip.model.blip_vqa import MedBlipVqa, load_vqa_weights
 from recipes.medblip.model.weights import fetch_on_rank0
 from recipes.medblip.pretrain import BlipConfig, model_config
