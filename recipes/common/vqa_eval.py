@@ -1,5 +1,5 @@
-"""VQA evaluation pieces every VQA recipe shares: the vqa: keys they all have, the split it announces, rank candidates and their coverage,
-where the trained weights are, metrics.json + predictions.jsonl, and TensorBoard samples."""
+"""VQA evaluation pieces every VQA recipe shares: the vqa: keys they all have, the split it announces, rank
+candidates and their coverage, where the trained weights are, metrics.json + predictions.jsonl, TensorBoard samples."""
 from __future__ import annotations
 
 import json
