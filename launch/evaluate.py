@@ -44,14 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     def evaluate() -> int:
-        import importlib
-
         import torch
 
         from framework.gpu import user_device
         from framework.preflight import check_cuda_device
-        from recipes.common.vqa_eval import blank_image_split, config_for_checkpoint, run_seed
+        from recipes.common.vqa_eval import (
+            blank_image_split,
+            config_for_checkpoint,
+            load_vqa,
+            run_seed,
+            trained_checkpoint,
+            write_results,
+        )
         from recipes.common.vqa_metrics import format_table
+        from recipes.common.vqa_recipe import vqa_recipe
 
         # a typo or a missing GPU: one line before minutes of loading
         device = user_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available()
@@ -65,11 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             run(cfg, checkpoint, Path(args.out or cfg.run.dir), device)
             return 0
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
-        recipe = importlib.import_module(cfg.recipe)  # a VQA recipe module: load_vqa, evaluate_model, ...
-        if not hasattr(recipe, "evaluate_model"):
-            raise ValueError(f"{cfg.source}: recipe {cfg.recipe!r} is not a VQA recipe (use recipes.medblip.vqa)")
-        checkpoint = recipe.trained_checkpoint(cfg, args.checkpoint)
-        split = recipe.load_vqa(cfg)
+        recipe = vqa_recipe(cfg)  # one line for a recipe that is not a VQA recipe
+        checkpoint = trained_checkpoint(cfg, args.checkpoint)
+        split = load_vqa(cfg)
         out_dir = Path(args.out or cfg.run.dir)
         if args.blank_image:
             out_dir = Path(args.out) if args.out else out_dir / "blank_image"
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = out_dir / "eval" / f"limit_{len(result['predictions'])}"
             print(f"vqa.eval_limit: {len(result['predictions'])} of {len(split.test)} test questions; the run's "
                   f"metrics.json is left as it is", flush=True)
-        out = recipe.write_results(out_dir, doc, result["predictions"])
+        out = write_results(out_dir, doc, result["predictions"])
         inf = doc["inference"]
 
         def pct(v: float | None) -> str:  # None: no question of that type (a slice, or a split without one)

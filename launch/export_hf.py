@@ -31,17 +31,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def export() -> int:
         from recipes.common.vqa_eval import config_for_checkpoint, trained_checkpoint
+        from recipes.common.vqa_recipe import vqa_recipe
         from recipes.medblip.model.to_transformers import NOT_CARRIED, check_export_dir, export_vqa
-        from recipes.medblip.vqa import load_trained
+        from recipes.medblip.vqa import MedBlipVqaRecipe
 
         check_export_dir(Path(args.out), args.overwrite)  # before minutes of loading
         cfg = config_for_checkpoint(args.recipe, args.checkpoint, args.overrides)
-        if not str(cfg.recipe).startswith("recipes.medblip."):  # the BlipForQuestionAnswering layout is BLIP's
+        recipe = vqa_recipe(cfg)  # one line for a recipe that is not a VQA recipe
+        if not isinstance(recipe, MedBlipVqaRecipe):  # the BlipForQuestionAnswering layout is BLIP's
             raise ValueError(f"{cfg.source}: export_hf.py exports MedBLIP VQA models (recipes.medblip.vqa) to "
                              f"BlipForQuestionAnswering; this is {cfg.recipe}, which it does not export")
-        if not hasattr(cfg, "vqa"):
-            raise ValueError(f"{cfg.source}: not a VQA recipe (recipe: recipes.medblip.vqa)")
-        model = load_trained(cfg, trained_checkpoint(cfg, args.checkpoint))
+        model = recipe.load_trained(cfg, trained_checkpoint(cfg, args.checkpoint))
         out = export_vqa(model.eval(), args.out, cfg.image, overwrite=args.overwrite)
         print(f"exported BlipForQuestionAnswering to {out}\nnot carried: " + "; ".join(NOT_CARRIED), flush=True)
         return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from recipes.common.vqa_document import questions_sha256  # noqa: E402  (evaluate.py's digest, without torch)
 
 # The reference study's Table 1. Fields it does not report are None.
 PAPER: dict[str, dict[str, Optional[float]]] = {
@@ -139,13 +140,6 @@ def check_distinct(specs: list[str], runs: list[tuple[str, Optional[str], dict[s
 
 def _count(doc: dict[str, Any]) -> int:
     return int(doc.get("evaluated_questions", (doc.get("split") or {}).get("test", 0)))
-
-
-def questions_sha256(predictions: list[dict]) -> str:
-    """recipes.common.vqa_eval.questions_sha256 (the same digest; kept here so make_table needs no torch)."""
-    keys = sorted(json.dumps([str(p.get(k, "")) for k in ("qid", "image", "question", "ground_truth")])
-                  for p in predictions)
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def check_same_questions(specs: list[str], runs: list[tuple[str, Optional[str], dict[str, Any]]]) -> None:

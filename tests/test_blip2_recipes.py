@@ -104,14 +104,17 @@ def _samples(data: Path, n: int) -> list[dict]:
 
 def test_vqa_results_document_has_both_modes_and_make_table_reads_it(phantoms, tmp_path):
     from recipes.blip2 import vqa
+    from recipes.common.vqa_eval import write_results
+    from recipes.common.vqa_recipe import VqaRecipe
 
     cfg = load_config(BLIP2 / "demo" / "vqa.yaml",
                       _demo("vqa", phantoms, tmp_path, f"vqa.root={phantoms / 'vqa'}", "run.init_from=null",
                             "model.llm_weights=null", "vqa.eval_limit=6", "vqa.num_beams=2"))
     split = vqa.load_vqa(cfg, announce=False)
     model = vqa.build_model(cfg, stage="vqa", load_weights=False)
-    result = vqa.evaluate_model(model, cfg, split)
-    doc = vqa.results_document(cfg, split, result, step=0)
+    assert isinstance(vqa.RECIPE, VqaRecipe)  # what launch/evaluate.py, export_hf.py and ask.py use
+    result = vqa.RECIPE.evaluate_model(model, cfg, split)
+    doc = vqa.RECIPE.results_document(cfg, split, result, step=0)
     assert doc["evaluated_questions"] == 6 and set(doc["by_inference"]) == {"generate", "rank"}
     assert doc["scores"] == doc["by_inference"]["generate"]["scores"]  # vqa.primary = generate
     assert doc["inference"]["mode"] == "generate" and doc["inference"]["candidates"] >= 2
@@ -119,7 +122,7 @@ def test_vqa_results_document_has_both_modes_and_make_table_reads_it(phantoms, t
     assert {"prediction", "match", "prediction_generate", "prediction_rank", "match_rank"} <= set(row)
     ranked = {r["prediction_rank"] for r in result["predictions"]}
     assert ranked <= set(vqa.candidate_answers(cfg, split))  # rank answers are always candidates
-    vqa.write_results(tmp_path / "run", doc, result["predictions"])
+    write_results(tmp_path / "run", doc, result["predictions"])
     table = load_launch("make_table")
     header, rows = table.build_rows([table.read_run(str(tmp_path / "run"))])
     assert rows[0][1] == "official" and rows[0][2] == "6"

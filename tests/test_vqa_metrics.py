@@ -95,7 +95,7 @@ def test_sample_images_show_the_image_and_colour_the_verdict(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from recipes.medblip.vqa import sample_images
+    from recipes.common.vqa_eval import sample_images
 
     Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
     rows = [{"image": "a.png", "question": "is there a lesion?", "ground_truth": "yes", "prediction": p,

@@ -10,28 +10,18 @@ VQA recipe's, so launch/evaluate.py and launch/make_table.py read BLIP-2 runs un
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.config import ConfigError
-from framework.distributed import DistInfo, rank, say
-from framework.task import Recipe, Task
-from recipes.common.vqa_eval import (
-    candidate_answers,
-    check_dataset,
-    load_vqa,
-    rank_coverage,
-    sample_images,
-    samples_markdown,
-    trained_checkpoint,
-    write_results,
-)
-from recipes.common.vqa_metrics import flatten, majority_baselines, score, score_one
-from recipes.common.vqa_rad import SPLITS, VqaDataset, VqaSplit
+from framework.distributed import DistInfo
+from framework.task import Task
+from recipes.common.vqa_eval import VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
+from recipes.common.vqa_metrics import flatten, score, score_one
+from recipes.common.vqa_rad import VqaDataset, VqaSplit
+from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
 
 from .build import Blip2Config, build_model, task_for
 from .data import LlmCollate
@@ -44,38 +34,25 @@ INFERENCE = ("both",) + MODES
 
 
 @dataclass
-class VqaConfig:
-    """The `vqa:` section: data, split, the two inference modes and which one fills metrics.json's scores."""
+class VqaConfig(VqaSectionConfig):
+    """The `vqa:` section: the shared keys (data, split, candidates, evaluation) + the two inference modes and which
+    one fills metrics.json's scores."""
 
-    dataset: str = "vqa_rad"  # vqa_rad | slake (English) | pathvqa (the parquet copy)
-    root: str = "data/vqa_rad"  # 'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/'
-    split: str = "official"  # official (451 test) | mevf
-    image_cache: Optional[str] = None  # pathvqa: where its parquet images are written once (default root/images)
+    INFERENCE: ClassVar[tuple[str, ...]] = INFERENCE
+
     inference: str = "both"  # both | generate | rank
     primary: str = "generate"  # the mode whose scores are metrics.json's "scores"/"metrics" (make_table's row)
-    answer_list: str = "train"  # rank candidates: the distinct training answers, or a JSON list file
-    k_test: int = 128  # rank: candidates kept by first-token log-probability, then scored in full (BLIP's k)
     num_beams: int = 5  # generate: LAVIS's BLIP-2 VQA settings (beams 5, at most 10 new tokens, length penalty 0)
     max_new_tokens: int = 10
     length_penalty: float = 0.0
-    max_question_words: int = 35
     eval_batch_size: int = 16
-    eval_limit: Optional[int] = None  # evaluate the first N test questions only (quick checks)
-    save_predictions: bool = True
 
     def check(self) -> None:
-        check_dataset(self.dataset, self.split)
-        if self.split not in SPLITS:
-            raise ConfigError(f"vqa.split: unknown split {self.split!r}; known: {', '.join(SPLITS)}")
-        if self.inference not in INFERENCE:
-            raise ConfigError(f"vqa.inference: unknown mode {self.inference!r}; known: {', '.join(INFERENCE)}")
+        super().check()
         if self.primary not in MODES or (self.inference != "both" and self.primary != self.inference):
             raise ConfigError(f"vqa.primary must be a mode that runs ({', '.join(self.modes)}), got {self.primary!r}")
-        for name in ("k_test", "num_beams", "max_new_tokens", "eval_batch_size", "max_question_words"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"vqa.{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise ConfigError(f"vqa.eval_limit must be >= 1 or null, got {self.eval_limit}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"vqa.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -89,8 +66,7 @@ class Blip2VqaConfig(Blip2Config):
     vqa: VqaConfig = field(default_factory=VqaConfig)
 
 
-__all__ = ["RECIPE", "Blip2VqaConfig", "VqaConfig", "build", "load_vqa", "trained_checkpoint", "load_trained",
-           "evaluate_model", "results_document", "write_results"]
+__all__ = ["RECIPE", "Blip2VqaRecipe", "Blip2VqaConfig", "VqaConfig", "build", "load_trained", "evaluate_model"]
 
 
 def load_trained(cfg: Blip2VqaConfig, checkpoint: str) -> Blip2:
@@ -110,7 +86,7 @@ def build(cfg: Blip2VqaConfig, dist: DistInfo) -> Task:
     model = build_model(cfg, stage="vqa", dist=dist)
     return task_for(model, collate=LlmCollate(model.text, cfg.model.prompt),
                 train_dataset=VqaDataset(split.train, split.image_dir, cfg.image, train=True),
-                evaluate=VqaEvaluator(cfg, split))
+                evaluate=RECIPE.evaluator(cfg, split))
 
 
 @torch.no_grad()
@@ -118,7 +94,7 @@ def evaluate_model(model: Blip2, cfg: Blip2VqaConfig, split: VqaSplit, candidate
                    num_workers: int = 0) -> dict[str, Any]:
     """Answer the test questions in every configured mode -> {"predictions", "scores", "by_inference", "inference"}."""
     v: VqaConfig = cfg.vqa
-    test = split.test[: v.eval_limit] if v.eval_limit else split.test
+    test = evaluated_questions(cfg, split)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -159,41 +135,15 @@ def evaluate_model(model: Blip2, cfg: Blip2VqaConfig, split: VqaSplit, candidate
             "inference": inference}
 
 
-def results_document(cfg: Blip2VqaConfig, split: VqaSplit, result: dict[str, Any], *, step: Optional[int] = None,
-                     checkpoint: Optional[str] = None) -> dict[str, Any]:
-    """metrics.json: the MedBLIP VQA document (split, scores, flat metrics, baselines, provenance) + by_inference."""
-    test = split.test[: cfg.vqa.eval_limit] if cfg.vqa.eval_limit else split.test
-    return {"split": split.summary(), "evaluated_questions": len(result["predictions"]), "model": "blip2",
-            "scores": result["scores"], "metrics": flatten(result["scores"]), "inference": result["inference"],
-            "by_inference": result["by_inference"], "baselines": majority_baselines(split.train, test),
-            "step": step, "checkpoint": checkpoint, "init_from": cfg.run.init_from, "recipe": cfg.source,
-            "image_size": cfg.image.size, "freeze_vision": True, "freeze_llm": True, "seed": cfg.train.seed}
+@dataclass(frozen=True)
+class Blip2VqaRecipe(VqaRecipeBase):
+    """BLIP-2's VQA recipe: answers in every configured mode; metrics.json adds by_inference and what is frozen."""
+
+    load_trained = staticmethod(load_trained)
+    evaluate_model = staticmethod(evaluate_model)
+
+    def document_fields(self, cfg: Blip2VqaConfig, result: dict[str, Any]) -> dict[str, Any]:
+        return {"model": "blip2", "by_inference": result["by_inference"], "freeze_vision": True, "freeze_llm": True}
 
 
-class VqaEvaluator:
-    """Task.evaluate: scores the test split in both modes, writes metrics.json/predictions.jsonl (rank 0)."""
-
-    def __init__(self, cfg: Blip2VqaConfig, split: VqaSplit):
-        self.cfg, self.split = cfg, split.for_selection()  # SLAKE/PathVQA: select on validation, never on test
-        if self.split.evaluated == "validation":
-            say(f"evaluation during training: the {len(self.split.test)} validation questions (choose the checkpoint "
-                "there); the test split is scored only by launch/evaluate.py")
-        self.candidates = candidate_answers(cfg, split)
-
-    def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
-        result = evaluate_model(model, self.cfg, self.split, self.candidates)
-        if self.cfg.vqa.save_predictions and rank() == 0:
-            doc = results_document(self.cfg, self.split, result, step=step, checkpoint=f"step {step} (in training)")
-            run_dir = Path(self.cfg.run.dir)
-            write_results(run_dir / "eval" / f"step_{step:08d}", doc, result["predictions"])
-            if self.split.evaluated == "test":  # validation scores never stand in for the test result
-                write_results(run_dir, doc, result["predictions"])  # the latest result, for make_table
-        flat = dict(flatten(result["scores"]))
-        for mode, r in result["by_inference"].items():
-            flat |= {f"{mode}/{k}": v for k, v in r["metrics"].items()}
-        say(" | ".join(f"{m}: acc {r['metrics'].get('accuracy', 0):.3f}" for m, r in result["by_inference"].items()))
-        return flat | {"samples": samples_markdown(result["predictions"])} | sample_images(result["predictions"],
-                                                                                          self.split.image_dir)
-
-
-RECIPE = Recipe(config=Blip2VqaConfig, objectives=VQA_OBJECTIVES, build=build)
+RECIPE = Blip2VqaRecipe(config=Blip2VqaConfig, objectives=VQA_OBJECTIVES, build=build)

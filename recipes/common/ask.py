@@ -13,7 +13,6 @@ for that question. The generated answer is the models' beam search with the run'
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,8 +23,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from recipes.common.image_text import open_image
-from recipes.common.vqa_eval import candidate_answers, config_for_checkpoint, load_vqa
+from recipes.common.vqa_eval import candidate_answers, config_for_checkpoint, load_vqa, trained_checkpoint
 from recipes.common.vqa_rad import VqaDataset, normalize_text
+from recipes.common.vqa_recipe import NotAVqaRecipe, vqa_recipe
 
 ImageInput = Union[str, Path, bytes, Image.Image]
 
@@ -138,17 +138,18 @@ class Asker:
                            "decoder was never fine-tuned to answer questions; ask a run of recipes/medblip/vqa.yaml "
                            "or recipes/blip2/vqa.yaml")
         self.cfg = config_for_checkpoint(recipe, str(checkpoint), list(overrides))
-        module = importlib.import_module(self.cfg.recipe)
-        if not hasattr(module, "evaluate_model") or not hasattr(self.cfg, "vqa"):
+        try:
+            recipe = vqa_recipe(self.cfg)
+        except NotAVqaRecipe:
             raise AskError(f"{checkpoint}: a {self.cfg.recipe} run is not a VQA run; ask a run of "
-                           "recipes/medblip/vqa.yaml or recipes/blip2/vqa.yaml")
-        self.checkpoint = module.trained_checkpoint(self.cfg, str(checkpoint))
+                           "recipes/medblip/vqa.yaml or recipes/blip2/vqa.yaml") from None
+        self.checkpoint = trained_checkpoint(self.cfg, str(checkpoint))
         v = self.cfg.vqa
         # the candidates evaluate.py ranks: the run's training answers need its VQA data (or vqa.answer_list=FILE)
         split = load_vqa(self.cfg, announce=False) if v.answer_list == "train" else None
         self.candidates = candidate_answers(self.cfg, split)
         with contextlib.redirect_stdout(io.StringIO()):  # the load report is for training logs, not for answers
-            self.model = module.load_trained(self.cfg, self.checkpoint)
+            self.model = recipe.load_trained(self.cfg, self.checkpoint)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         self.blip2 = self.cfg.recipe.startswith("recipes.blip2")

@@ -1,11 +1,11 @@
-"""VQA evaluation pieces every VQA recipe shares: the split it announces, rank candidates and their coverage,
-where the trained weights are, metrics.json + predictions.jsonl, and TensorBoard samples."""
+"""VQA evaluation pieces every VQA recipe shares: the vqa: keys they all have, the split it announces, rank
+candidates and their coverage, where the trained weights are, metrics.json + predictions.jsonl, TensorBoard samples."""
 from __future__ import annotations
 
-import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 import torch
@@ -13,8 +13,10 @@ import torch
 from framework.distributed import say
 from framework.files import atomic_write_text
 from recipes.common.image_text import open_image
+from recipes.common.vqa_document import questions_sha256
 from recipes.common.vqa_rad import (
     ANSWER_TYPES,
+    SPLITS,
     VqaRecord,
     VqaSplit,
     answer_list,
@@ -34,6 +36,41 @@ def check_dataset(dataset: str, split: str) -> None:
         raise ConfigError(f"vqa.dataset: unknown data set {dataset!r}; known: {', '.join(DATASETS)}")
     if dataset != "vqa_rad" and split != "official":
         raise ConfigError(f"vqa.split: {dataset} has one split, its release's: use vqa.split=official, not {split!r}")
+
+
+@dataclass
+class VqaSectionConfig:
+    """The `vqa:` keys every VQA recipe has (data, split, candidates, evaluation); a recipe's VqaConfig adds its own
+    and may change a default by declaring the field again."""
+
+    INFERENCE: ClassVar[tuple[str, ...]] = ("rank", "generate")  # the recipe's vqa.inference modes
+
+    dataset: str = "vqa_rad"  # vqa_rad | slake (English) | pathvqa (the parquet copy)
+    root: str = "data/vqa_rad"  # folder of the release: 'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/'
+    split: str = "official"  # official (451 test: test_freeform + test_para) | mevf (trainset/testset.json)
+    image_cache: Optional[str] = None  # pathvqa: where its parquet images are written once (default root/images)
+    inference: str = "rank"  # one of INFERENCE
+    answer_list: str = "train"  # rank candidates: "train" (distinct training answers) or a JSON list file
+    k_test: int = 128  # rank: candidates kept by first-token probability, then rescored in full (BLIP: 128)
+    num_beams: int = 3  # generate: beams
+    max_question_words: int = 35  # BLIP's pre_question word limit
+    eval_batch_size: int = 32
+    eval_limit: Optional[int] = None  # evaluate only the first N test questions (quick checks); None = all
+    save_predictions: bool = True  # write metrics.json + predictions.jsonl at every evaluation (rank 0)
+
+    def check(self) -> None:
+        from framework.config import ConfigError
+
+        check_dataset(self.dataset, self.split)
+        if self.split not in SPLITS:
+            raise ConfigError(f"vqa.split: unknown split {self.split!r}; known: {', '.join(SPLITS)}")
+        if self.inference not in self.INFERENCE:
+            raise ConfigError(f"vqa.inference: unknown mode {self.inference!r}; known: {', '.join(self.INFERENCE)}")
+        for name in ("k_test", "num_beams", "max_question_words", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"vqa.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError(f"vqa.eval_limit must be >= 1 or null, got {self.eval_limit}")
 
 
 def load_vqa(cfg: Any, announce: bool = True) -> VqaSplit:
@@ -151,13 +188,6 @@ def write_results(out_dir: Union[str, Path], document: dict[str, Any], predictio
     atomic_write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")
     atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     return out
-
-
-def questions_sha256(predictions: list[dict]) -> str:
-    """sha256 of the questions evaluated (qid, image, question, ground truth; in any order): equal = same questions."""
-    keys = sorted(json.dumps([str(p.get(k, "")) for k in ("qid", "image", "question", "ground_truth")])
-                  for p in predictions)
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def samples_markdown(predictions: list[dict], n: int = 8) -> str:

@@ -8,32 +8,18 @@ of our DAPT/PSD runs, a VQA run or a transformers BlipForQuestionAnswering direc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.config import ConfigError
-from framework.distributed import DistInfo, rank, say
-from framework.task import Recipe, Task
-from recipes.common.vqa_eval import (
-    candidate_answers,
-    check_dataset,
-    load_vqa,
-    rank_coverage,
-    sample_images,
-    samples_markdown,
-    trained_checkpoint,
-    write_results,
-)
-from recipes.common.vqa_metrics import flatten, majority_baselines, score, score_one
-from recipes.common.vqa_rad import (
-    SPLITS,
-    VqaDataset,
-    VqaSplit,
-)
+from framework.distributed import DistInfo, say
+from framework.task import Task
+from recipes.common.vqa_eval import VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
+from recipes.common.vqa_metrics import score, score_one
+from recipes.common.vqa_rad import VqaDataset, VqaSplit
+from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
 from recipes.medblip.model.blip_vqa import MedBlipVqa, load_vqa_weights
 from recipes.medblip.model.weights import fetch_on_rank0
 from recipes.medblip.pretrain import BlipConfig, model_config
@@ -42,41 +28,26 @@ INFERENCE_MODES = ("rank", "generate")
 
 
 @dataclass
-class VqaConfig:
-    """The `vqa:` section: data, split, inference and fine-tuning switches."""
+class VqaConfig(VqaSectionConfig):
+    """The `vqa:` section: the shared keys (data, split, candidates, evaluation) + inference and fine-tuning."""
 
-    dataset: str = "vqa_rad"  # vqa_rad | slake (English) | pathvqa (the parquet copy)
-    root: str = "data/vqa_rad"  # folder of the release: 'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/'
-    split: str = "official"  # official (451 test: test_freeform + test_para) | mevf (trainset/testset.json)
-    image_cache: Optional[str] = None  # pathvqa: where its parquet images are written once (default root/images)
+    INFERENCE: ClassVar[tuple[str, ...]] = INFERENCE_MODES
+
     inference: str = "rank"  # rank (over answer_list, BLIP's default) | generate (beam search)
-    answer_list: str = "train"  # rank candidates: "train" (distinct training answers) or a JSON list file
-    k_test: int = 128  # rank: candidates kept by first-token probability, then rescored in full (BLIP: 128)
     rank_label_smoothing: float = 0.0  # rank score = answer log-likelihood; 0.1 = BLIP's smoothed-loss score
     num_beams: int = 3  # generate: beams (BLIP: 3)
     max_generate_len: int = 10  # generate: max tokens including [DEC] (BLIP: 10)
     freeze_vision: bool = True  # the study fine-tunes with the ViT frozen
-    max_question_words: int = 35  # BLIP's pre_question word limit
     max_question_len: int = 35  # question tokens (BLIP: 35)
     max_answer_len: int = 32  # answer tokens for training and candidates (VQA-RAD's longest answer: 32)
-    eval_batch_size: int = 32
-    eval_limit: Optional[int] = None  # evaluate only the first N test questions (quick checks); None = all
-    save_predictions: bool = True  # write metrics.json + predictions.jsonl at every evaluation (rank 0)
 
     def check(self) -> None:
-        check_dataset(self.dataset, self.split)
-        if self.split not in SPLITS:
-            raise ConfigError(f"vqa.split: unknown split {self.split!r}; known: {', '.join(SPLITS)}")
-        if self.inference not in INFERENCE_MODES:
-            raise ConfigError(f"vqa.inference: unknown mode {self.inference!r}; known: {', '.join(INFERENCE_MODES)}")
-        for name in ("k_test", "num_beams", "max_question_words", "max_question_len", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"vqa.{name} must be >= 1, got {getattr(self, name)}")
+        super().check()
+        if self.max_question_len < 1:
+            raise ConfigError(f"vqa.max_question_len must be >= 1, got {self.max_question_len}")
         if self.max_answer_len < 3 or self.max_generate_len < 2:
             raise ConfigError("vqa.max_answer_len must be >= 3 and vqa.max_generate_len >= 2 ([DEC]/[CLS], a "
                               "token, [SEP])")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise ConfigError(f"vqa.eval_limit must be >= 1 or null, got {self.eval_limit}")
         if not 0.0 <= self.rank_label_smoothing < 1.0:
             raise ConfigError(f"vqa.rank_label_smoothing must be in [0, 1), got {self.rank_label_smoothing}")
 
@@ -87,8 +58,8 @@ class VqaRecipeConfig(BlipConfig):
 
     vqa: VqaConfig = field(default_factory=VqaConfig)
 
-__all__ = ["RECIPE", "VqaConfig", "VqaRecipeConfig", "build", "build_model", "trained_checkpoint", "load_trained",
-           "load_vqa", "evaluate_model", "write_results", "candidate_answers"]
+__all__ = ["RECIPE", "MedBlipVqaRecipe", "VqaConfig", "VqaRecipeConfig", "build", "build_model", "load_trained",
+           "evaluate_model"]
 
 
 def build_model(cfg: VqaRecipeConfig, *, load_weights: bool = True) -> MedBlipVqa:
@@ -125,7 +96,7 @@ def build(cfg: VqaRecipeConfig, dist: DistInfo) -> Task:
     model = build_model(cfg)
     return Task(model=model, collate=model.collate_fn(),
                 train_dataset=VqaDataset(split.train, split.image_dir, cfg.image, train=True),
-                evaluate=VqaEvaluator(cfg, split))
+                evaluate=RECIPE.evaluator(cfg, split))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -135,7 +106,7 @@ def evaluate_model(model: MedBlipVqa, cfg: VqaRecipeConfig, split: VqaSplit, can
                    num_workers: int = 0) -> dict[str, Any]:
     """Answer the test questions -> {"predictions": [row per question], "scores": {...}, "inference": {...}}."""
     v = cfg.vqa
-    test = split.test[: v.eval_limit] if v.eval_limit else split.test
+    test = evaluated_questions(cfg, split)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -171,38 +142,15 @@ def evaluate_model(model: MedBlipVqa, cfg: VqaRecipeConfig, split: VqaSplit, can
     return {"predictions": rows, "scores": scores, "inference": inference}
 
 
-def results_document(cfg: VqaRecipeConfig, split: VqaSplit, result: dict[str, Any], *, step: Optional[int] = None,
-                     checkpoint: Optional[str] = None) -> dict[str, Any]:
-    """What metrics.json holds: the split used, the scores, flat metrics, majority baselines and provenance."""
-    test = split.test[: cfg.vqa.eval_limit] if cfg.vqa.eval_limit else split.test
-    return {"split": split.summary(), "evaluated_questions": len(result["predictions"]),
-            "scores": result["scores"], "metrics": flatten(result["scores"]), "inference": result["inference"],
-            "baselines": majority_baselines(split.train, test), "step": step, "checkpoint": checkpoint,
-            "init_from": cfg.run.init_from, "recipe": cfg.source, "image_size": cfg.image.size,
-            "freeze_vision": cfg.vqa.freeze_vision, "seed": cfg.train.seed}
+@dataclass(frozen=True)
+class MedBlipVqaRecipe(VqaRecipeBase):
+    """MedBLIP's VQA recipe: BLIP_VQA's weights, answers by rank or generation; metrics.json says freeze_vision."""
+
+    load_trained = staticmethod(load_trained)
+    evaluate_model = staticmethod(evaluate_model)
+
+    def document_fields(self, cfg: VqaRecipeConfig, result: dict[str, Any]) -> dict[str, Any]:
+        return {"freeze_vision": cfg.vqa.freeze_vision}
 
 
-class VqaEvaluator:
-    """Task.evaluate: scores the validation split when the data set has one (SLAKE, PathVQA: checkpoints are
-    selected there, never on test), else the test split; returns flat metrics (+ samples) and writes the files."""
-
-    def __init__(self, cfg: VqaRecipeConfig, split: VqaSplit):
-        self.cfg, self.split = cfg, split.for_selection()
-        if self.split.evaluated == "validation":
-            say(f"evaluation during training: the {len(self.split.test)} validation questions (choose the checkpoint "
-                "there); the test split is scored only by launch/evaluate.py")
-        self.candidates = candidate_answers(cfg, split) if cfg.vqa.inference == "rank" else None
-
-    def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
-        result = evaluate_model(model, self.cfg, self.split, self.candidates)
-        if self.cfg.vqa.save_predictions and rank() == 0:
-            doc = results_document(self.cfg, self.split, result, step=step, checkpoint=f"step {step} (in training)")
-            run_dir = Path(self.cfg.run.dir)
-            write_results(run_dir / "eval" / f"step_{step:08d}", doc, result["predictions"])
-            if self.split.evaluated == "test":  # validation scores never stand in for the test result
-                write_results(run_dir, doc, result["predictions"])  # the latest result, for make_table
-        return (flatten(result["scores"]) | {"samples": samples_markdown(result["predictions"])}
-                | sample_images(result["predictions"], self.split.image_dir))
-
-
-RECIPE = Recipe(config=VqaRecipeConfig, objectives=("vqa",), build=build)
+RECIPE = MedBlipVqaRecipe(config=VqaRecipeConfig, objectives=("vqa",), build=build)
