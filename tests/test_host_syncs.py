@@ -52,6 +52,15 @@ def test_at_most_one_sync_per_step_outside_a_logging_step(data, tmp_path):
     """fp32 with 4 micro-batches a step: the non-finite check is one read per step, not one per micro-batch."""
     r = syncs.count_syncs("dapt", data, tmp_path / "dapt", STEPS, ["train.grad_accum=4"])
     assert r["inside_per_step"] == 0 and r["outside_per_step"] == 1, r["where"]
+    assert r["deepspeed_per_step"] == 0, r["where"]
+
+
+def test_under_bf16_the_framework_still_makes_one_and_deepspeed_its_own(data, tmp_path):
+    """bf16 at ZeRO 0: DeepSpeed's optimizer checks each gradient for overflow with one host read per parameter
+    (CheckOverflow.has_overflow_serial, inside ds.step()); the framework's own count stays 1 per step."""
+    r = syncs.count_syncs("dapt", data, tmp_path / "dapt", STEPS, ["train.grad_accum=4", "train.precision=bf16"])
+    assert r["inside_per_step"] == 0 and r["outside_per_step"] - r["deepspeed_per_step"] == 1, r["where"]
+    assert r["deepspeed_per_step"] > 0  # the counter sees DeepSpeed's reads: were they gone, the docs must say so
 
 
 def test_device_draw_is_torch_multinomial_draw_for_draw():
