@@ -124,3 +124,33 @@ def test_under_fp16_losses_are_checked_once_a_step_without_a_sync_per_micro_batc
     assert err.count("non-finite loss in mse; step skipped by the loss scaler") == 4
     assert "micro-batch skipped" not in err and "; step skipped\n" not in err
     assert [f"step {s}: non-finite" in err for s in (3, 4, 7, 8)] == [False, True, True, False]
+
+
+def test_under_fp32_one_nonfinite_micro_batch_skips_its_whole_step(tmp_path, one_rank, capsys):
+    """fp32/bf16 read the step's summed losses once, before the step: one NaN micro-batch (the first of step 2's
+    two) skips that optimizer step whole, as fp16's loss scaler would (DeepSpeed counts it in skipped_steps, the lr
+    schedule does not move), the run goes on and finishes with finite weights."""
+    from framework.build import build_run
+    from framework.config import import_recipe, load_config
+    from framework.distributed import init_distributed
+    from framework.engine import fit
+    from recipes.toy import make_shards
+
+    make_shards(tmp_path / "shards", 64, 4)
+    cfg = load_config(ROOT / "recipes" / "toy" / "toy.yaml",
+                      [f"run.dir={tmp_path / 'run'}", f"data.train={tmp_path / 'shards'}", "model.nan_after=2",
+                       "model.nan_count=1", "train.grad_accum=2", "train.epochs=null", "train.max_steps=4",
+                       "run.save_every=0", "data.num_workers=0"])
+    dist = init_distributed()
+    run = build_run(cfg, import_recipe(cfg.recipe).build(cfg, dist), dist)
+    assert run.precision.name == "fp32" and not run.loss_scaler_skips
+    lrs = []
+    step = run.ds.step
+    run.ds.step = lambda *a, **k: (step(*a, **k), lrs.append(run.ds.get_lr()[0]))[0]
+    result = fit(run)
+    err = capsys.readouterr().err
+    assert result.reason == "finished" and result.step == 4
+    assert err.count("non-finite loss in mse; step skipped") == 1 and "step 2: non-finite loss in mse" in err
+    assert (run.ds.global_steps, run.ds.skipped_steps) == (4, 1)
+    assert lrs[1] == lrs[3] != lrs[5]  # after steps 1, 2 (skipped: the schedule stays), 3
+    assert all(torch.isfinite(p).all() for p in run.ds.module.parameters())
