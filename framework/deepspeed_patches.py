@@ -144,9 +144,9 @@ def skip_flagged_steps(engine: Any) -> None:
     """Let the framework skip a step whose losses were non-finite (skip_next_step) under fp32/bf16, where DeepSpeed
     has no loss scaler to do it: DeepSpeed skips a step only when its optimizer says `overflow` (the engine then
     counts it in skipped_steps and leaves the lr scheduler alone). On a flagged step each optimizer takes its own
-    overflow path (ZeRO, BF16_Optimizer, bf16's FP16_(Unfused)Optimizer at ZeRO 0: they clear their gradient
-    buffers) or, a plain torch optimizer at ZeRO 0,
-    does not step (the engine zeroes its gradients after step()). fp16's optimizers keep their loss scaler."""
+    overflow path (ZeRO 1/2/3, BF16_Optimizer, bf16's FP16_(Unfused)Optimizer at ZeRO 0: they clear their gradient
+    buffers) or, a plain torch optimizer at ZeRO 0, does not step (the engine zeroes its gradients after step()).
+    fp16's optimizers keep their loss scaler. Every rank must flag the same steps (the caller all-reduces)."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer

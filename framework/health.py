@@ -40,6 +40,7 @@ class StepLosses:
             self.objectives[name] = _plus(self.objectives.get(name), value)
 
     def clear(self) -> None:
+        """Forgets the step's losses (after its check)."""
         self.total, self.objectives = None, {}
 
 
