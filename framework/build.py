@@ -176,9 +176,9 @@ class Run:
     position: Position = field(default_factory=Position)
     skipped_samples: int = 0  # undecodable samples so far (restored on resume)
     resumed_from: Optional[str] = None  # the checkpoint tag this run continues from
-    # fp16: DeepSpeed's loss scaler already skips a step whose gradients overflow (a non-finite loss makes them so),
-    # so losses are checked once a step, with no host sync per micro-batch; fp32/bf16 check each before backward
-    finite_check_per_step: bool = False
+    # fp16: DeepSpeed's loss scaler already skips a step whose gradients overflow (a non-finite loss makes them so);
+    # fp32/bf16 have none: the engine reads the step's losses before the step and skips it itself (both: 1 sync/step)
+    loss_scaler_skips: bool = False
 
     @property
     def accum(self) -> int:
@@ -239,7 +239,7 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
     for plugin in plugins:
         plugin.setup(ds.module, precision.dtype, dist.device)
     run = Run(cfg, dist, task, ds, distillation.forward(ds) if distillation else ds, combine, plugins, stream,
-              precision, memory, total_steps, steps_per_epoch, finite_check_per_step=precision.name == "fp16")
+              precision, memory, total_steps, steps_per_epoch, loss_scaler_skips=precision.name == "fp16")
     restore(run)
     return run
 

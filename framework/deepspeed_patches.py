@@ -55,6 +55,7 @@ def patch_engine(engine: Any) -> None:
     forget_the_zero_gradient_step(engine)
     keep_fp32_grad_norm(engine)
     skip_allreduce_in_a_world_of_one(engine)
+    skip_flagged_steps(engine)
 
 
 def loss_scale(engine: Any) -> float:
@@ -130,6 +131,72 @@ def skip_allreduce_in_a_world_of_one(engine: Any) -> None:
                 p.grad = torch.zeros_like(p)
 
     engine.allreduce_gradients = zero_fill_missing_gradients
+
+
+def skip_next_step(engine: Any) -> None:
+    """Make the engine's next optimizer step (engine.step() at an accumulation boundary) a skipped one, as fp16's
+    loss scaler skips an overflow: gradients dropped, parameters and optimizer state unchanged, the lr schedule not
+    advanced, engine.skipped_steps + 1 (engine.global_steps still counts it). Needs skip_flagged_steps."""
+    engine.optimizer.skip_next_step = True
+
+
+def skip_flagged_steps(engine: Any) -> None:
+    """Let the framework skip a step whose losses were non-finite (skip_next_step) under fp32/bf16, where DeepSpeed
+    has no loss scaler to do it: DeepSpeed skips a step only when its optimizer says `overflow` (the engine then
+    counts it in skipped_steps and leaves the lr scheduler alone). On a flagged step each optimizer takes its own
+    overflow path (ZeRO 1/2/3, BF16_Optimizer, bf16's FP16_(Unfused)Optimizer at ZeRO 0: they clear their gradient
+    buffers) or, a plain torch optimizer at ZeRO 0, does not step (the engine zeroes its gradients after step()).
+    fp16's optimizers keep their loss scaler. Every rank must flag the same steps (the caller all-reduces)."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if engine.fp16_enabled() or not hasattr(opt, "step"):
+        return
+    step = opt.step
+    opt.skip_next_step = False
+
+    def overflowing(*_args: Any, **_kwargs: Any) -> bool:  # the optimizer's own check, answering "overflow"
+        opt.overflow = True
+        return True
+
+    def flagged_step(*args: Any, **kwargs: Any) -> Any:
+        if not opt.skip_next_step:
+            if isinstance(opt, torch.optim.Optimizer):
+                opt.overflow = False  # the engine reads it after every step once it exists
+            return step(*args, **kwargs)
+        opt.skip_next_step = False
+        if isinstance(opt, BF16_Optimizer):  # its step()'s own branch for an invalid gradient norm
+            opt.overflow, opt._global_grad_norm = True, float("inf")
+            opt.clear_hp_grads()
+            opt.clear_lp_grads()
+        elif isinstance(opt, DeepSpeedZeroOptimizer):  # step() checks overflow (check_overflow) when asked to
+            check = opt.check_grad_overflow
+            opt.check_grad_overflow, opt.check_overflow = True, overflowing
+            try:
+                step(*args, **kwargs)
+            finally:
+                opt.check_grad_overflow = check
+                del opt.check_overflow  # the class's method again
+        elif isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+            opt._overflow_check_and_loss_scale_update = (
+                lambda update_scale=True: overflowing() and (not update_scale or
+                                                              opt._loss_scale_update_and_overflow_cleanup()))
+            try:
+                step(*args, **kwargs)
+            finally:
+                del opt._overflow_check_and_loss_scale_update
+        elif hasattr(opt, "_skip_invalid_grad_norm"):  # FP16_(Unfused)Optimizer, bf16 at ZeRO 0: their own skip
+            opt._skip_invalid_grad_norm()
+        elif isinstance(opt, torch.optim.Optimizer):
+            opt.overflow = True  # no update; the engine zeroes the gradients and counts the skip
+            engine._global_grad_norm = float("inf")  # as DeepSpeed's optimizers report a skipped step's norm
+        else:
+            raise NotImplementedError(f"cannot skip a step of {type(opt).__name__}")
+        return None
+
+    opt.step = flagged_step
 
 
 # ----------------------------------------------------------------------------- communication and checkpoints

@@ -13,9 +13,9 @@ from . import checkpoint
 from .build import Run
 from .config import config_to_dict, parse_duration, parse_every, save_resolved
 from .data import SKIPPED, batch_size_of, make_loader
-from .deepspeed_patches import loss_scale
-from .distributed import any_true
-from .health import HealthMonitor, TrainingStopped
+from .deepspeed_patches import loss_scale, skip_next_step
+from .distributed import any_nonfinite, any_true
+from .health import HealthMonitor, StepLosses, TrainingStopped
 from .preflight import GIB
 from .rundir import RunLock, check_shared
 from .tracking import RunLogger, StepWindow, mean_losses_over_ranks, peak_memory
@@ -65,7 +65,7 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train until the configured length, a stop signal, the time budget, or a failure; returns where it ended."""
         run, ds, pos = self.run, self.ds, self.pos
-        reason, metrics, unchecked = "finished", {}, []
+        reason, metrics, losses = "finished", {}, StepLosses()
         try:
             with self._run_dir(), self._signals():
                 while pos.step < run.total_steps and reason == "finished":
@@ -78,24 +78,30 @@ class Trainer:
                         loss, logs = run.combine(output, pos.step)
                         pos.batch_in_epoch += 1
                         t1 = self._clock()
-                        if run.finite_check_per_step:
-                            unchecked.append(loss.detach())  # checked at the step's end: no host sync here
-                        elif self.health.nonfinite(loss, output, pos.step, self.log):
-                            continue  # skip this micro-batch: no backward, no step
+                        losses.add(loss, output["losses"])  # checked once, at the step's end: no host sync here
                         ds.backward(loss)
                         t2 = self._clock()
                         boundary = ds.is_gradient_accumulation_boundary()  # ask before step()
                         window.lr = ds.get_lr()[0]  # the rate this step uses
+                        bad = None
+                        if boundary and not run.loss_scaler_skips:
+                            # the step's one host sync (all-reduced: every rank skips the same steps, staying in
+                            # step); a non-finite step is skipped as fp16's loss scaler would: no NaN in the weights
+                            bad = any_nonfinite(losses.total)
+                            if bad:
+                                skip_next_step(ds)
                         ds.step()
                         tick = self._clock()
                         window.add(logs, batch_size_of(batch) * run.dist.world_size, (t0, t1, t2, tick))
                         if not boundary:
                             continue
                         pos.step += 1
-                        if unchecked:  # fp16: the loss scaler has skipped the step if one of them was not finite
-                            self.health.nonfinite(torch.stack(unchecked).sum(), output, pos.step, self.log,
-                                                  skipped="step skipped by the loss scaler")
-                            unchecked.clear()
+                        # reported after ds.step(): a stop here saves DeepSpeed's state at pos.step; under fp16 this
+                        # reads the flag (the loss scaler has skipped the step if a loss was not finite)
+                        self.health.nonfinite(losses.total, {"losses": losses.objectives}, pos.step, self.log,
+                                              "step skipped by the loss scaler" if run.loss_scaler_skips
+                                              else "step skipped", bad)
+                        losses.clear()
                         scalars = self._step_scalars(window, output)  # plugins run here, right after the step
                         self.pending.append((pos.step, pos.epoch, scalars, output.get("chance")))
                         if self.log.due(pos.step):

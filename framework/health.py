@@ -25,6 +25,30 @@ class TrainingStopped(RuntimeError):
     """The run stopped itself for a reason the user must see (non-finite losses, loss-scale collapse)."""
 
 
+class StepLosses:
+    """A step's micro-batch losses summed on the device (a sum is non-finite iff one of its terms is): the step is
+    checked once, at its end, with no host sync per micro-batch."""
+
+    def __init__(self) -> None:
+        self.total: Optional[torch.Tensor] = None
+        self.objectives: dict[str, torch.Tensor] = {}
+
+    def add(self, loss: torch.Tensor, objectives: dict[str, torch.Tensor]) -> None:
+        """Adds one micro-batch's total loss and its objectives' losses (detached, in fp32)."""
+        self.total = _plus(self.total, loss)
+        for name, value in objectives.items():
+            self.objectives[name] = _plus(self.objectives.get(name), value)
+
+    def clear(self) -> None:
+        """Forgets the step's losses (after its check)."""
+        self.total, self.objectives = None, {}
+
+
+def _plus(acc: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().float().sum()
+    return value if acc is None else acc + value
+
+
 class HealthMonitor:
     """Watches every optimizer step's scalars; warns once per episode, stops on runaway non-finite losses."""
 
@@ -37,29 +61,30 @@ class HealthMonitor:
         self.min_scale: Optional[float] = None
 
     def nonfinite(self, loss: torch.Tensor, output: dict[str, Any], step: int, log: Any,
-                  skipped: str = "micro-batch skipped") -> bool:
-        """True if `loss` is not finite (a micro-batch's, then skipped; or a step's sum under fp16, whose step the
-        loss scaler skipped); stops after too many in a row. The value needs a host sync: under fp32/bf16 one per
-        micro-batch (the decision to run backward), under fp16 one per step (Run.finite_check_per_step)."""
-        if not any_nonfinite(loss):  # a non-finite objective makes the total non-finite (even at weight 0)
+                  skipped: str = "step skipped", bad: Optional[bool] = None) -> bool:
+        """True if `loss` is not finite on any rank (a step's summed losses, StepLosses: the step is skipped, by the
+        engine under fp32/bf16, by the loss scaler under fp16); reports it, by objective, and stops after too many
+        in a row. `bad`: any_nonfinite(loss) if the caller has read it already, else read here (one host sync)."""
+        # a non-finite objective makes the total non-finite (even at weight 0)
+        if not (any_nonfinite(loss) if bad is None else bad):
             self.nonfinite_run = 0
             return False
         # every rank gets here together (any_nonfinite): all skip, count and stop alike, so they stay in step
         here = not torch.isfinite(loss.detach()).all()
-        bad = ([k for k, v in output["losses"].items() if not torch.isfinite(v.detach()).all()] or ["total"]) if here \
-            else ["another rank's batch"]
+        names = ([k for k, v in output["losses"].items() if not torch.isfinite(v.detach()).all()] or ["total"]) \
+            if here else ["another rank's batch"]
         self.nonfinite_run += 1
         self.nonfinite_total += 1
         log.scalars(step, {"train/nonfinite_losses": self.nonfinite_total})
         many = world_size() > 1
         where = f" on rank {rank()}" if many and here else ""
-        text = f"step {step}: non-finite loss in {', '.join(bad)}{where}; {skipped}{' on every rank' * many}"
+        text = f"step {step}: non-finite loss in {', '.join(names)}{where}; {skipped}{' on every rank' * many}"
         if here and rank() != 0:  # log.message prints on rank 0 only, which may not have seen it
             print(text, file=sys.stderr, flush=True)
         else:
             log.message(text)
         if self.nonfinite_run > self.max_nonfinite:
-            raise TrainingStopped(f"{self.nonfinite_run} non-finite losses in a row (objective: {', '.join(bad)})"
+            raise TrainingStopped(f"{self.nonfinite_run} non-finite losses in a row (objective: {', '.join(names)})"
                                   f" > run.max_nonfinite={self.max_nonfinite}; lower the learning rate or check the "
                                   "data")
         return True

@@ -176,3 +176,61 @@ def test_bf16_accumulates_in_fp32_at_zero1_only(one_rank):
     with pytest.raises(NotImplementedError, match="unsupported mix"):
         deepspeed.initialize(model=nn.Linear(2, 1), optimizer=torch.optim.AdamW(nn.Linear(2, 1).parameters()),
                              config={**config, "zero_optimization": {"stage": 0}})
+
+
+@pytest.mark.parametrize("precision,zero,fp32_accum", [("fp32", 0, False), ("fp32", 1, False), ("fp32", 2, False),
+                                                       ("fp32", 3, False), ("bf16", 0, False), ("bf16", 1, True),
+                                                       ("bf16", 2, False)])
+def test_a_flagged_step_is_skipped_like_an_fp16_overflow(one_rank, precision, zero, fp32_accum):
+    """skip_flagged_steps: under fp32/bf16 DeepSpeed skips a step only when its optimizer reports `overflow` (then
+    engine.skipped_steps + 1, no lr-scheduler step). A flagged step (its gradients finite) must leave parameters,
+    optimizer state and schedule as they were and drop its gradients: the step after it then lands exactly where an
+    engine that never saw the flagged step lands."""
+    import deepspeed
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+                  "bf16": {"enabled": precision == "bf16"}, "zero_optimization": {"stage": zero},
+                  "steps_per_print": 10 ** 9, **({"data_types": {"grad_accum_dtype": "fp32"}} if fp32_accum else {})}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+        ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        deepspeed_patches.patch_engine(ds)
+        return ds, optimizer
+
+    def params(ds) -> list[torch.Tensor]:
+        with deepspeed.zero.GatheredParameters(list(ds.module.parameters())):  # whole again under ZeRO 3
+            return [p.detach().float().clone() for p in ds.module.parameters()]
+
+    def micro_batches(ds, scale: float = 1.0) -> None:
+        for _ in range(2):
+            ds.backward(loss_of(ds) * scale)
+            ds.step()
+
+    def state(optimizer) -> list[dict[str, torch.Tensor]]:
+        return [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()]
+
+    ds, optimizer = make()
+    micro_batches(ds)  # a first real step: AdamW has state
+    before, lr, kept = params(ds), ds.get_lr()[0], state(optimizer)
+    assert kept and ds.skipped_steps == 0 and ds.global_steps == 1
+    deepspeed_patches.skip_next_step(ds)
+    micro_batches(ds, scale=100.0)  # large, finite gradients: were they kept, the next step would differ
+    assert ds.skipped_steps == 1 and ds.global_steps == 2 and ds.get_lr()[0] == lr  # the schedule did not move
+    assert all(torch.equal(a, b) for a, b in zip(before, params(ds)))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(kept, state(optimizer)) for k in a)
+    micro_batches(ds)
+    assert ds.skipped_steps == 1 and ds.global_steps == 3 and ds.get_lr()[0] < lr
+    reference, _ = make()
+    micro_batches(reference)
+    micro_batches(reference)
+    assert all(torch.equal(a, b) for a, b in zip(params(reference), params(ds)))
+    assert not all(torch.equal(a, b) for a, b in zip(before, params(ds)))
+
+
+def test_fp16_keeps_its_loss_scaler(cpu_fp16):
+    """skip_flagged_steps leaves fp16's optimizers alone: their loss scaler skips overflowing steps itself."""
+    ds = engine("fp16", patch=True)
+    assert not hasattr(ds.optimizer, "skip_next_step")

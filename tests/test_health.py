@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from framework.config import RunConfig
-from framework.health import HealthMonitor, TrainingStopped
+from framework.health import HealthMonitor, StepLosses, TrainingStopped
 from tests.conftest import ROOT, run_entry
 
 ITM_CHANCE = math.log(3) - 2 / 3 * math.log(2)  # entropy of the 1 positive : 2 negatives prior
@@ -51,13 +51,32 @@ def test_zero_gradient_norm_and_a_collapsed_loss_scale():
         monitor.check(6, {"fp16/loss_scale": 1.0}, {}, log, min_loss_scale=1.0)
 
 
-def test_nonfinite_micro_batches_are_skipped_then_stop_the_run():
+def test_nonfinite_steps_are_skipped_then_stop_the_run():
     monitor, log = HealthMonitor(RunConfig(max_nonfinite=1)), Log()
     good, bad = torch.tensor(1.0), torch.tensor(float("nan"))
     assert not monitor.nonfinite(good, {"losses": {"a": good}}, 1, log)
-    assert monitor.nonfinite(bad, {"losses": {"a": bad}}, 1, log) and "non-finite loss in a" in log.messages[-1]
+    assert monitor.nonfinite(bad, {"losses": {"a": bad}}, 2, log) and "non-finite loss in a" in log.messages[-1]
+    assert "step 2: non-finite loss in a; step skipped" in log.messages[-1]
+    assert not monitor.nonfinite(bad, {"losses": {"a": bad}}, 3, log, bad=False)  # the caller's read decides
+    assert monitor.nonfinite(bad, {"losses": {"a": bad}}, 4, log, bad=True)
     with pytest.raises(TrainingStopped, match="2 non-finite losses in a row"):
-        monitor.nonfinite(bad, {"losses": {"a": bad}}, 1, log)
+        monitor.nonfinite(bad, {"losses": {"a": bad}}, 5, log)
+
+
+def test_a_steps_losses_are_summed_on_the_device_naming_the_bad_objective():
+    """StepLosses: one non-finite micro-batch among finite ones makes the step's sums non-finite, for the total and
+    for that objective only (what the report names), whichever micro-batch it was."""
+    monitor, log = HealthMonitor(RunConfig()), Log()
+    losses = StepLosses()
+    for a, b in ((1.0, 2.0), (float("inf"), 3.0), (1.0, 2.0)):
+        losses.add(torch.tensor(a + b), {"a": torch.tensor(a), "b": torch.tensor(b, dtype=torch.bfloat16)})
+    assert not torch.isfinite(losses.total) and torch.isfinite(losses.objectives["b"])
+    assert losses.objectives["b"].dtype == torch.float32 and float(losses.objectives["b"]) == 7.0
+    assert monitor.nonfinite(losses.total, {"losses": losses.objectives}, 1, log)
+    assert "non-finite loss in a;" in log.messages[-1]
+    losses.clear()
+    losses.add(torch.tensor(1.0), {"a": torch.tensor(1.0)})
+    assert not monitor.nonfinite(losses.total, {"losses": losses.objectives}, 2, log)
 
 
 def test_a_model_that_learns_nothing_is_flagged_in_a_real_run(tmp_path):
@@ -82,8 +101,8 @@ def test_a_model_that_learns_nothing_is_flagged_in_a_real_run(tmp_path):
 
 def test_under_fp16_losses_are_checked_once_a_step_without_a_sync_per_micro_batch(tmp_path, one_rank, capsys):
     """fp16 runs check the step's summed loss after the step (DeepSpeed's loss scaler skips a step whose gradients
-    overflow): a non-finite micro-batch is counted once per step, not skipped before backward, and too many in a row
-    still stop the run. fp16 needs a GPU, so the CPU run takes the fp16 path's setting build_run gives fp16."""
+    overflow, the engine does not): a non-finite micro-batch is counted once per step, and too many in a row still
+    stop the run. fp16 needs a GPU, so the CPU run takes the fp16 path's setting build_run gives fp16."""
     from framework.build import build_run
     from framework.config import import_recipe, load_config
     from framework.distributed import init_distributed
@@ -96,12 +115,42 @@ def test_under_fp16_losses_are_checked_once_a_step_without_a_sync_per_micro_batc
                        "run.max_nonfinite=3", "train.grad_accum=2", "run.save_every=0", "data.num_workers=0"])
     dist = init_distributed()
     run = build_run(cfg, import_recipe(cfg.recipe).build(cfg, dist), dist)
-    assert run.precision.name == "fp32" and not run.finite_check_per_step  # the CPU's own path checks each one
-    run.finite_check_per_step = True
+    assert run.precision.name == "fp32" and not run.loss_scaler_skips  # the CPU's own path skips the step itself
+    run.loss_scaler_skips = True
     with pytest.raises(TrainingStopped, match=r"4 non-finite losses in a row \(objective: mse\)"):
         fit(run)
     err = capsys.readouterr().err
     # forwards 7, 8, ... are NaN: steps 4-7 (2 micro-batches each) are flagged once each, then the run stops
     assert err.count("non-finite loss in mse; step skipped by the loss scaler") == 4
-    assert "micro-batch skipped" not in err
+    assert "micro-batch skipped" not in err and "; step skipped\n" not in err
     assert [f"step {s}: non-finite" in err for s in (3, 4, 7, 8)] == [False, True, True, False]
+
+
+def test_under_fp32_one_nonfinite_micro_batch_skips_its_whole_step(tmp_path, one_rank, capsys):
+    """fp32/bf16 read the step's summed losses once, before the step: one NaN micro-batch (the first of step 2's
+    two) skips that optimizer step whole, as fp16's loss scaler would (DeepSpeed counts it in skipped_steps, the lr
+    schedule does not move), the run goes on and finishes with finite weights."""
+    from framework.build import build_run
+    from framework.config import import_recipe, load_config
+    from framework.distributed import init_distributed
+    from framework.engine import fit
+    from recipes.toy import make_shards
+
+    make_shards(tmp_path / "shards", 64, 4)
+    cfg = load_config(ROOT / "recipes" / "toy" / "toy.yaml",
+                      [f"run.dir={tmp_path / 'run'}", f"data.train={tmp_path / 'shards'}", "model.nan_after=2",
+                       "model.nan_count=1", "train.grad_accum=2", "train.epochs=null", "train.max_steps=4",
+                       "run.save_every=0", "data.num_workers=0"])
+    dist = init_distributed()
+    run = build_run(cfg, import_recipe(cfg.recipe).build(cfg, dist), dist)
+    assert run.precision.name == "fp32" and not run.loss_scaler_skips
+    lrs = []
+    step = run.ds.step
+    run.ds.step = lambda *a, **k: (step(*a, **k), lrs.append(run.ds.get_lr()[0]))[0]
+    result = fit(run)
+    err = capsys.readouterr().err
+    assert result.reason == "finished" and result.step == 4
+    assert err.count("non-finite loss in mse; step skipped") == 1 and "step 2: non-finite loss in mse" in err
+    assert (run.ds.global_steps, run.ds.skipped_steps) == (4, 1)
+    assert lrs[1] == lrs[3] != lrs[5]  # after steps 1, 2 (skipped: the schedule stays), 3
+    assert all(torch.isfinite(p).all() for p in run.ds.module.parameters())

@@ -52,12 +52,22 @@ def test_nonfinite_losses_skip_then_stop_naming_the_objective(tmp_path):
     assert proc.returncode == 3, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "non-finite losses in a row (objective: mse)" in last and "Traceback" not in proc.stderr
-    assert proc.stderr.count("non-finite loss in mse; micro-batch skipped") == 4
-    # the last good state (3 optimizer steps = 6 good micro-batches) is saved, and it is finite
+    # forwards 7, 8, ... are NaN: steps 4-7 (2 micro-batches each) are skipped whole, then the 4th in a row stops
+    assert proc.stderr.count("non-finite loss in mse; step skipped") == 4
+    assert [f"step {s}: non-finite" in proc.stderr for s in (3, 4, 7, 8)] == [False, True, True, False]
+    # the state is saved at the stop, and it is the last good one: the 3 good steps' weights, with the 4 skipped
+    # steps counted by DeepSpeed as fp16's loss scaler counts its own (no update, no lr-schedule step)
     tag = find_resume_tag(tmp_path / "run" / "checkpoints")
-    assert tag == "step_00000003"
+    assert tag == "step_00000007"
     state = torch.load(tmp_path / "run" / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["module"].values())
+    assert (state["global_steps"], state["skipped_steps"]) == (7, 4)
+    good = run_entry("train.py", "--recipe", TOY, f"run.dir={tmp_path / 'good'}", shards_in(tmp_path),
+                     "run.stop_at_step=3", "train.grad_accum=2", "run.save_every=0")
+    assert good.returncode == 0, good.stderr[-2000:]
+    three = torch.load(tmp_path / "good" / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt",
+                       weights_only=False)
+    assert all(torch.equal(v, three["module"][k]) for k, v in state["module"].items())
 
 
 def test_keep_last_prunes_old_and_incomplete_checkpoints(tmp_path):

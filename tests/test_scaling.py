@@ -62,15 +62,15 @@ def two_nodes(tmp_path):
 
 # ----------------------------------------------------------------------------- 5: non-finite loss on one rank
 
-def test_a_nonfinite_loss_on_one_rank_skips_the_micro_batch_on_every_rank(tmp_path):
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     # rank 1's 4th forward alone is NaN: a rank that skipped alone would pair its batches with the other's next
     # and the ranks' collectives would stop matching (a hang)
     envs, cwds = two_nodes(tmp_path)
     (r0, out0, err0), (r1, _, err1) = start_ranks(envs, cwds, toy_args(
         tmp_path, f"run.dir={tmp_path / 'run'}", "model.nan_after=3", "model.nan_count=1", "model.nan_rank=1"))
     assert r0 == r1 == 0, err0[-3000:] + err1[-3000:]
-    assert "non-finite loss in mse on rank 1; micro-batch skipped on every rank" in err1
-    assert "non-finite loss in another rank's batch; micro-batch skipped on every rank" in err0
+    assert "non-finite loss in mse on rank 1; step skipped on every rank" in err1
+    assert "non-finite loss in another rank's batch; step skipped on every rank" in err0
     assert "done: finished" in out0
 
 

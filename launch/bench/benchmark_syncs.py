@@ -2,6 +2,7 @@
 """Host synchronisations per optimizer step through launch/train.py, inside forward+backward vs outside.
 
     python launch/bench/benchmark_syncs.py [--models dapt psd vqa blip2] [--steps 4] [--json FILE]
+        [--set train.grad_accum=4 train.precision=bf16 ...]
 
 A sync is a point where the host waits for the device: `.item()` / `int()` / `float()` / `bool()` of a tensor
 (aten._local_scalar_dense), a copy to the host, `.tolist()` / `.numpy()`, or an op whose output shape depends
@@ -41,14 +42,18 @@ class SyncCount:
     inside: int = 0
     outside: int = 0
     phase: str = "outside"  # inside | outside | data (not counted)
+    in_deepspeed: int = 0  # of inside + outside, those made by DeepSpeed's own code (its optimizers' checks)
     where: dict[str, int] = field(default_factory=dict)  # op -> count, for finding them
-    at_step: dict[int, tuple[int, int]] = field(default_factory=dict)  # step -> (inside, outside) at its boundary
+    # step -> (inside, outside, in_deepspeed) at its boundary
+    at_step: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
     def add(self, what: str) -> None:
         if self.phase == "data":
             return
         setattr(self, self.phase, getattr(self, self.phase) + 1)
-        key = f"{self.phase}:{what}@{_caller()}"
+        deepspeed = _in_deepspeed()
+        self.in_deepspeed += deepspeed
+        key = f"{self.phase}:{what}@{_caller()}{' (in deepspeed)' * deepspeed}"
         self.where[key] = self.where.get(key, 0) + 1
 
 
@@ -61,6 +66,18 @@ def _caller() -> str:
         if path != Path(__file__).resolve() and ROOT in path.parents and "tests" not in path.parts:
             return f"{path.relative_to(ROOT)}:{frame.lineno}"
     return "?"
+
+
+def _in_deepspeed() -> bool:
+    """True if the innermost frame outside torch is DeepSpeed's: a sync DeepSpeed makes, not the framework."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        parts = Path(frame.filename).parts
+        if "torch" in parts or Path(frame.filename) == Path(__file__).resolve():
+            continue
+        return "deepspeed" in parts
+    return False
 
 
 class _CountingMode(TorchDispatchMode):
@@ -157,7 +174,7 @@ def instrumented(count: SyncCount) -> Iterator[list]:
     def boundary(self: Any, end_of_epoch: bool) -> str:
         count.flush()  # type: ignore[attr-defined]
         if not end_of_epoch:  # the step's logging is done; its evaluation and checkpoint (host work) come next
-            count.at_step[self.pos.step] = (count.inside, count.outside)
+            count.at_step[self.pos.step] = (count.inside, count.outside, count.in_deepspeed)
         before, count.phase = count.phase, "data"
         try:
             return real_boundary(self, end_of_epoch)
@@ -260,10 +277,10 @@ def count_syncs(model: str, data: Path, run_dir: Path, steps: int = 5, extra: li
         raise RuntimeError(f"{model}: launch/train.py exited with {code}")
     if steps < 3 or sorted(count.at_step) != list(range(1, steps + 1)):
         raise RuntimeError(f"{model}: expected steps 1..{steps} (>= 3), saw {sorted(count.at_step)}")
-    (i0, o0), (i1, o1) = count.at_step[1], count.at_step[steps - 1]
+    (i0, o0, d0), (i1, o1, d1) = count.at_step[1], count.at_step[steps - 1]
     n = steps - 2
     return {"model": model, "steps": n, "inside_per_step": (i1 - i0) / n, "outside_per_step": (o1 - o0) / n,
-            "per_step": (i1 - i0 + o1 - o0) / n, "where": dict(sorted(count.where.items(), key=lambda kv: -kv[1]))}
+            "per_step": (i1 - i0 + o1 - o0) / n, "deepspeed_per_step": (d1 - d0) / n, "where": dict(sorted(count.where.items(), key=lambda kv: -kv[1]))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,15 +289,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per model (>= 3)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--verbose", action="store_true", help="print where the syncs come from")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides after the tiny run's own (train.grad_accum=4, train.precision=bf16)")
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="syncs-") as tmp:
         data = write_data(Path(tmp))
         for model in args.models:
-            r = count_syncs(model, data, Path(tmp) / model, args.steps)
+            r = count_syncs(model, data, Path(tmp) / model, args.steps, args.set)
             results.append(r)
+            accum = next((o.split("=", 1)[1] for o in reversed(args.set) if o.startswith("train.grad_accum=")), "2")
             print(f"{model:>6}: {r['per_step']:.1f} syncs per optimizer step ({r['inside_per_step']:.1f} inside "
-                  f"forward+backward, {r['outside_per_step']:.1f} outside) over {r['steps']} steps", flush=True)
+                  f"forward+backward, {r['outside_per_step']:.1f} outside; {r['deepspeed_per_step']:.1f} of them in "
+                  f"DeepSpeed's own code) over {r['steps']} steps of {accum} micro-batches", flush=True)
             if args.verbose:
                 print("        " + ", ".join(f"{k} {v}" for k, v in r["where"].items()))
     if args.json:
