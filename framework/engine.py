@@ -5,6 +5,7 @@ import contextlib
 import signal
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Iterator, Optional
 
 import torch
@@ -18,16 +19,33 @@ from .distributed import any_nonfinite, any_true
 from .health import HealthMonitor, StepLosses, TrainingStopped
 from .preflight import GIB
 from .rundir import RunLock, check_shared
-from .tracking import RunLogger, StepWindow, mean_losses_over_ranks, peak_memory
+from .tracking import RunLogger, StepWindow, detached, mean_losses_over_ranks, peak_memory, read_scalars
 
-__all__ = ["FitResult", "TrainingStopped", "fit"]
+__all__ = ["FitResult", "StepDone", "StopReason", "Trainer", "TrainingStopped", "fit"]
+
+
+class StopReason(Enum):
+    """Why fit() ended."""
+
+    FINISHED = "finished"  # the configured length
+    PREEMPTED = "preempted"  # a signal or run.stop_at_step (on any rank)
+    TIME_BUDGET = "time_budget"  # run.time_budget nearly spent
+
+
+@dataclass
+class StepDone:
+    """An optimizer step finished by Trainer.micro_step: its scalars (values may be device tensors) and the recipe's
+    chance levels for the health monitor."""
+
+    scalars: dict[str, Any]
+    chance: Any = None
 
 
 @dataclass
 class FitResult:
     step: int
     epoch: int
-    reason: str  # finished | preempted | time_budget
+    reason: str  # a StopReason's value: finished | preempted | time_budget
     last_checkpoint: Optional[str] = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -44,8 +62,10 @@ class _StoppedOutsideStep(Exception):
 class Trainer:
     """Trains a Run: the loop, the step boundary (log -> evaluate -> save -> stop), signals, checkpoints."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, sync_timing: Optional[bool] = None):
+        """sync_timing: wait for the GPU before each clock reading (default run.sync_timing)."""
         self.run, self.cfg, self.ds, self.pos = run, run.cfg, run.ds, run.position
+        self.sync_timing = run.cfg.run.sync_timing if sync_timing is None else sync_timing
         self.health = HealthMonitor(run.cfg.run)
         self.min_loss_scale = float(run.ds.config.get("fp16", {}).get("min_loss_scale", 1.0))  # DeepSpeed's default
         self.log: Optional[RunLogger] = None  # opened by fit(): a start that failed earlier wrote nothing
@@ -59,67 +79,87 @@ class Trainer:
         self.last_eval: tuple[int, dict[str, Any]] = (-1, {})
         self.budget = parse_duration(run.cfg.run.time_budget) if run.cfg.run.time_budget else None
         self.save_every, self.eval_every = parse_every(run.cfg.run.save_every), parse_every(run.cfg.run.eval_every)
+        self.window, self.losses, self.tick = StepWindow(), StepLosses(), time.time()  # the step being accumulated
+        self.last_times = (0.0, 0.0, 0.0)  # the last micro_step's forward, backward, DeepSpeed step (seconds)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> FitResult:
         """Train until the configured length, a stop signal, the time budget, or a failure; returns where it ended."""
-        run, ds, pos = self.run, self.ds, self.pos
-        reason, metrics, losses = "finished", {}, StepLosses()
+        run, pos = self.run, self.pos
+        stop: Optional[StopReason] = None
+        metrics: dict[str, Any] = {}
         try:
             with self._run_dir(), self._signals():
-                while pos.step < run.total_steps and reason == "finished":
-                    window, tick = StepWindow(), time.time()
-                    for batch in self._epoch_batches():
-                        t0 = time.time()
-                        window.data_s += t0 - tick
-                        run.skipped_samples += int(batch.pop(SKIPPED, 0))
-                        output = run.forward(batch)  # {"losses": ..., "metrics": ..., "chance": ...}
-                        loss, logs = run.combine(output, pos.step)
-                        pos.batch_in_epoch += 1
-                        t1 = self._clock()
-                        losses.add(loss, output["losses"])  # checked once, at the step's end: no host sync here
-                        ds.backward(loss)
-                        t2 = self._clock()
-                        boundary = ds.is_gradient_accumulation_boundary()  # ask before step()
-                        window.lr = ds.get_lr()[0]  # the rate this step uses
-                        bad = None
-                        if boundary and not run.loss_scaler_skips:
-                            # the step's one host sync (all-reduced: every rank skips the same steps, staying in
-                            # step); a non-finite step is skipped as fp16's loss scaler would: no NaN in the weights
-                            bad = any_nonfinite(losses.total)
-                            if bad:
-                                skip_next_step(ds)
-                        ds.step()
-                        tick = self._clock()
-                        window.add(logs, batch_size_of(batch) * run.dist.world_size, (t0, t1, t2, tick))
-                        if not boundary:
-                            continue
-                        pos.step += 1
-                        # reported after ds.step(): a stop here saves DeepSpeed's state at pos.step; under fp16 this
-                        # reads the flag (the loss scaler has skipped the step if a loss was not finite)
-                        self.health.nonfinite(losses.total, {"losses": losses.objectives}, pos.step, self.log,
-                                              "step skipped by the loss scaler" if run.loss_scaler_skips
-                                              else "step skipped", bad)
-                        losses.clear()
-                        scalars = self._step_scalars(window, output)  # plugins run here, right after the step
-                        self.pending.append((pos.step, pos.epoch, scalars, output.get("chance")))
-                        if self.log.due(pos.step):
-                            self._flush_logs()  # log (values read once per log interval, losses mean over ranks) ...
-                        reason = self._boundary(end_of_epoch=False)  # ... -> evaluate -> save ...
-                        if reason != "finished" or pos.step >= run.total_steps:
-                            break  # ... -> stop
-                        window = StepWindow()
-                    else:  # the epoch ran out
-                        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-                        reason = self._boundary(end_of_epoch=True)
-                if reason == "finished" and self.saved_step != pos.step:
+                while pos.step < run.total_steps and stop is None:
+                    stop = self._train_epoch()
+                if stop is None and self.saved_step != pos.step:
                     self._save()
-                if reason == "finished" and run.task.evaluate:
+                if stop is None and run.task.evaluate:
                     metrics = self.last_eval[1] if self.last_eval[0] == pos.step else self._evaluate()
-        except _StoppedOutsideStep:
-            reason = "preempted"
-        return FitResult(pos.step, pos.epoch, reason, self.saved_tag, metrics)
+        except _StoppedOutsideStep:  # a signal while waiting for data or evaluating: handled, then here
+            stop = StopReason.PREEMPTED
+        return FitResult(pos.step, pos.epoch, (stop or StopReason.FINISHED).value, self.saved_tag, metrics)
+
+    def _train_epoch(self) -> Optional[StopReason]:
+        """The rest of the current epoch, step by step, each followed by its boundary (log -> evaluate -> save);
+        returns why training stops, or None to go on (the epoch ran out, or the last step is done)."""
+        self.tick = time.time()
+        for batch in self._epoch_batches():
+            step = self.micro_step(batch)
+            if step is None:
+                continue  # mid-step: more micro-batches to accumulate
+            self.pending.append((self.pos.step, self.pos.epoch, step.scalars, step.chance))
+            if self.log.due(self.pos.step):
+                self._flush_logs()  # values read once per log interval, losses the mean over ranks
+            stop = self._boundary(end_of_epoch=False)
+            if stop is not None or self.pos.step >= self.run.total_steps:
+                return stop
+        self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
+        return self._boundary(end_of_epoch=True)
+
+    def micro_step(self, batch: dict[str, Any]) -> Optional[StepDone]:
+        """One micro-batch: forward, backward and DeepSpeed's step (which updates only at the accumulation boundary);
+        at the boundary the optimizer step is finished (finish_step) and returned, else None. The loop and the
+        benchmarks call this; timings of the last call are in `last_times` (forward, backward, step seconds)."""
+        run, ds, window = self.run, self.ds, self.window
+        t0 = time.time()
+        window.data_s += t0 - self.tick
+        run.skipped_samples += int(batch.pop(SKIPPED, 0))
+        output = run.forward(batch)  # {"losses": ..., "metrics": ..., "chance": ...}
+        loss, logs = run.combine(output, self.pos.step)
+        self.pos.batch_in_epoch += 1
+        t1 = self._clock()
+        self.losses.add(loss, output["losses"])  # checked once, at the step's end: no host sync here
+        ds.backward(loss)
+        t2 = self._clock()
+        boundary = ds.is_gradient_accumulation_boundary()  # ask before step()
+        window.lr = ds.get_lr()[0]  # the rate this step uses
+        bad = None
+        if boundary and not run.loss_scaler_skips:
+            # the step's one host sync (all-reduced: every rank skips the same steps, staying in step); a
+            # non-finite step is skipped as fp16's loss scaler would: no NaN in the weights
+            bad = any_nonfinite(self.losses.total)
+            if bad:
+                skip_next_step(ds)
+        ds.step()
+        self.tick = self._clock()
+        window.add(logs, batch_size_of(batch) * run.dist.world_size, (t0, t1, t2, self.tick))
+        self.last_times = (t1 - t0, t2 - t1, self.tick - t2)
+        return self.finish_step(output, bad) if boundary else None
+
+    def finish_step(self, output: dict[str, Any], bad: Optional[bool] = None) -> StepDone:
+        """After DeepSpeed's optimizer step: the position advances, a non-finite step is reported (and counted
+        towards run.max_nonfinite), the plugins run; returns the step's scalars (values may be device tensors)."""
+        self.pos.step += 1
+        # reported after ds.step(): a stop here saves DeepSpeed's state at pos.step; under fp16 this reads the flag
+        # (the loss scaler has skipped the step if a loss was not finite)
+        self.health.nonfinite(self.losses.total, {"losses": self.losses.objectives}, self.pos.step, self.log,
+                              "step skipped by the loss scaler" if self.run.loss_scaler_skips else "step skipped", bad)
+        self.losses.clear()
+        scalars = self._step_scalars(self.window, output)  # plugins run here, right after the step
+        self.window = StepWindow()
+        return StepDone(scalars, output.get("chance"))
 
     # ------------------------------------------------------------------ pieces of the loop
 
@@ -129,13 +169,13 @@ class Trainer:
         scalars = window.scalars()
         for plugin in self.run.plugins:
             scalars |= plugin.after_optimizer_step(self.pos.step)
-        scalars |= {f"metrics/{k}": _detached(v) for k, v in output.get("metrics", {}).items()}
+        scalars |= {f"metrics/{k}": detached(v) for k, v in output.get("metrics", {}).items()}
         scalars |= {"train/epoch": self.pos.epoch, "data/skipped_samples": self.run.skipped_samples}
         norm = self.ds.get_global_grad_norm()
         if norm is not None:
-            scalars["train/grad_norm"] = _detached(norm)
+            scalars["train/grad_norm"] = detached(norm)
         if self.run.precision.name == "fp16":
-            scalars |= {"fp16/loss_scale": _detached(loss_scale(self.ds)),
+            scalars |= {"fp16/loss_scale": detached(loss_scale(self.ds)),
                         "fp16/skipped_steps": float(self.ds.skipped_steps)}
         scalars |= peak_memory(self.run.dist.device)
         scalars["mem/estimate_gib"] = self.run.memory.total / GIB  # the pre-flight figure, beside the peaks
@@ -178,26 +218,26 @@ class Trainer:
             yield {k: v.to(run.dist.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                    for k, v in batch.items()}
 
-    def _boundary(self, end_of_epoch: bool) -> str:
-        """Evaluate (if due), then save (if due, stopping, or at the last step); returns the stop reason."""
+    def _boundary(self, end_of_epoch: bool) -> Optional[StopReason]:
+        """Evaluate (if due), then save (if due, stopping, or at the last step); returns the stop reason (None: on)."""
         if self._due(self.eval_every, end_of_epoch) and self.run.task.evaluate:
             self._evaluate()
-        reason = self._stop_reason(end_of_epoch)
+        stop = self._stop_reason(end_of_epoch)
         last = not end_of_epoch and self.pos.step >= self.run.total_steps
-        if self._due(self.save_every, end_of_epoch) or reason != "finished" or last:
+        if self._due(self.save_every, end_of_epoch) or stop is not None or last:
             self._save()
-        return reason
+        return stop
 
-    def _stop_reason(self, end_of_epoch: bool) -> str:
-        """finished (keep going) | preempted (a signal or run.stop_at_step, on any rank) | time_budget."""
+    def _stop_reason(self, end_of_epoch: bool) -> Optional[StopReason]:
+        """None (keep going) | PREEMPTED (a signal or run.stop_at_step, on any rank) | TIME_BUDGET."""
         stop_at = self.cfg.run.stop_at_step
         if stop_at is not None and self.pos.step >= stop_at and not end_of_epoch:
             self.stop_signal = self.stop_signal or f"run.stop_at_step={stop_at}"
         if any_true(self.stop_signal is not None):
-            return "preempted"
+            return StopReason.PREEMPTED
         if self.budget is not None and any_true(self._budget_spent()):  # each rank's clock: decide together
-            return "time_budget"
-        return "finished"
+            return StopReason.TIME_BUDGET
+        return None
 
     def _due(self, every: tuple[int, str], end_of_epoch: bool) -> bool:
         n, unit = every
@@ -214,7 +254,7 @@ class Trainer:
 
     def _clock(self) -> float:
         """Wall time; with run.sync_timing the GPU's queued work is waited for first, so the split is real."""
-        if self.cfg.run.sync_timing and self.run.dist.device.type == "cuda":
+        if self.sync_timing and self.run.dist.device.type == "cuda":
             torch.cuda.synchronize(self.run.dist.device)
         return time.time()
 
@@ -312,24 +352,6 @@ class Trainer:
         self.log.message(f"received {self.stop_signal} {where}: stopped at step {self.pos.step} "
                          f"(checkpoint: {self.saved_tag or 'none yet'}); resume with run.resume=auto")
         raise _StoppedOutsideStep
-
-
-def _detached(value: Any) -> Any:
-    """A tensor detached (read later, with the other logged values), anything else as it is."""
-    return value.detach() if isinstance(value, torch.Tensor) else value
-
-
-def read_scalars(dicts: list[dict[str, Any]]) -> None:
-    """Replace every tensor value in `dicts` by its float, in place: one host read per device for all of them."""
-    by_device: dict[torch.device, list[tuple[dict, str, torch.Tensor]]] = {}
-    for d in dicts:
-        for k, v in d.items():
-            if isinstance(v, torch.Tensor):
-                by_device.setdefault(v.device, []).append((d, k, v))
-    for items in by_device.values():
-        values = torch.stack([v.detach().reshape(()).float() for _, _, v in items]).tolist()
-        for (d, k, _), x in zip(items, values):
-            d[k] = x
 
 
 def fit(run: Run) -> FitResult:

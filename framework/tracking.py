@@ -141,3 +141,31 @@ def peak_memory(device: torch.device) -> dict[str, float]:
         return {"mem/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib}  # KiB on Linux
     return {"mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
             "mem/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}
+
+
+def detached(value: Any) -> Any:
+    """A tensor detached (read later, with the other logged values), anything else as it is."""
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def read_scalars(dicts: list[dict[str, Any]]) -> None:
+    """Replace every tensor value in `dicts` by its float, in place: one host read per device for all of them."""
+    by_device: dict[torch.device, list[tuple[dict, str, torch.Tensor]]] = {}
+    for d in dicts:
+        for k, v in d.items():
+            if isinstance(v, torch.Tensor):
+                by_device.setdefault(v.device, []).append((d, k, v))
+    for items in by_device.values():
+        values = torch.stack([v.detach().reshape(()).float() for _, _, v in items]).tolist()
+        for (d, k, _), x in zip(items, values):
+            d[k] = x
+
+
+class QuietLog:
+    """Where a step reports outside fit() (benchmarks): everything dropped; TensorBoard writes are not the step's."""
+
+    def scalars(self, *_: Any) -> None:
+        pass
+
+    def message(self, *_: Any) -> None:
+        pass

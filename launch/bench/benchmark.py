@@ -42,29 +42,23 @@ def measure_flops(run: Any, batch: dict) -> int:
 
 
 def timed_split(run: Any, batches: Callable[[], dict], steps: int) -> dict[str, float]:
-    """Run `steps` optimizer steps timing data / forward / backward / optimizer separately (seconds per step)."""
-    dev = run.dist.device
+    """Run `steps` optimizer steps through the engine's own micro-step, timing data / forward / backward / optimizer
+    separately (seconds per step; the GPU waited for at each reading)."""
+    from framework.engine import Trainer
+    from framework.tracking import QuietLog
+
+    trainer = Trainer(run, sync_timing=True)
+    trainer.log = QuietLog()  # fit() opens the run's logger; a non-finite step would report to it
     split = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for _ in range(steps * run.accum):
         t0 = time.perf_counter()
         batch = batches()
-        sync(dev)
-        t1 = time.perf_counter()
-        loss, _ = run.combine(run.forward(batch), run.position.step)
-        sync(dev)
-        t2 = time.perf_counter()
-        run.ds.backward(loss)
-        sync(dev)
-        t3 = time.perf_counter()
-        boundary = run.ds.is_gradient_accumulation_boundary()
-        run.ds.step()
-        if boundary:
-            for plugin in run.plugins:
-                plugin.after_optimizer_step(run.position.step)
-        sync(dev)
-        t4 = time.perf_counter()
-        for k, a, b in (("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3), ("optimizer", t3, t4)):
-            split[k] += b - a
+        sync(run.dist.device)
+        split["data"] += time.perf_counter() - t0
+        trainer.tick = time.time()  # the data time is counted here, not in the engine's window
+        trainer.micro_step(batch)
+        for k, seconds in zip(("forward", "backward", "optimizer"), trainer.last_times):
+            split[k] += seconds
     return {k: v / steps for k, v in split.items()}
 
 

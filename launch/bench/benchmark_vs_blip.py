@@ -88,51 +88,28 @@ def blip_variant(cfg: Any, batch: dict) -> Any:
 # ----------------------------------------------------------------------------- ours: the engine
 
 
-class _NoLog:
-    """What the engine's health monitor logs to, dropped (TensorBoard writes are not part of the step)."""
-
-    def scalars(self, *_: Any) -> None:
-        pass
-
-    def message(self, *_: Any) -> None:
-        pass
-
-
 def ours_variant(cfg: Any, batch: dict, ds_allreduce: bool) -> Any:
     """A step function of framework.engine.Trainer.fit's per-step calls on framework.build.build_run's run."""
     from framework.build import build_run
     from framework.distributed import init_distributed
     from framework.engine import Trainer
-    from framework.tracking import StepWindow
+    from framework.tracking import QuietLog
     from recipes.medblip import pretrain
 
     dist = init_distributed()
     run = build_run(cfg, pretrain.build(cfg, dist), dist)
     if ds_allreduce:
         vars(run.ds).pop("allreduce_gradients", None)  # DeepSpeed's own method again
-    trainer, ds, pos, log = Trainer(run), run.ds, run.position, _NoLog()
+    trainer = Trainer(run)
+    trainer.log = QuietLog()  # fit() opens the run's logger; a non-finite step would report to it
 
     def step() -> tuple[float, float, float]:
-        # framework.engine.Trainer.fit, one micro-batch = one optimizer step (data loading, logging, saving aside)
-        window = StepWindow()
-        t0 = time.perf_counter()
-        output = run.forward(batch)
-        loss, logs = run.combine(output, pos.step)
-        pos.batch_in_epoch += 1
-        if trainer.health.nonfinite(loss, output, pos.step, log):
+        # the engine's own micro-step (one micro-batch = one optimizer step here): data loading, logging, saving aside
+        if trainer.micro_step(dict(batch)) is None:
+            raise RuntimeError("the benchmark's step did not reach the accumulation boundary")
+        if trainer.health.nonfinite_total:
             raise RuntimeError("non-finite loss in the benchmark")
-        t1 = time.perf_counter()
-        ds.backward(loss)
-        t2 = time.perf_counter()
-        boundary = ds.is_gradient_accumulation_boundary()
-        window.lr = ds.get_lr()[0]
-        ds.step()
-        window.add(logs, batch["input_ids"].shape[0], (t0, t1, t2, time.perf_counter()))
-        assert boundary
-        pos.step += 1
-        scalars = trainer._step_scalars(window, output)  # the plugins (momentum bookkeeping) and the step's scalars
-        trainer.health.check(pos.step, scalars, output, log, trainer.min_loss_scale)
-        return t1 - t0, t2 - t1, time.perf_counter() - t2
+        return trainer.last_times
 
     return step
 
