@@ -17,7 +17,7 @@ from framework.data import ShardStream, expand_shards
 from framework.distributed import DistInfo
 from recipes.clip import build
 from recipes.clip.loss import contrastive_loss
-from tests.conftest import ROOT, free_port, run_entry
+from tests.conftest import DIST_ENV, ROOT, run_entry
 
 YAML = ROOT / "recipes" / "clip" / "clip.yaml"
 SPEC = PhantomSpec(seed=1, image_size=32, samples_per_shard=32)
@@ -63,8 +63,8 @@ _WORKER = r"""
 import importlib.util, os, sys, torch, torch.distributed as dist
 spec = importlib.util.spec_from_file_location("clip_loss", sys.argv[1]); m = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m)
-dist.init_process_group("gloo")
-rank = dist.get_rank()
+rank = int(os.environ["RANK"])  # a file rendezvous: no TCP port another process could take first
+dist.init_process_group("gloo", init_method="file://" + sys.argv[4], rank=rank, world_size=2)
 img, txt = (t[rank * 3:(rank + 1) * 3].clone().requires_grad_(True) for t in torch.load(sys.argv[2]))
 loss = m.contrastive_loss(m.gather_with_grad(img), m.gather_with_grad(txt), torch.tensor(5.0))
 loss.backward()
@@ -83,11 +83,10 @@ def test_gathered_loss_and_gradients_equal_one_big_batch(tmp_path: Path) -> None
     full = contrastive_loss(full_img, full_txt, torch.tensor(5.0))
     full.backward()
     torch.save((img, txt), tmp_path / "feats.pt")
-    port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(ROOT / "recipes" / "clip" / "loss.py"),
-                               str(tmp_path / "feats.pt"), str(tmp_path / "out")],
-                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                   "MASTER_PORT": port}) for r in range(2)]
+                               str(tmp_path / "feats.pt"), str(tmp_path / "out"), str(tmp_path / "rendezvous")],
+                              env={**env, "RANK": str(r)}) for r in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     for rank in range(2):
         loss, gi, gt = torch.load(tmp_path / f"out.{rank}")
