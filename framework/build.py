@@ -13,11 +13,12 @@ from .config import Config
 from .data import MapStream, ShardStream, expand_shards, verify_checksums
 from .distill import setup_distillation
 from .distributed import DistInfo, say
-from .compile import check_can_compile, compile_towers
+from .compile import compile_towers
 from .ema import check_zero_stage
-from .gpu import GpuFacts, gpu_facts, set_extension_arch
+from .gpu import GpuFacts
 from .loss_weights import StaticLossWeights
 from .master_weights import MasterWeights
+from .run_env import Precision, RunEnv
 from .preflight import (
     GIB,
     MemoryEstimate,
@@ -30,32 +31,6 @@ from .preflight import (
 from .rundir import check_same_resume_tag, check_same_run, check_writable
 from .schedules import warmup_cosine
 from .task import Batch, Combine, ModelOutput, Plugin, Task
-
-
-@dataclass
-class Precision:
-    name: str  # fp32 | fp16 | bf16
-    dtype: torch.dtype
-
-
-class PrecisionError(ValueError):
-    """A precision the device cannot run."""
-
-
-def resolve_precision(requested: str, device: torch.device, gpu: Optional[GpuFacts] = None) -> Precision:
-    """auto: bf16 on GPUs of compute capability >= 8.0, fp16 (dynamic loss scaling) on 6.x / 7.x, fp32 on the CPU.
-
-    `gpu` defaults to the facts of `device` (framework.gpu.gpu_facts); bf16 asked for below 8.0 is refused.
-    """
-    cuda = device.type == "cuda"
-    if cuda and gpu is None:
-        gpu = gpu_facts(device)
-    if requested == "auto":
-        requested = ("bf16" if gpu.has_bf16 else "fp16") if cuda else "fp32"
-    if requested == "bf16" and cuda and not gpu.has_bf16:
-        raise PrecisionError(f"train.precision=bf16 but {gpu.name} (compute capability {gpu.arch}) has no native "
-                             "bf16 (needs >= 8.0); use train.precision=fp16 or auto (fp16 with loss scaling)")
-    return Precision(requested, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[requested])
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: Any = None,
@@ -193,20 +168,17 @@ class Run:
         return self.run_dir / "checkpoints"
 
 
-def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
-    """Check the run directory, the GPU and the data; set up distillation, DeepSpeed and plugins; resume.
+def build_run(cfg: Config, task: Task, env: RunEnv) -> Run:
+    """Check the run directory and the data; set up distillation, DeepSpeed and plugins; resume.
 
     Writes nothing: a start that fails here leaves the run directory as it was (fit() writes config and logs).
     """
     run_dir = Path(cfg.run.dir)
     check_writable(run_dir)
     check_same_run(cfg, checkpoint.find_resume_tag(run_dir / "checkpoints") is not None)
-    check_zero3(cfg, task)
+    check_zero3(cfg, task, env.zero_stage)
+    dist, gpu, precision = env.dist, env.gpu, env.precision
     checkpoint.seed_host_rngs(cfg.train.seed, dist.rank)  # Python/NumPy streams from the config (resume restores)
-    gpu = _check_gpu(cfg, dist)
-    if cfg.train.compile:
-        check_can_compile(gpu)  # before anything is built
-    precision = resolve_precision(cfg.train.precision, dist.device, gpu)
     stream = build_stream(cfg, task, dist)
     steps_per_epoch = len(stream) // cfg.train.grad_accum
     if steps_per_epoch == 0:
@@ -244,11 +216,9 @@ def build_run(cfg: Config, task: Task, dist: DistInfo) -> Run:
     return run
 
 
-def check_zero3(cfg: Config, task: Task) -> None:
+def check_zero3(cfg: Config, task: Task, stage: int) -> None:
     """Refuse ZeRO stage 3 in one line before anything is built when a plugin of the recipe needs whole parameters
     (its `needs_whole_parameters` says why), instead of after DeepSpeed has partitioned them."""
-    ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if stage < 3:
         return
     if cfg.distill.enabled:
@@ -258,19 +228,6 @@ def check_zero3(cfg: Config, task: Task) -> None:
         if reason:
             raise ValueError(f"{reason}: use DeepSpeed ZeRO stage 0, 1 or 2 (deepspeed.zero_optimization.stage), "
                              "not 3")
-
-
-def _check_gpu(cfg: Config, dist: DistInfo) -> Optional[GpuFacts]:
-    """Before any kernel runs: the build has kernels for this GPU; extensions target it; the memory cap applies."""
-    if dist.device.type != "cuda":
-        return None
-    gpu = gpu_facts(dist.device)
-    check_gpu_arch(gpu)
-    set_extension_arch(gpu)
-    cap = cfg.run.memory_cap_gib
-    if cap:  # behave like a smaller GPU (e.g. a 16 GB P100 on an 80 GB card): the allocator refuses beyond it
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / gpu.total_memory), dist.device)
-    return gpu
 
 
 def build_stream(cfg: Config, task: Task, dist: DistInfo) -> Union[ShardStream, MapStream]:

@@ -159,7 +159,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     objectives: dict[str, ObjectiveConfig] = field(default_factory=dict)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    deepspeed: Union[dict, str] = field(default_factory=dict)  # DeepSpeed config block, or a YAML/JSON file
+    deepspeed: dict = field(default_factory=dict)  # DeepSpeed config block (a YAML/JSON file name is read in its place)
     source: str = field(default="", metadata={"yaml": False})  # the recipe file this came from (not a YAML key)
 
     def check(self) -> None:

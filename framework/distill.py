@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .adaptive_weights import AdaptiveLossWeighter
 from .config import Config, check_distill_modes
 from .ema import EMATeacher, check_zero_stage
+from .run_env import zero_stage
 from .loss_weights import StaticLossWeights
 from .task import Batch, ModelOutput, Task, forward_keywords
 
@@ -144,8 +145,7 @@ def setup_distillation(task: Task, cfg: Config, total_steps: int) -> Distillatio
     """The teacher (a copy of the weights the student starts from: call before deepspeed.initialize) and the
     adaptive weighter for `task` as distill: configures them; refuses ZeRO-3 and a recipe's own loss combiner."""
     d = cfg.distill
-    ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
-    check_zero_stage(int(ds.get("zero_optimization", {}).get("stage", 0)))
+    check_zero_stage(zero_stage(cfg))
     if task.combine_losses is not None:
         raise ValueError("distill.enabled: the recipe sets its own combine_losses, which self-distillation's "
                          "adaptive weighter would replace; disable one of them")

@@ -110,8 +110,7 @@ def estimate_for_task(cfg: Any, task: Any, precision: str, world_size: int, cuda
     fp32 = sum(p.numel() for m in task.fp32_modules for p in m.parameters())
     fp32_trainable = sum(p.numel() for m in task.fp32_modules for p in m.parameters() if p.requires_grad)
     shared = sum(p.numel() for m in task.frozen_modules for p in m.parameters())
-    ds_cfg = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
-    zero = ds_cfg.get("zero_optimization", {})
+    zero = cfg.deepspeed.get("zero_optimization", {})
     teacher = sum(count_params(model)) - shared if cfg.distill.enabled else 0
     act = task.activation_bytes(cfg.data.batch_size, precision) if task.activation_bytes else None
     est = estimate_memory(model, precision, int(zero.get("stage", 0)), world_size, fp32_params=fp32,

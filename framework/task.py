@@ -2,7 +2,7 @@
 
 A recipe module declares `RECIPE = Recipe(config=..., objectives=(...), build=...)`. The framework validates the
 YAML into `RECIPE.config` (a subclass of framework.config.Config with the recipe's own typed sections), then calls
-`RECIPE.build(cfg, dist) -> Task`. The Task's model is what DeepSpeed wraps; its forward returns a ModelOutput.
+`RECIPE.build(cfg, env) -> Task` (env: framework.run_env.RunEnv: ranks, device, precision, ZeRO stage). The Task's model is what DeepSpeed wraps; its forward returns a ModelOutput.
 Nothing else of a recipe is looked up by name.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .config import Config
-    from .distributed import DistInfo
+    from .run_env import RunEnv
 
 # A batch is whatever the recipe's collate returns: a dict of tensors (and plain values).
 Batch = dict[str, Any]
@@ -81,7 +81,7 @@ Combine = Callable[[ModelOutput, int], tuple[torch.Tensor, dict[str, Any]]]
 
 @dataclass
 class Task:
-    """What a recipe's build(cfg, dist) hands the framework."""
+    """What a recipe's build(cfg, env) hands the framework."""
 
     model: nn.Module  # a Model: forward(batch) -> ModelOutput; what DeepSpeed wraps
     collate: Callable[[list[dict[str, Any]]], Batch]  # decoded samples -> batch
@@ -113,4 +113,4 @@ class Recipe:
 
     config: type  # a dataclass subclassing framework.config.Config: the recipe's typed sections
     objectives: tuple[str, ...]  # the names objectives.<name> may use
-    build: Callable[["Config", "DistInfo"], Task]
+    build: Callable[["Config", "RunEnv"], Task]

@@ -270,10 +270,11 @@ def count_flops(stage: Stage, overrides: list[str], device: str) -> tuple[float,
 
     from framework.config import import_recipe, load_config
     from framework.distributed import DistInfo
+    from framework.run_env import run_env
 
     cfg = load_config(RECIPES / f"{stage.recipe}.yaml", [o for o in overrides if not o.startswith("run.memory")]
                       + ["distill.enabled=false"])
-    task = import_recipe(cfg.recipe, cfg.source).build(cfg, DistInfo(0, 1, 0, torch.device(device)))
+    task = import_recipe(cfg.recipe, cfg.source).build(cfg, run_env(cfg, DistInfo(0, 1, 0, torch.device(device))))
     if task.train_dataset is not None:
         samples = [task.train_dataset[i] for i in range(2)]
     else:

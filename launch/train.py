@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         from framework.config import import_recipe, load_config
         from framework.distributed import init_distributed, say
         from framework.engine import fit
+        from framework.run_env import run_env
 
         cfg = load_config(args.recipe, args.overrides)  # validated before anything is built
-        dist = init_distributed()
-        task = import_recipe(cfg.recipe, cfg.source).build(cfg, dist)
-        result = fit(build_run(cfg, task, dist))
+        env = run_env(cfg, init_distributed())  # GPU checked, precision resolved: before the recipe builds
+        task = import_recipe(cfg.recipe, cfg.source).build(cfg, env)
+        result = fit(build_run(cfg, task, env))
         say(f"done: {result.reason} at step {result.step} (epoch {result.epoch}); checkpoint {result.last_checkpoint}")
         return 0
 

@@ -194,7 +194,7 @@ def test_train_bad_input_in_a_real_process(data, tmp_path):
 
 def test_bf16_on_a_gpu_without_it(monkeypatch, capsys):
     """A P100 (no native bf16, though torch says bf16 is supported) asked for bf16: one line, use fp16."""
-    from framework.build import resolve_precision
+    from framework.run_env import resolve_precision
     from tests.conftest import fake_gpu
 
     fake_gpu(monkeypatch, "P100")

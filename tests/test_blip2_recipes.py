@@ -12,6 +12,7 @@ from corpora.phantoms import PhantomSpec, write_demo_data
 from framework.config import load_config
 from framework.distill import setup_distillation
 from framework.distributed import DistInfo
+from framework.run_env import run_env
 from tests.conftest import ROOT, load_launch, run_entry
 
 BLIP2 = ROOT / "recipes" / "blip2"
@@ -73,7 +74,7 @@ def test_self_distillation_teacher_shares_the_frozen_towers_and_reuses_their_fea
     cfg = load_config(BLIP2 / "demo" / "stage1.yaml",
                       _demo("stage1", phantoms, tmp_path, "model.vision_weights=null", "distill.enabled=true",
                             "data.batch_size=4"))
-    task = stage1.build(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    task = stage1.build(cfg, run_env(cfg, DistInfo(0, 1, 0, torch.device("cpu"))))
     d = setup_distillation(task, cfg, total_steps=10)
     student, teacher = task.model, d.teacher.teacher
     assert all(t is s for t, s in zip(teacher.vision_model.encoder.parameters(), student.vision_model.encoder.parameters()))

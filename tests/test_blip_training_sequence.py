@@ -20,6 +20,7 @@ from framework.build import build_run
 from framework.config import load_config
 from framework.distributed import init_distributed
 from framework.engine import fit
+from framework.run_env import run_env
 from recipes.medblip import pretrain
 from recipes.medblip.model.blip_reference import blip_forward
 from recipes.medblip.model.weights import save_weights
@@ -109,8 +110,8 @@ class Snapshots:
 
 def train_with_engine(cfg) -> tuple[dict, torch.Tensor, list[dict], Snapshots]:
     """Our run: (initial state, ITM generator state at the start, per-forward records, per-step snapshots)."""
-    dist = init_distributed()
-    task = pretrain.build(cfg, dist)
+    env = run_env(cfg, init_distributed())
+    task = pretrain.build(cfg, env)
     model = task.model
     snapshots = Snapshots(model)
     task.plugins.append(snapshots)
@@ -124,7 +125,7 @@ def train_with_engine(cfg) -> tuple[dict, torch.Tensor, list[dict], Snapshots]:
 
     model.register_forward_hook(record)
     zero_key_bias_gradients(model)
-    run = build_run(cfg, task, dist)
+    run = build_run(cfg, task, env)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     generator = model.itm_generator.get_state()
     result = fit(run)
@@ -185,8 +186,8 @@ def test_one_momentum_update_per_step_at_its_first_micro_batch(one_rank, tmp_pat
     """Under gradient accumulation the update runs once per optimizer step, in the step's first forward."""
     write_caption_shards(tmp_path / "shards", PhantomSpec(image_size=32, samples_per_shard=8), "train", 32)
     cfg = config(tmp_path / "run", tmp_path / "shards", grad_accum=2)
-    dist = init_distributed()
-    task = pretrain.build(cfg, dist)
+    env = run_env(cfg, init_distributed())
+    task = pretrain.build(cfg, env)
     model = task.model
     events: list[str] = []
     update = model.momentum_update
@@ -196,6 +197,6 @@ def test_one_momentum_update_per_step_at_its_first_micro_batch(one_rank, tmp_pat
     steps = Snapshots(model)
     steps.after_optimizer_step = lambda step: events.append(f"step {step}") or {}
     task.plugins.append(steps)
-    fit(build_run(cfg, task, dist))
+    fit(build_run(cfg, task, env))
     per_step = ["forward", "update", "end", "forward", "end"]
     assert events == [*per_step, "step 1", *per_step, "step 2", *per_step, "step 3"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tests.capfilt_tiny as tiny
-from framework.build import PrecisionError
+from framework.run_env import PrecisionError
 from recipes.medblip.capfilt.bootstrap import run_capfilt
 from recipes.medblip.capfilt.models import inference_precision, load_model
 from tests.conftest import fake_gpu, load_launch, run_entry
@@ -95,6 +95,6 @@ def test_half_precision_inference_keeps_scores_fp32_and_changes_the_fingerprint(
     close = [abs(a["original"]["score"] - b["original"]["score"]) for a, b in zip(bf16["decisions"], fp32["decisions"])]
     assert max(close) < 0.05  # the same model, rounded to bf16
     m = load_model(str(tiny.weights(tmp_path)), recipe=tiny.RECIPE, overrides=tiny.overrides(tmp_path),
-                   precision=__import__("framework.build", fromlist=["Precision"]).Precision("bf16", torch.bfloat16),
+                   precision=__import__("framework.run_env", fromlist=["Precision"]).Precision("bf16", torch.bfloat16),
                    log=lambda s: None)
     assert m.model.dtype == torch.bfloat16 and m.model.image_queue.dtype == torch.float32

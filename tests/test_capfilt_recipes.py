@@ -12,6 +12,7 @@ from framework.build import build_run
 from framework.config import config_to_dict, flatten, import_recipe, load_config
 from framework.distributed import init_distributed
 from framework.engine import fit
+from framework.run_env import run_env
 from recipes.medblip.capfilt.bootstrap import run_capfilt
 from recipes.medblip.pretrain import enabled_objectives
 from tests.conftest import ROOT
@@ -43,8 +44,8 @@ def train(recipe: str, run: Path, shards: Path, folder: Path, *extra: str) -> Pa
         "model.grad_checkpointing_vit=false", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=4",
         "train.grad_accum=1", "train.precision=fp32", "train.epochs=null", "train.max_steps=2",
         "train.warmup_steps=0", "train.lr=1e-3", *tiny.overrides(folder), *extra])
-    dist = init_distributed()
-    result = fit(build_run(cfg, import_recipe(cfg.recipe).build(cfg, dist), dist))
+    env = run_env(cfg, init_distributed())
+    result = fit(build_run(cfg, import_recipe(cfg.recipe).build(cfg, env), env))
     assert result.step == 2
     return run
 

@@ -15,6 +15,7 @@ from corpora.phantoms import PhantomSpec, write_caption_shards
 from framework.config import ConfigError, load_config
 from framework.data import ShardStream, expand_shards
 from framework.distributed import DistInfo
+from framework.run_env import run_env
 from recipes.clip import build
 from recipes.clip.loss import contrastive_loss
 from tests.conftest import DIST_ENV, ROOT, run_entry
@@ -102,9 +103,14 @@ def test_gathered_loss_and_gradients_equal_one_big_batch(tmp_path: Path) -> None
 DIST = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
+def _built(cfg):
+    """(cfg, its RunEnv on the CPU): the arguments of a recipe's build."""
+    return cfg, run_env(cfg, DIST)
+
+
 def test_build_forward_and_disabled_objective(shards: Path) -> None:
     cfg = load_config(YAML, TINY + [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}"])
-    task = build(cfg, DIST)
+    task = build(cfg, run_env(cfg, DIST))
     stream = ShardStream(expand_shards(cfg.data.train), task.decode, task.collate, 16, shuffle_buffer=0)
     batch = next(iter(stream))
     assert batch["image"].shape == (16, 3, 32, 32) and batch["input_ids"].shape[0] == 16
@@ -114,9 +120,9 @@ def test_build_forward_and_disabled_objective(shards: Path) -> None:
     assert out["metrics"]["temp"].item() == pytest.approx(0.07, rel=1e-5)
     metrics = task.evaluate(task.model.eval(), 0)
     assert set(metrics) == {"i2t_r1", "t2i_r1", "temp"} and 0 <= metrics["i2t_r1"] <= 1
-    assert build(load_config(YAML, TINY + [f"data.train={shards / 'train'}", "data.val=null"]), DIST).evaluate is None
+    assert build(*_built(load_config(YAML, TINY + [f"data.train={shards / 'train'}", "data.val=null"]))).evaluate is None
     with pytest.raises(ConfigError, match="no objective is enabled"):
-        build(load_config(YAML, TINY + ["objectives.contrastive.enabled=false"]), DIST)
+        build(*_built(load_config(YAML, TINY + ["objectives.contrastive.enabled=false"])))
     task.model.objectives = []  # a disabled objective is not computed
     assert task.model(batch)["losses"] == {}
 

@@ -159,7 +159,8 @@ def test_bf16_accumulates_in_fp32_at_zero1_only(one_rank):
     import deepspeed
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
-    from framework.build import Precision, deepspeed_config
+    from framework.build import deepspeed_config
+    from framework.run_env import Precision
     from framework.config import config_from_dict
 
     for zero, expected in ((0, None), (1, {"grad_accum_dtype": "fp32"}), (2, None)):

@@ -24,6 +24,7 @@ from framework.distill import (
     setup_distillation,
 )
 from framework.ema import EMATeacher, tau_at
+from framework.run_env import run_env
 from framework.task import Task
 from tests.conftest import ROOT, run_entry
 
@@ -314,7 +315,7 @@ def test_build_run_puts_the_recipes_plugins_first_and_shows_it_its_own_model(tmp
     task = Task(model=student, collate=lambda rows: make_batch(), train_dataset=list(range(16)),
                 plugins=[Recorder()], fp32_modules=[student.cls],
                 no_decay=lambda name, p: seen.setdefault("names", []).append(name) or name.startswith("cls"))
-    run = build_run(cfg, task, init_distributed())
+    run = build_run(cfg, task, run_env(cfg, init_distributed()))
     assert [p.name for p in run.plugins] == ["recorder", "ema_teacher", "adaptive_loss_weights"]
     assert run.combine is run.plugins[2] and run.ds.module is student and seen["setup"] is student
     assert seen["names"] == ["cls.weight", "tok.weight"]  # the recipe's names (matrices: 1-d are never decayed)

@@ -125,7 +125,7 @@ def test_stage_overrides_are_the_recipe_settings_on_synthetic_data_under_the_cap
 
 def test_the_cap_becomes_the_allocator_fraction(monkeypatch, tmp_path):
     """run.memory_cap_gib on a (faked) H200: the builder caps the allocator at 16 GiB of the card's memory."""
-    from framework.build import _check_gpu
+    from framework.run_env import check_gpu
     from framework.config import Config, RunConfig
     from framework.distributed import DistInfo
     from tests.conftest import GPUS
@@ -135,9 +135,9 @@ def test_the_cap_becomes_the_allocator_fraction(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append(f))
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_90"])
     cfg = Config(run=RunConfig(memory_cap_gib=16.0))
-    gpu = _check_gpu(cfg, DistInfo(0, 1, 0, torch.device("cuda", 0)))
+    gpu = check_gpu(cfg, DistInfo(0, 1, 0, torch.device("cuda", 0)))
     assert gpu.name == "NVIDIA H200" and calls == [pytest.approx(16 * 2 ** 30 / GPUS["H200"][3])]
-    assert _check_gpu(cfg, DistInfo(0, 1, 0, torch.device("cpu"))) is None
+    assert check_gpu(cfg, DistInfo(0, 1, 0, torch.device("cpu"))) is None
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_2(tmp_path):

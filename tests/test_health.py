@@ -6,6 +6,7 @@ import torch
 
 from framework.config import RunConfig
 from framework.health import HealthMonitor, StepLosses, TrainingStopped
+from framework.run_env import run_env
 from tests.conftest import ROOT, run_entry
 
 ITM_CHANCE = math.log(3) - 2 / 3 * math.log(2)  # entropy of the 1 positive : 2 negatives prior
@@ -113,8 +114,8 @@ def test_under_fp16_losses_are_checked_once_a_step_without_a_sync_per_micro_batc
     cfg = load_config(ROOT / "recipes" / "toy" / "toy.yaml",
                       [f"run.dir={tmp_path / 'run'}", f"data.train={tmp_path / 'shards'}", "model.nan_after=6",
                        "run.max_nonfinite=3", "train.grad_accum=2", "run.save_every=0", "data.num_workers=0"])
-    dist = init_distributed()
-    run = build_run(cfg, import_recipe(cfg.recipe).build(cfg, dist), dist)
+    env = run_env(cfg, init_distributed())
+    run = build_run(cfg, import_recipe(cfg.recipe).build(cfg, env), env)
     assert run.precision.name == "fp32" and not run.loss_scaler_skips  # the CPU's own path skips the step itself
     run.loss_scaler_skips = True
     with pytest.raises(TrainingStopped, match=r"4 non-finite losses in a row \(objective: mse\)"):
@@ -141,8 +142,8 @@ def test_under_fp32_one_nonfinite_micro_batch_skips_its_whole_step(tmp_path, one
                       [f"run.dir={tmp_path / 'run'}", f"data.train={tmp_path / 'shards'}", "model.nan_after=2",
                        "model.nan_count=1", "train.grad_accum=2", "train.epochs=null", "train.max_steps=4",
                        "run.save_every=0", "data.num_workers=0"])
-    dist = init_distributed()
-    run = build_run(cfg, import_recipe(cfg.recipe).build(cfg, dist), dist)
+    env = run_env(cfg, init_distributed())
+    run = build_run(cfg, import_recipe(cfg.recipe).build(cfg, env), env)
     assert run.precision.name == "fp32" and not run.loss_scaler_skips
     lrs = []
     step = run.ds.step

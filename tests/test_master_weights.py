@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from framework import deepspeed_patches
-from framework.build import build_deepspeed, resolve_precision
+from framework.build import build_deepspeed
+from framework.run_env import resolve_precision, run_env
 from framework.config import config_from_dict
 from framework.distributed import DistInfo
 from framework.ema import EMATeacher
@@ -123,7 +124,7 @@ def test_medblip_momentum_follows_the_master_and_temp_is_clamped_there(cpu_fp16,
         "image": {"size": 32},
         "deepspeed": {"zero_optimization": {"stage": zero}, "fp16": {"initial_scale_power": 8}},
     })
-    task = pretrain.build(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    task = pretrain.build(cfg, run_env(cfg, DistInfo(0, 1, 0, torch.device("cpu"))))
     model = task.model
     prec = resolve_precision("fp16", torch.device("cpu"))
     engine = build_deepspeed(cfg, task, prec, 2, 1)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.build import build_deepspeed, resolve_precision
+from framework.build import build_deepspeed
+from framework.run_env import resolve_precision, run_env
 from framework.config import config_from_dict
 from framework.distributed import DistInfo
 from recipes.medblip import pretrain
@@ -32,7 +33,7 @@ def make_cfg(precision: str, zero: int):
     pytest.param("bf16", 0, marks=pytest.mark.slow)])
 def test_deepspeed_training_steps(one_rank, tmp_path, precision, zero):
     cfg = make_cfg(precision, zero)
-    task = pretrain.build(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    task = pretrain.build(cfg, run_env(cfg, DistInfo(0, 1, 0, torch.device("cpu"))))
     model = task.model
     assert model.visual_encoder.grad_checkpointing
     assert model.text_encoder.encoder.layer[0].gradient_checkpointing

@@ -49,7 +49,7 @@ def test_gpu_facts_are_read_from_the_device_properties(monkeypatch):
                                         ("H200", "bf16")])
 def test_auto_precision_follows_compute_capability(monkeypatch, kind, auto):
     """torch says bf16 is supported on every one of these GPUs; only capability >= 8.0 computes in bf16."""
-    from framework.build import PrecisionError, resolve_precision
+    from framework.run_env import PrecisionError, resolve_precision
 
     fake_gpu(monkeypatch, kind)
     cuda = torch.device("cuda", 0)
@@ -109,7 +109,7 @@ def test_memory_estimate_by_hand():
 
 
 def test_precision_on_the_cpu():
-    from framework.build import resolve_precision
+    from framework.run_env import resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu).name == "fp32"
@@ -120,7 +120,8 @@ def test_precision_on_the_cpu():
 def test_deepspeed_config_derivation():
     import torch
 
-    from framework.build import Precision, deepspeed_config
+    from framework.build import deepspeed_config
+    from framework.run_env import Precision
     from framework.config import ConfigError, config_from_dict
 
     data = {"recipe": "recipes.toy", "train": {"max_steps": 3, "grad_accum": 4, "clip_grad": 0.5},

@@ -14,6 +14,7 @@ import webdataset as wds
 
 from framework.checkpoint import find_resume_tag
 from framework.data import ShardStream, make_loader
+from framework.run_env import run_env
 from recipes.toy import collate, decode, make_shards
 from tests.conftest import DIST_ENV, ROOT, free_port, run_entry
 
@@ -264,11 +265,11 @@ def test_zero3_is_refused_before_the_engine_is_built(tmp_path, one_rank, monkeyp
         "model.preset=tiny", "image.size=32", "model.queue_size=16", "model.embed_dim=16", "data.batch_size=4",
         "data.num_workers=0", "train.precision=fp32", "deepspeed.zero_optimization.stage=3"])
     monkeypatch.setattr(deepspeed, "initialize", lambda *a, **k: pytest.fail("the ZeRO-3 engine was built"))
-    dist = init_distributed()
-    task = import_recipe(cfg.recipe, cfg.source).build(cfg, dist)
+    env = run_env(cfg, init_distributed())
+    task = import_recipe(cfg.recipe, cfg.source).build(cfg, env)
     with pytest.raises(ValueError, match="momentum encoders need full parameters on every rank: use DeepSpeed ZeRO "
                                          r"stage 0, 1 or 2 \(deepspeed.zero_optimization.stage\), not 3"):
-        build_run(cfg, task, dist)
+        build_run(cfg, task, env)
 
 
 FETCH = """

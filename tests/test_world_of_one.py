@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from framework.build import build_deepspeed, resolve_precision
+from framework.build import build_deepspeed
+from framework.run_env import resolve_precision
 from framework.config import config_from_dict
 from framework.task import Task
 

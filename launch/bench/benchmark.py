@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         from framework.config import import_recipe, load_config
         from framework.data import make_loader
         from framework.distributed import init_distributed
+        from framework.run_env import run_env
 
         tmp = tempfile.mkdtemp(prefix="bench-")
         cfg = load_config(args.recipe, [f"run.dir={tmp}", "run.resume=none", "run.save_every=0",
@@ -152,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                                         # the estimate needs shapes only: no weights to load, no held-out data
                                         *(["run.init_from=null", "data.val=null"] if args.estimate_only else []),
                                         *args.overrides])
-        dist = init_distributed()
-        task = import_recipe(cfg.recipe, cfg.source).build(cfg, dist)
+        env = run_env(cfg, init_distributed())
+        task = import_recipe(cfg.recipe, cfg.source).build(cfg, env)
         if args.estimate_only:
             return estimate_only(cfg, task, args.estimate_only)
-        run = build_run(cfg, task, dist)
-        dev = dist.device
+        run = build_run(cfg, task, env)
+        dev = env.device
 
         def epochs():
             while True:  # the recipe's own data, epoch after epoch
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.reset_peak_memory_stats(dev)
         split = timed_split(run, batches, args.steps)
         step_s = sum(split.values())
-        samples = cfg.data.batch_size * cfg.train.grad_accum * dist.world_size
+        samples = cfg.data.batch_size * cfg.train.grad_accum * env.world_size
         ratios = []
         for _ in range(args.repeats):  # alternate to cancel drift (thermal, caches, other load)
             minimal = minimal_loop(run, first, args.steps)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios.sort()
         fig: dict[str, Any] = {
             "recipe": cfg.source, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "precision": run.precision.name, "world_size": dist.world_size,
+            "precision": run.precision.name, "world_size": env.world_size,
             "micro_batch": cfg.data.batch_size, "grad_accum": cfg.train.grad_accum,
             "samples_per_s": samples / step_s, "step_s": step_s,
             "split_s": split, "data_wait_frac": split["data"] / step_s,
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         elif "peak_tflops" in fig:
             fig["mfu_vs_fp32_peak"] = achieved / fig["peak_tflops"]["fp32"]
             fig["mfu_vs_half_peak"] = achieved / fig["peak_tflops"]["half"]
-        if dist.is_main:
+        if env.is_main:
             print(run.memory.table())
             for k, v in fig.items():
                 print(f"{k:>20}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")

@@ -90,12 +90,13 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict[
     from framework.config import import_recipe, load_config
     from framework.data import SKIPPED, make_loader
     from framework.distributed import init_distributed
+    from framework.run_env import run_env
 
     cfg = load_config(recipe, overrides)
-    dist = init_distributed()
-    task = import_recipe(cfg.recipe, cfg.source).build(cfg, dist)
-    run = build_run(cfg, task, dist)
-    ds, dev, plugins = run.ds, dist.device, run.plugins
+    env = run_env(cfg, init_distributed())
+    task = import_recipe(cfg.recipe, cfg.source).build(cfg, env)
+    run = build_run(cfg, task, env)
+    ds, dev, plugins = run.ds, env.device, run.plugins
     run.stream.set_epoch(0)
     batch = next(iter(make_loader(run.stream, 0)))
     batch.pop(SKIPPED, None)

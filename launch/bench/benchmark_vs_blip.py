@@ -92,12 +92,13 @@ def ours_variant(cfg: Any, batch: dict, ds_allreduce: bool) -> Any:
     """A step function of framework.engine.Trainer.fit's per-step calls on framework.build.build_run's run."""
     from framework.build import build_run
     from framework.distributed import init_distributed
+    from framework.run_env import run_env
     from framework.engine import Trainer
     from framework.tracking import QuietLog
     from recipes.medblip import pretrain
 
-    dist = init_distributed()
-    run = build_run(cfg, pretrain.build(cfg, dist), dist)
+    env = run_env(cfg, init_distributed())
+    run = build_run(cfg, pretrain.build(cfg, env), env)
     if ds_allreduce:
         vars(run.ds).pop("allreduce_gradients", None)  # DeepSpeed's own method again
     trainer = Trainer(run)

@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
-from framework.build import PrecisionError, resolve_precision
 from framework.config import Config, ConfigError
-from framework.distributed import DistInfo, say
+from framework.distributed import say
+from framework.run_env import RunEnv
 from framework.master_weights import MasterClamp
 from framework.task import Task
 from recipes.medblip.model.weights import CheckpointError
@@ -50,18 +50,15 @@ def enabled(cfg: Config, known: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
-def keep_trainable_fp32(cfg: Config, device: torch.device) -> bool:
-    """Whether the trainable part stays fp32: when the engine trains in fp16 on `device` (as it resolves
-    train.precision) and DeepSpeed does not own the parameters in fp16 partitions (ZeRO stage 3)."""
-    try:
-        fp16 = resolve_precision(cfg.train.precision, device).name == "fp16"
-    except PrecisionError:
-        return False  # the engine refuses it with the same message
-    ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
-    if fp16 and int(ds.get("zero_optimization", {}).get("stage", 0)) >= 3:
+def keep_trainable_fp32(env: Optional[RunEnv]) -> bool:
+    """Whether the trainable part stays fp32: when the engine trains in fp16 and DeepSpeed does not own the
+    parameters in fp16 partitions (ZeRO stage 3). False outside training (no RunEnv)."""
+    if env is None or env.precision.name != "fp16":
+        return False
+    if env.zero_stage >= 3:
         say("blip2: ZeRO stage 3 partitions every parameter in fp16: the Q-Former trains in fp16 (LAVIS #267's risk)")
         return False
-    return fp16
+    return True
 
 
 def _tokenizer_dir(cfg: Config) -> Optional[str]:
@@ -91,7 +88,7 @@ def check_weight_files(cfg: Config) -> None:
                                   "from random weights)")
 
 
-def build_model(cfg: Config, *, stage: str, load_weights: bool = True, dist: Optional[DistInfo] = None) -> Blip2:
+def build_model(cfg: Config, *, stage: str, load_weights: bool = True, env: Optional[RunEnv] = None) -> Blip2:
     """stage "stage1" (Q-Former heads, no LLM) | "lm" (captions through the LLM) | "vqa" (answers); weights from
     run.init_from + model.vision_weights + model.llm_weights, the same initial weights on every rank."""
     mc = cfg.model
@@ -105,8 +102,7 @@ def build_model(cfg: Config, *, stage: str, load_weights: bool = True, dist: Opt
         enabled(cfg, (stage,))
         model = Blip2(mc, image_size=cfg.image.size, llm_tokenizer=llm_tokenizer(_tokenizer_dir(cfg)),
                       text_heads=False, language_model=True, lm_objective=stage)
-    device = dist.device if dist else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.keep_trainable_fp32 = keep_trainable_fp32(cfg, device)
+    model.keep_trainable_fp32 = keep_trainable_fp32(env)
     sources = weight_sources(cfg.run.init_from, mc.vision_weights, mc.llm_weights)
     if load_weights and sources:
         for spec, _ in sources:  # every rank builds the model: one download per URL, not one per rank

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from framework.config import Config, ConfigError
 from framework.data import expand_shards
-from framework.distributed import DistInfo, say
+from framework.distributed import say
+from framework.run_env import RunEnv
 from framework.task import Recipe, Task
 from recipes.common.text import pre_caption
 from recipes.common.vqa_rad import load_split
@@ -104,7 +105,7 @@ def corpus(cfg: LmConfig) -> list[dict[str, str]]:
     return items
 
 
-def build(cfg: LmConfig, dist: DistInfo) -> Task:
+def build(cfg: LmConfig, env: RunEnv) -> Task:
     """Config -> Task: the causal LM on the corpus texts (a map-style dataset)."""
     enabled(cfg, ("lm",))
     torch.manual_seed(cfg.train.seed)

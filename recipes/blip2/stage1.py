@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from framework.config import load_config
-from framework.distributed import DistInfo
+from framework.run_env import RunEnv
 from framework.task import Recipe, Task
 
 from .build import Blip2Config, build_model, task_for
@@ -21,9 +21,9 @@ from .objectives import STAGE1_OBJECTIVES
 MAX_WORDS = 30  # pre_caption's word limit (BLIP's pretraining captions; tokens are cut at model.max_text_len)
 
 
-def build(cfg: Blip2Config, dist: DistInfo) -> Task:
+def build(cfg: Blip2Config, env: RunEnv) -> Task:
     """Config -> Task: Blip2 with the stage-1 heads; forward returns the enabled ITC/ITM/ITG losses."""
-    model = build_model(cfg, stage="stage1", dist=dist)
+    model = build_model(cfg, stage="stage1", env=env)
     return task_for(model, decode=make_decode(cfg.image, train=True, max_words=MAX_WORDS),
                     collate=qformer_collate(model.tokenizer, cfg.model.max_text_len))
 

@@ -7,7 +7,7 @@ frozen LLM when init_from lacks it (e.g. a local facebook/opt-2.7b directory).
 """
 from __future__ import annotations
 
-from framework.distributed import DistInfo
+from framework.run_env import RunEnv
 from framework.task import Recipe, Task
 
 from .build import Blip2Config, build_model, task_for
@@ -16,9 +16,9 @@ from .objectives import LM_OBJECTIVES
 from .stage1 import MAX_WORDS
 
 
-def build(cfg: Blip2Config, dist: DistInfo) -> Task:
+def build(cfg: Blip2Config, env: RunEnv) -> Task:
     """Config -> Task: Blip2 with the frozen LLM; forward returns {"lm": caption loss}."""
-    model = build_model(cfg, stage="lm", dist=dist)
+    model = build_model(cfg, stage="lm", env=env)
     return task_for(model, decode=make_decode(cfg.image, train=True, max_words=MAX_WORDS),
                     collate=LlmCollate(model.text))
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from framework.config import ConfigError
-from framework.distributed import DistInfo
+from framework.run_env import RunEnv
 from framework.task import Task
 from recipes.common.vqa_eval import VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
 from recipes.common.vqa_metrics import flatten, score, score_one
@@ -80,10 +80,10 @@ def load_trained(cfg: Blip2VqaConfig, checkpoint: str) -> Blip2:
     return model
 
 
-def build(cfg: Blip2VqaConfig, dist: DistInfo) -> Task:
+def build(cfg: Blip2VqaConfig, env: RunEnv) -> Task:
     """Config -> Task: Blip2 + frozen LLM trained on the prompted answers, evaluated on the test split."""
     split = load_vqa(cfg)
-    model = build_model(cfg, stage="vqa", dist=dist)
+    model = build_model(cfg, stage="vqa", env=env)
     return task_for(model, collate=LlmCollate(model.text, cfg.model.prompt),
                 train_dataset=VqaDataset(split.train, split.image_dir, cfg.image, train=True),
                 evaluate=RECIPE.evaluator(cfg, split))

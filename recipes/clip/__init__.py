@@ -14,7 +14,7 @@ from torch import nn
 
 from framework.config import Config, ConfigError
 from framework.data import SKIPPED, ShardStream, expand_shards
-from framework.distributed import DistInfo
+from framework.run_env import RunEnv
 from framework.task import Recipe, Task
 from recipes.common.image_text import ImageConfig, make_collate, make_decode
 from recipes.common.tokenizer import load_tokenizer
@@ -28,7 +28,7 @@ class ClipConfig(Config):
     image: ImageConfig = field(default_factory=ImageConfig)
 
 
-def build(cfg: ClipConfig, dist: DistInfo) -> Task:
+def build(cfg: ClipConfig, env: RunEnv) -> Task:
     """Config -> Task: ClipModel, MedBLIP decode/collate, and retrieval evaluation on data.val when set."""
     enabled = [name for name, o in cfg.objectives.items() if o.enabled]
     if not enabled:

@@ -20,6 +20,7 @@ from framework.config import ConfigError
 from framework.data import SKIPPED, ShardStream, count_samples, expand_shards, make_loader
 from framework.distributed import say
 from framework.files import atomic_write_text
+from framework.run_env import RunEnv
 from framework.task import Recipe, Task
 from recipes.common.image_text import make_collate, make_decode
 from recipes.common.retrieval import itm_rerank, recalls
@@ -175,7 +176,7 @@ def config_for(recipe: str, checkpoint: Optional[str], overrides: list[str]) -> 
     return config_from_dict(apply_overrides(data, overrides, recipe), recipe)
 
 
-def build(cfg: RetrievalRecipeConfig, dist: Any) -> Task:
+def build(cfg: RetrievalRecipeConfig, env: RunEnv) -> Task:
     raise ConfigError(f"{cfg.source}: retrieval.yaml evaluates, it does not train: python launch/evaluate.py "
                       f"--recipe {cfg.source} --checkpoint RUN")
 

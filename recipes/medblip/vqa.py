@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from framework.config import ConfigError
-from framework.distributed import DistInfo, say
+from framework.distributed import say
+from framework.run_env import RunEnv
 from framework.task import Task
 from recipes.common.vqa_eval import VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
 from recipes.common.vqa_metrics import score, score_one
@@ -90,7 +91,7 @@ def load_trained(cfg: VqaRecipeConfig, checkpoint: str) -> MedBlipVqa:
     return model
 
 
-def build(cfg: VqaRecipeConfig, dist: DistInfo) -> Task:
+def build(cfg: VqaRecipeConfig, env: RunEnv) -> Task:
     """Config -> Task: MedBlipVqa, the training questions as a map-style dataset, evaluation on the test split."""
     split = load_vqa(cfg)
     model = build_model(cfg)

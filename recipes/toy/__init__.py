@@ -14,8 +14,8 @@ import webdataset as wds
 from torch import nn
 
 from framework.config import Config
-from framework.distributed import DistInfo
 from framework.registry import Registry
+from framework.run_env import RunEnv
 from framework.task import Recipe, Task
 
 
@@ -152,14 +152,14 @@ class ToyDataset(torch.utils.data.Dataset):
         return {"x": self.x[i], "y": float(self.y[i]), "key": f"s{i:06d}"}
 
 
-def build(cfg: ToyConfig, dist: DistInfo) -> Task:
+def build(cfg: ToyConfig, env: RunEnv) -> Task:
     enabled = [n for n, o in cfg.objectives.items() if o.enabled] or ["mse"]
     torch.manual_seed(cfg.train.seed)  # same init on every rank and every run
     dataset = ToyDataset(cfg.model.dataset_size, cfg.model.in_dim) if cfg.model.dataset_size else None
     _STALL_AFTER[0] = cfg.model.stall_after
     evaluate = sleeping_evaluation(cfg.model.eval_sleep) if cfg.model.eval_sleep is not None else None
     model = ToyRegressor(cfg.model, enabled)
-    model.rank = dist.rank
+    model.rank = env.rank
     return Task(model=model, decode=None if dataset else decode, collate=collate,
                 plugins=[StepCounter()], train_dataset=dataset, evaluate=evaluate)
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from framework.build import Precision, resolve_precision
+from framework.run_env import Precision, resolve_precision
 from framework.config import config_to_dict, load_config
 from framework.gpu import gpu_facts
 from framework.preflight import check_gpu_arch
@@ -80,7 +80,7 @@ def resolve_device(device: Optional[str]) -> torch.device:
 
 
 def inference_precision(requested: str, device: torch.device) -> Precision:
-    """Training's rules (framework.build.resolve_precision): auto = bf16 on compute capability >= 8.0, fp16 on
+    """Training's rules (framework.run_env.resolve_precision): auto = bf16 on compute capability >= 8.0, fp16 on
     older GPUs, fp32 on the CPU; a GPU without kernels in this PyTorch build is refused first."""
     gpu = None
     if device.type == "cuda":

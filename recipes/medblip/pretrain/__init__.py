@@ -15,7 +15,8 @@ from typing import Optional, Union
 import torch
 
 from framework.config import Config, ConfigError, load_config
-from framework.distributed import DistInfo, say
+from framework.distributed import say
+from framework.run_env import RunEnv
 from framework.task import Recipe, Task
 from recipes.common.image_text import ImageConfig, make_collate, make_decode
 from recipes.medblip.model.blip_pretrain import MedBlipPretrain
@@ -115,9 +116,9 @@ def say_missing_heads(missing: list[str], enabled: set[str], source: str) -> lis
     return lacking
 
 
-def build(cfg: PretrainConfig, dist: DistInfo) -> Task:
+def build(cfg: PretrainConfig, env: RunEnv) -> Task:
     """Config -> Task: MedBlipPretrain (forward returns the enabled losses), BLIP's data pipeline, momentum plugin."""
-    check_queue(cfg, dist.world_size)
+    check_queue(cfg, env.world_size)
     model = build_model(cfg)
     max_words = 30  # BLIP's pre_caption word limit for pretraining captions (tokens are cut at max_text_len)
     return Task(model=model,
@@ -125,7 +126,7 @@ def build(cfg: PretrainConfig, dist: DistInfo) -> Task:
                 collate=make_collate(model.tokenizer, cfg.model.max_text_len),
                 plugins=[MomentumUpdate(model, seed=cfg.train.seed)],
                 # held-out ITC/ITM/LM losses, retrieval recall@k and sample captions on data.val (None without)
-                evaluate=make_pretrain_evaluator(cfg, model.tokenizer, world_size=dist.world_size),
+                evaluate=make_pretrain_evaluator(cfg, model.tokenizer, world_size=env.world_size),
                 fp32_modules=model.fp32_modules(), activation_bytes=model.activation_bytes)
 
 
