@@ -90,12 +90,14 @@ class Blip2Base(nn.Module):
         self.vision_model.eval()
 
     def _copy_text_ffn_to_query_ffn(self) -> None:
-        """LAVIS starts the query FFN (intermediate_query/output_query) as a copy of the text FFN."""
+        """LAVIS starts the query FFN (intermediate_query/output_query) as a copy of the text FFN (which only a
+        Q-Former built with text input, stage 1's, has)."""
+        if not self.config.qformer_config.use_qformer_text_input:
+            return
         with torch.no_grad():
             for layer in self.qformer.encoder.layer:
-                if hasattr(layer, "intermediate"):  # only a Q-Former built with text input has the text FFN
-                    layer.intermediate_query.load_state_dict(layer.intermediate.state_dict())
-                    layer.output_query.load_state_dict(layer.output.state_dict())
+                layer.intermediate_query.load_state_dict(layer.intermediate.state_dict())
+                layer.output_query.load_state_dict(layer.output.state_dict())
 
     def train(self, mode: bool = True) -> "Blip2Base":
         super().train(mode)
