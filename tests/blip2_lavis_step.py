@@ -1,4 +1,4 @@
-"""LAVIS's BLIP-2 stage-1 ITC and ITM step written out on the recipe's modules, beside Blip2.stage1_losses.
+"""LAVIS's BLIP-2 stage-1 ITC and ITM step written out on the recipe's modules, beside Blip2Stage1.stage1_losses.
 
 Written from salesforce/LAVIS blip2_qformer.py (Blip2Qformer.forward) and base_model.py (concat_all_gather,
 GatherLayer / all_gather_with_grad) at 506965b: ln_vision is a fresh nn.LayerNorm(width) at torch's default eps
@@ -175,11 +175,11 @@ def grouped(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    from recipes.blip2.model import Blip2
+    from recipes.blip2.stage1_model import Blip2Stage1
     from tests.blip2_tiny import model_config, qformer_tok
 
     torch.manual_seed(0)
-    model = Blip2(model_config(), image_size=32, tokenizer=qformer_tok(), objectives=("itc", "itm")).train()
+    model = Blip2Stage1(model_config(), image_size=32, tokenizer=qformer_tok(), objectives=("itc", "itm")).train()
     with torch.no_grad():  # BERT's init (std 0.02) makes every feature alike (ITC at ln B): spread the matrices
         g = torch.Generator().manual_seed(3)
         for p in model.parameters():

@@ -7,7 +7,8 @@ import torch
 from transformers import BertTokenizer
 
 from recipes.blip2.config import Blip2ModelConfig
-from recipes.blip2.model import Blip2
+from recipes.blip2.llm_model import Blip2LLM
+from recipes.blip2.stage1_model import Blip2Stage1
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
     "a an the ct mri scan of head abdomen lesion left right yes no is there what organ bright dark small large "
@@ -32,17 +33,16 @@ def model_config(**kw: Any) -> Blip2ModelConfig:
                                **kw})
 
 
-def stage1(seed: int = 0, image_size: int = 32, **kw: Any) -> Blip2:
+def stage1(seed: int = 0, image_size: int = 32, **kw: Any) -> Blip2Stage1:
     torch.manual_seed(seed)
-    return Blip2(model_config(**kw), image_size=image_size, tokenizer=qformer_tok()).eval()
+    return Blip2Stage1(model_config(**kw), image_size=image_size, tokenizer=qformer_tok()).eval()
 
 
-def with_llm(seed: int = 0, image_size: int = 32, t5: bool = False, **kw: Any) -> Blip2:
+def with_llm(seed: int = 0, image_size: int = 32, t5: bool = False, **kw: Any) -> Blip2LLM:
     torch.manual_seed(seed)
     if t5:
         kw["text"] = TINY_T5
-    return Blip2(model_config(**kw), image_size=image_size, llm_tokenizer=wordpiece(), text_heads=False,
-                 language_model=True).eval()
+    return Blip2LLM(model_config(**kw), image_size=image_size, llm_tokenizer=wordpiece()).eval()
 
 
 def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from recipes.blip2.config import Blip2ModelConfig
 from recipes.blip2.data import qformer_collate
-from recipes.blip2.model import Blip2
+from recipes.blip2.stage1_model import Blip2Stage1
 from recipes.blip2.weights import load_pretrained
 from tests.blip2_tiny import qformer_tok, stage1, with_llm
 from tests.conftest import ROOT
@@ -60,7 +60,7 @@ def test_ln_vision_takes_lavis_eps_and_the_vit_keeps_evas():
     inside the ViT keeps EVA's 1e-6; on low-variance image tokens the output is LAVIS's."""
     for preset in ("blip2-opt-2.7b", "blip2-flan-t5-xl"):
         with torch.device("meta"):
-            model = Blip2(Blip2ModelConfig(preset=preset), image_size=224, tokenizer=qformer_tok())
+            model = Blip2Stage1(Blip2ModelConfig(preset=preset), image_size=224, tokenizer=qformer_tok())
         assert model.vision_model.post_layernorm.eps == 1e-5
         inner = [m.eps for n, m in model.vision_model.named_modules()
                  if isinstance(m, nn.LayerNorm) and n != "post_layernorm"]

@@ -1,9 +1,9 @@
-"""Config -> Blip2 for the three BLIP-2 recipes: tokenizers, sizes, precision policy, weights (printed report)."""
+"""Config -> Blip2Stage1 / Blip2LLM for the three BLIP-2 recipes: tokenizers, sizes, precision policy, weights (printed report)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -17,7 +17,9 @@ from recipes.common.image_text import ImageConfig
 from recipes.medblip.model.weights import fetch_on_rank0
 
 from .config import Blip2ModelConfig
-from .model import STAGE1, Blip2
+from .llm_model import Blip2LLM
+from .qformer_model import Blip2Base
+from .stage1_model import STAGE1, Blip2Stage1
 from .objectives import TEMP_MAX, TEMP_MIN
 from .tokenizers import llm_tokenizer, qformer_tokenizer
 from .weights import load_pretrained, weight_sources
@@ -31,11 +33,10 @@ class Blip2Config(Config):
     image: ImageConfig = field(default_factory=ImageConfig)
 
 
-def task_for(model: Blip2, **fields) -> Task:
-    """A Task around a Blip2 with what the framework must know of it declared: the parts kept fp32 under fp16, the
+def task_for(model: Blip2Base, **fields) -> Task:
+    """A Task around a BLIP-2 model with what the framework must know of it declared: the parts kept fp32 under fp16, the
     frozen towers (an EMA teacher shares them), the activation estimate; `temp` clamped in its fp32 master too."""
-    temp = getattr(model, "temp", None)
-    plugins = [MasterClamp("blip2_temp", temp, TEMP_MIN, TEMP_MAX)] if isinstance(temp, torch.nn.Parameter) else []
+    plugins = [MasterClamp("blip2_temp", model.temp, TEMP_MIN, TEMP_MAX)] if isinstance(model, Blip2Stage1) else []
     return Task(model=model, fp32_modules=model.fp32_modules(), frozen_modules=model.frozen_modules(),
                 activation_bytes=model.activation_bytes, plugins=plugins, **fields)
 
@@ -88,7 +89,8 @@ def check_weight_files(cfg: Config) -> None:
                                   "from random weights)")
 
 
-def build_model(cfg: Config, *, stage: str, load_weights: bool = True, env: Optional[RunEnv] = None) -> Blip2:
+def build_model(cfg: Config, *, stage: str, load_weights: bool = True,
+                env: Optional[RunEnv] = None) -> Union[Blip2Stage1, Blip2LLM]:
     """stage "stage1" (Q-Former heads, no LLM) | "lm" (captions through the LLM) | "vqa" (answers); weights from
     run.init_from + model.vision_weights + model.llm_weights, the same initial weights on every rank."""
     mc = cfg.model
@@ -96,12 +98,12 @@ def build_model(cfg: Config, *, stage: str, load_weights: bool = True, env: Opti
         check_weight_files(cfg)  # before minutes of building ViT-g / OPT-2.7B
     torch.manual_seed(cfg.train.seed)
     if stage == "stage1":
-        model = Blip2(mc, image_size=cfg.image.size, tokenizer=qformer_tokenizer(mc.tokenizer),
-                      objectives=enabled(cfg, STAGE1))
+        model = Blip2Stage1(mc, image_size=cfg.image.size, tokenizer=qformer_tokenizer(mc.tokenizer),
+                            objectives=enabled(cfg, STAGE1))
     else:
         enabled(cfg, (stage,))
-        model = Blip2(mc, image_size=cfg.image.size, llm_tokenizer=llm_tokenizer(_tokenizer_dir(cfg)),
-                      text_heads=False, language_model=True, lm_objective=stage)
+        model = Blip2LLM(mc, image_size=cfg.image.size, llm_tokenizer=llm_tokenizer(_tokenizer_dir(cfg)),
+                         lm_objective=stage)
     model.keep_trainable_fp32 = keep_trainable_fp32(env)
     sources = weight_sources(cfg.run.init_from, mc.vision_weights, mc.llm_weights)
     if load_weights and sources:

@@ -52,7 +52,7 @@ class LmConfig(Config):
 
 
 class LanguageModel(nn.Module):
-    """A causal LM under the name Blip2 gives it (`language_model.*`), so model.llm_weights loads this run as is."""
+    """A causal LM under the name Blip2LLM gives it (`language_model.*`), so model.llm_weights loads this run as is."""
 
     def __init__(self, cfg: Config, tokenizer: Any):
         super().__init__()

@@ -7,28 +7,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, Union
 
 import torch
 
 from framework.preflight import GIB, MemoryEstimate, count_params, estimate_for_task
 
 from .build import enabled, task_for
-from .model import STAGE1, Blip2
+from .llm_model import Blip2LLM
+from .stage1_model import STAGE1, Blip2Stage1
 
 STAGES = {"recipes.blip2.stage1": "stage1", "recipes.blip2.stage2": "lm", "recipes.blip2.vqa": "vqa"}
 
 
-def shape_model(cfg: Any, precision: str) -> Blip2:
-    """The recipe's Blip2 on the meta device (no memory, no tokenizer files), with the precision policy applied."""
+def shape_model(cfg: Any, precision: str) -> Union[Blip2Stage1, Blip2LLM]:
+    """The recipe's BLIP-2 model on the meta device (no memory, no tokenizer files), with the precision policy applied."""
     stage = STAGES[cfg.recipe]
     with torch.device("meta"):
         if stage == "stage1":
-            model = Blip2(cfg.model, image_size=cfg.image.size, tokenizer=_vocab_stub(30523),
-                          objectives=enabled(cfg, STAGE1))
+            model = Blip2Stage1(cfg.model, image_size=cfg.image.size, tokenizer=_vocab_stub(30523),
+                                objectives=enabled(cfg, STAGE1))
         else:
-            model = Blip2(cfg.model, image_size=cfg.image.size, text_heads=False, language_model=True,
-                          lm_objective=stage)
+            model = Blip2LLM(cfg.model, image_size=cfg.image.size, lm_objective=stage)
     model.keep_trainable_fp32 = precision == "fp16"
     return model
 
@@ -49,7 +49,7 @@ def estimate(cfg: Any, precision: str) -> tuple[MemoryEstimate, dict[str, float]
     figures = {"trainable_M": trainable / 1e6, "frozen_M": frozen / 1e6,
                "vision_M": sum(p.numel() for p in model.vision_model.parameters()) / 1e6,
                "llm_M": sum(p.numel() for p in model.language_model.parameters()) / 1e6
-               if model.has_language_model else 0.0,
+               if isinstance(model, Blip2LLM) else 0.0,
                "preflight_GiB": est.total / GIB, "activations_GiB": est.parts.get("activations", 0) / GIB}
     return est, figures
 

@@ -15,21 +15,21 @@ from framework.task import Recipe, Task
 
 from .build import Blip2Config, build_model, task_for
 from .data import make_decode, qformer_collate
-from .model import Blip2
+from .stage1_model import Blip2Stage1
 from .objectives import STAGE1_OBJECTIVES
 
 MAX_WORDS = 30  # pre_caption's word limit (BLIP's pretraining captions; tokens are cut at model.max_text_len)
 
 
 def build(cfg: Blip2Config, env: RunEnv) -> Task:
-    """Config -> Task: Blip2 with the stage-1 heads; forward returns the enabled ITC/ITM/ITG losses."""
+    """Config -> Task: Blip2Stage1 (the stage-1 heads); forward returns the enabled ITC/ITM/ITG losses."""
     model = build_model(cfg, stage="stage1", env=env)
     return task_for(model, decode=make_decode(cfg.image, train=True, max_words=MAX_WORDS),
                     collate=qformer_collate(model.tokenizer, cfg.model.max_text_len))
 
 
-def from_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, *, load_weights: bool = True) -> Blip2:
-    """Python API: a recipe YAML (+ dotted overrides) -> the stage-1 Blip2 with its weights loaded."""
+def from_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, *, load_weights: bool = True) -> Blip2Stage1:
+    """Python API: a recipe YAML (+ dotted overrides) -> the Blip2Stage1 model with its weights loaded."""
     return build_model(load_config(path, overrides), stage="stage1", load_weights=load_weights)
 
 

@@ -17,7 +17,7 @@ from .stage1 import MAX_WORDS
 
 
 def build(cfg: Blip2Config, env: RunEnv) -> Task:
-    """Config -> Task: Blip2 with the frozen LLM; forward returns {"lm": caption loss}."""
+    """Config -> Task: Blip2LLM (the frozen LLM); forward returns {"lm": caption loss}."""
     model = build_model(cfg, stage="lm", env=env)
     return task_for(model, decode=make_decode(cfg.image, train=True, max_words=MAX_WORDS),
                     collate=LlmCollate(model.text))

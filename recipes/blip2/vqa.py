@@ -25,7 +25,7 @@ from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
 
 from .build import Blip2Config, build_model, task_for
 from .data import LlmCollate
-from .model import Blip2
+from .llm_model import Blip2LLM
 from .objectives import VQA_OBJECTIVES
 from .weights import load_pretrained
 
@@ -69,7 +69,7 @@ class Blip2VqaConfig(Blip2Config):
 __all__ = ["RECIPE", "Blip2VqaRecipe", "Blip2VqaConfig", "VqaConfig", "build", "load_trained", "evaluate_model"]
 
 
-def load_trained(cfg: Blip2VqaConfig, checkpoint: str) -> Blip2:
+def load_trained(cfg: Blip2VqaConfig, checkpoint: str) -> Blip2LLM:
     """The recipe's model with the weights of `checkpoint`; refuses weights that leave model tensors missing."""
     model = build_model(cfg, stage="vqa", load_weights=False)
     report = load_pretrained(model, checkpoint)
@@ -81,7 +81,7 @@ def load_trained(cfg: Blip2VqaConfig, checkpoint: str) -> Blip2:
 
 
 def build(cfg: Blip2VqaConfig, env: RunEnv) -> Task:
-    """Config -> Task: Blip2 + frozen LLM trained on the prompted answers, evaluated on the test split."""
+    """Config -> Task: Blip2LLM (Q-Former + frozen LLM) trained on the prompted answers, evaluated on the test split."""
     split = load_vqa(cfg)
     model = build_model(cfg, stage="vqa", env=env)
     return task_for(model, collate=LlmCollate(model.text, cfg.model.prompt),
@@ -90,7 +90,7 @@ def build(cfg: Blip2VqaConfig, env: RunEnv) -> Task:
 
 
 @torch.no_grad()
-def evaluate_model(model: Blip2, cfg: Blip2VqaConfig, split: VqaSplit, candidates: Optional[list[str]] = None,
+def evaluate_model(model: Blip2LLM, cfg: Blip2VqaConfig, split: VqaSplit, candidates: Optional[list[str]] = None,
                    num_workers: int = 0) -> dict[str, Any]:
     """Answer the test questions in every configured mode -> {"predictions", "scores", "by_inference", "inference"}."""
     v: VqaConfig = cfg.vqa

@@ -1,4 +1,4 @@
-"""Published BLIP-2 weights into recipes.blip2.model.Blip2, offline, every key reported.
+"""Published BLIP-2 weights into a recipes.blip2 model (Blip2Stage1 or Blip2LLM), offline, every key reported.
 
 Layouts read (each file with safetensors or torch.load(weights_only=True) only, via recipes.medblip.model.weights):
 - transformers `save_pretrained` directories of Blip2ForConditionalGeneration (`Salesforce/blip2-opt-2.7b`) or
@@ -14,12 +14,15 @@ Tied tensors count once: a tensor is missing only when none of its names was giv
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from recipes.medblip.model.weights import CheckpointError, LoadReport, read_state_dict
+
+if TYPE_CHECKING:  # the model modules import this one's key patterns
+    from .qformer_model import Blip2Base
 
 IGNORED = re.compile(r"(^|\.)position_ids$")  # old BERT/LAVIS persistent buffers; transformers' are not saved
 STAGE1_ONLY = re.compile(r"^(embeddings\.|vision_projection\.|text_projection\.|itm_head\.|itg_head\.|temp$|"
@@ -119,8 +122,39 @@ def map_onto(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
 Source = Union[str, tuple[str, str]]
 
 
+def _sort_mapped(model: Blip2Base, mapped: dict[str, torch.Tensor], role: str, given: dict[str, torch.Tensor],
+                 report: LoadReport) -> list[str]:
+    """File the mapped tensors: the model's into `given`, the rest into the report (ignored: stale buffers and the
+    other stage's tensors; unexpected: anything else); returns the keys outside the role's tower."""
+    model_keys, foreign = model.state_dict().keys(), []
+    for k in sorted(mapped):
+        if not k.startswith(ROLES[role]):
+            foreign.append(k)
+        elif k in model_keys:
+            given[k] = mapped[k]
+        elif IGNORED.search(k) or model.other_stage_keys.match(k):
+            report.ignored.append(k)
+        else:
+            report.unexpected.append(k)
+    return foreign
+
+
+def _fit_shapes(given: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor], source: str) -> None:
+    """Reshape a one-element tensor to the model's shape (temp: LAVIS saves 0-dim, the model holds [1], a DeepSpeed
+    need); refuse any other shape mismatch with a hint at its likely cause."""
+    for k, v in list(given.items()):
+        target = model_sd[k]
+        if v.shape != target.shape and v.numel() == target.numel() == 1:
+            given[k] = v.reshape(target.shape)
+        elif v.shape != target.shape:
+            hint = (" (the ViT was built for another image size: set image.size to the checkpoint's)"
+                    if "position_embedding" in k else " (check model.preset and the model.* sizes)")
+            raise CheckpointError(f"{source}: {k} is {tuple(v.shape)} in the checkpoint but {tuple(target.shape)} "
+                                  f"in the model{hint}")
+
+
 @torch.no_grad()
-def load_pretrained(model: nn.Module, sources: Union[Source, Sequence[Source]], strict: bool = False) -> LoadReport:
+def load_pretrained(model: Blip2Base, sources: Union[Source, Sequence[Source]], strict: bool = False) -> LoadReport:
     """Load one or more checkpoints (later ones win) into `model`; every missing / unexpected key is reported.
 
     A source is a path, or (path, role) with role "vision" / "llm": then only that tower is taken from it (e.g. the
@@ -137,20 +171,7 @@ def load_pretrained(model: nn.Module, sources: Union[Source, Sequence[Source]], 
         raw, _, where = read_state_dict(spec)
         mapped, way = map_onto(model, raw, where, role)
         layouts.append(way)
-        foreign = []
-        for k in sorted(mapped):
-            if not k.startswith(ROLES[role]):
-                foreign.append(k)
-            elif k in model_sd:
-                given[k] = mapped[k]
-            elif IGNORED.search(k):
-                report.ignored.append(k)
-            elif STAGE1_ONLY.match(k) and not hasattr(model, "embeddings"):
-                report.ignored.append(k)
-            elif LLM_ONLY.match(k) and not hasattr(model, "language_model"):
-                report.ignored.append(k)
-            else:
-                report.unexpected.append(k)
+        foreign = _sort_mapped(model, mapped, role, given, report)
         if foreign:
             report.ignored += foreign
             report.notes.append(f"{where}: only its {role} tower is used ({len(foreign)} other tensors ignored)")
@@ -159,15 +180,7 @@ def load_pretrained(model: nn.Module, sources: Union[Source, Sequence[Source]], 
         report.notes.append("stage-1 heads (text embeddings, ITC/ITM/ITG heads, text FFN) are not used by this model")
     if any(LLM_ONLY.match(k) for k in report.ignored):
         report.notes.append("language-model tensors are not used by the stage-1 model")
-    for k, v in list(given.items()):
-        target = model_sd[k]
-        if v.shape != target.shape and v.numel() == target.numel() == 1:
-            given[k] = v.reshape(target.shape)  # temp: LAVIS saves 0-dim, the model holds [1] (a DeepSpeed need)
-        elif v.shape != target.shape:
-            hint = (" (the ViT was built for another image size: set image.size to the checkpoint's)"
-                    if "position_embedding" in k else " (check model.preset and the model.* sizes)")
-            raise CheckpointError(f"{spec if len(sources) == 1 else report.source}: {k} is {tuple(v.shape)} in the "
-                                  f"checkpoint but {tuple(target.shape)} in the model{hint}")
+    _fit_shapes(given, model_sd, sources[0] if len(sources) == 1 else report.source)
     final: dict[str, torch.Tensor] = {}
     for group in _tensor_groups(model):
         names = [k for k in group if k in given]

@@ -5,7 +5,7 @@
     answer = asker.ask("scan.png", "is there a lesion?")
     answer.ranked[0].answer, answer.ranked[0].score, answer.generated
 
-The ranked answers come from the models' own rank inference (MedBlipVqa.rank_all / Blip2.rank_all_answers, the code
+The ranked answers come from the models' own rank inference (MedBlipVqa.rank_all / Blip2LLM.rank_all_answers, the code
 evaluate.py's rank mode runs), over the same candidates (vqa.answer_list: the run's training answers by default),
 with the same question normalisation and test-time image transform, so the top one is evaluate.py's rank prediction
 for that question. The generated answer is the models' beam search with the run's vqa settings.
