@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import checkpoint, deepspeed_patches
-from .config import Config
+from .config import Config, ShardDataConfig, distill_settings
 from .data import MapStream, ShardStream, expand_shards, verify_checksums
 from .distill import setup_distillation
 from .distributed import DistInfo, say
@@ -24,7 +24,6 @@ from .preflight import (
     MemoryEstimate,
     check_disk,
     check_fits,
-    check_gpu_arch,
     checkpoint_bytes,
     estimate_for_task,
 )
@@ -189,7 +188,7 @@ def build_run(cfg: Config, task: Task, env: RunEnv) -> Run:
         say(f"warning: train.warmup_steps={cfg.train.warmup_steps} exceeds this run's {total_steps} optimizer "
             f"steps: the learning rate stays in warmup and never reaches train.lr={cfg.train.lr:g}")
     plugins, combine = list(task.plugins), task.combine_losses or StaticLossWeights(cfg.objectives, total_steps)
-    distillation = setup_distillation(task, cfg, total_steps) if cfg.distill.enabled else None
+    distillation = setup_distillation(task, cfg, total_steps) if distill_settings(cfg) else None
     if distillation:
         plugins += distillation.plugins
         combine = distillation.weighter
@@ -221,7 +220,7 @@ def check_zero3(cfg: Config, task: Task, stage: int) -> None:
     (its `needs_whole_parameters` says why), instead of after DeepSpeed has partitioned them."""
     if stage < 3:
         return
-    if cfg.distill.enabled:
+    if distill_settings(cfg):
         check_zero_stage(stage)  # the EMA teacher's own line, as setup_distillation would give it
     for plugin in task.plugins:
         reason = getattr(plugin, "needs_whole_parameters", None)
@@ -235,6 +234,9 @@ def build_stream(cfg: Config, task: Task, dist: DistInfo) -> Union[ShardStream, 
     if task.train_dataset is not None:
         return MapStream(task.train_dataset, task.collate, cfg.data.batch_size, seed=cfg.train.seed,
                          rank=dist.rank, world_size=dist.world_size, batch_multiple=cfg.train.grad_accum)
+    if not isinstance(cfg.data, ShardDataConfig):
+        raise ValueError(f"{cfg.source}: the recipe's Task streams shards (decode) but its config declares no "
+                         "shard settings (data: ShardDataConfig)")
     if cfg.data.train is None:
         raise ValueError(f"{cfg.source}: data.train is not set (a shard directory, pattern or list)")
     urls = expand_shards(cfg.data.train)
@@ -258,7 +260,7 @@ def preflight_memory(cfg: Config, task: Task, precision: Precision, dist: DistIn
 def preflight_disk(cfg: Config, task: Task, precision: Precision) -> None:
     """Refuse a run whose disk cannot hold one checkpoint; warn in one line if it cannot hold run.keep_last of them."""
     shared = sum(p.numel() for m in task.frozen_modules for p in m.parameters())
-    teacher = sum(p.numel() for p in task.model.parameters()) - shared if cfg.distill.enabled else 0
+    teacher = sum(p.numel() for p in task.model.parameters()) - shared if distill_settings(cfg) else 0
     ckpt = Path(cfg.run.dir) / "checkpoints"
     existing = sum(1 for p in ckpt.iterdir() if (p / checkpoint.COMPLETE).is_file()) if ckpt.is_dir() else 0
     warning = check_disk(Path(cfg.run.dir), checkpoint_bytes(task.model, precision.name, teacher),

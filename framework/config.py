@@ -8,7 +8,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union
 
 import yaml
 
@@ -45,7 +45,6 @@ class RunConfig:
     init_from: Optional[str] = None  # weights to start from (recipe decides the format); not a resume
     stop_at_step: Optional[int] = None  # save and stop after this optimizer step, as if preempted (chunked runs)
     memory_cap_gib: Optional[float] = None  # GPU: cap this process's allocator (train as if on a smaller GPU)
-    sync_timing: bool = False  # GPU: wait for queued kernels around forward/backward/step (a true time split)
     health_window: int = 50  # optimizer steps an objective may sit at its chance level before it is flagged
     health_tolerance: float = 0.02  # "at chance": within this fraction of the chance-level loss
 
@@ -91,16 +90,25 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    train: Union[str, list[str], None] = None  # shards: a directory, a brace pattern, a glob, or a list
-    val: Union[str, list[str], None] = None
+    """data: of a recipe whose training set is a map-style dataset (its own section says where it is)."""
+
+
     batch_size: int = 8  # micro-batch per rank
     num_workers: int = 2
-    shuffle_buffer: int = 1000  # samples; 0 disables sample shuffling (shard order is still shuffled)
-    samples_per_epoch: Optional[int] = None  # default: counted from the shards (or their manifest.json)
-    verify_checksums: bool = False  # check shards against manifest.json sha256 before training
 
     def check(self) -> None:
         check_at_least("data", self, {"batch_size": 1, "num_workers": 0})
+
+
+@dataclass
+class ShardDataConfig(DataConfig):
+    """data: of a recipe that streams WebDataset shards."""
+
+    train: Union[str, list[str], None] = None  # shards: a directory, a brace pattern, a glob, or a list
+    val: Union[str, list[str], None] = None
+    shuffle_buffer: int = 1000  # samples; 0 disables sample shuffling (shard order is still shuffled)
+    samples_per_epoch: Optional[int] = None  # default: counted from the shards (or their manifest.json)
+    verify_checksums: bool = False  # check shards against manifest.json sha256 before training
 
 
 @dataclass
@@ -156,11 +164,20 @@ class Config:
     recipe: str = ""  # python module of the recipe, e.g. recipes.medblip.pretrain
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: ShardDataConfig = field(default_factory=ShardDataConfig)  # a map-style recipe declares DataConfig instead
     objectives: dict[str, ObjectiveConfig] = field(default_factory=dict)
-    distill: DistillConfig = field(default_factory=DistillConfig)
     deepspeed: dict = field(default_factory=dict)  # DeepSpeed config block (a YAML/JSON file name is read in its place)
     source: str = field(default="", metadata={"yaml": False})  # the recipe file this came from (not a YAML key)
+    # Keys earlier versions wrote into every run's config.yaml; where this recipe's config no longer has them they
+    # are dropped on reading (with a note), so old run directories still load. A subclass extends the tuple.
+    RETIRED: ClassVar[tuple[str, ...]] = ("distill", "data.train", "data.val", "data.shuffle_buffer",
+                                          "data.samples_per_epoch", "data.verify_checksums",
+                                          "run.sync_timing")  # now launch/train.py --sync-timing
+
+    @classmethod
+    def upgrade(cls, data: dict, source: str) -> dict:
+        """YAML data as this version reads it: RETIRED keys dropped (a recipe may refuse or map more first)."""
+        return drop_retired(cls, data, source)
 
     def check(self) -> None:
         """Checks across sections (each section checks itself)."""
@@ -171,11 +188,26 @@ class Config:
                 scheduled_value(objective.weight, 0, 1)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"objectives.{name}.weight: {e}") from None
+
+
+@dataclass
+class DistillingConfig(Config):
+    """The sections of a recipe that may train with progressive self-distillation (framework.distill)."""
+
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def check(self) -> None:
+        super().check()
         if isinstance(self.distill.mode, dict) and self.objectives:
             unknown = sorted(set(self.distill.mode) - set(self.objectives))
             if unknown:
                 raise ConfigError(f"distill.mode.{unknown[0]}: not an objective of this recipe "
                                   f"(objectives: {', '.join(sorted(self.objectives))})")
+
+
+def distill_settings(cfg: Config) -> Optional[DistillConfig]:
+    """cfg.distill when the recipe can self-distill and distill.enabled is set; else None."""
+    return cfg.distill if isinstance(cfg, DistillingConfig) and cfg.distill.enabled else None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -368,7 +400,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
 def config_from_dict(data: dict, source: str = "<config>") -> Config:
     """Validate a plain dict (as read from YAML) into the recipe's Config subclass (RECIPE.config)."""
     recipe = import_recipe(data.get("recipe", ""), source)
-    data = dict(data)
+    data = recipe.config.upgrade(dict(data), source)
     if isinstance(data.get("deepspeed"), str):
         data["deepspeed"] = _read_deepspeed(data["deepspeed"], source)
     if isinstance(data.get("deepspeed"), dict):  # DeepSpeed's own sections are mappings: say so before it crashes
@@ -383,6 +415,44 @@ def config_from_dict(data: dict, source: str = "<config>") -> Config:
             raise ConfigError(f"{source}: objectives.{name}: unknown objective (known: "
                               f"{', '.join(sorted(recipe.objectives))})")
     return cfg
+
+
+def _has_key(cls: type, dotted: str) -> bool:
+    """Whether dataclass `cls` declares the (dotted) YAML key."""
+    head, _, rest = dotted.partition(".")
+    hints = typing.get_type_hints(cls)
+    if head not in hints or not any(f.name == head and f.metadata.get("yaml", True) for f in dataclasses.fields(cls)):
+        return False
+    return not rest or not dataclasses.is_dataclass(hints[head]) or _has_key(hints[head], rest)
+
+
+def drop_retired(cls: type, data: dict, source: str) -> dict:
+    """`data` without the keys of cls.RETIRED that `cls` does not declare (a one-line note for each one present)."""
+    from .distributed import say
+
+    dropped = []
+    for dotted in getattr(cls, "RETIRED", ()):
+        *parents, last = dotted.split(".")
+        section = data
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict) and last in section and not _has_key(cls, dotted):
+            section = _copy_path(data, parents)
+            del section[last]
+            dropped.append(dotted)
+    if dropped:
+        say(f"note: {source}: {', '.join(dropped)}: not settings of this recipe (an earlier version wrote them): "
+            "ignored")
+    return data
+
+
+def _copy_path(data: dict, parents: list[str]) -> dict:
+    """The section at `parents` of `data`, copied on the way down so the caller's dicts are not changed."""
+    section = data
+    for part in parents:
+        section[part] = dict(section[part])
+        section = section[part]
+    return section
 
 
 def _read_deepspeed(spec: str, source: str) -> dict:
@@ -428,9 +498,18 @@ def parse_duration(text: str) -> float:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """Plain-data view of a config (its YAML keys), for saving and comparing."""
-    keys = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("yaml", True)}
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in keys}
+    """Plain-data view of a config (its YAML keys, at every depth), for saving and comparing."""
+    return _plain(cfg)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.metadata.get("yaml", True)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def save_resolved(cfg: Config, run_dir: Union[str, Path]) -> Path:

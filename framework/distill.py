@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .adaptive_weights import AdaptiveLossWeighter
-from .config import Config, check_distill_modes
+from .config import DistillingConfig, check_distill_modes
 from .ema import EMATeacher, check_zero_stage
 from .run_env import zero_stage
 from .loss_weights import StaticLossWeights
@@ -141,7 +141,7 @@ class Distillation:
         return SelfDistillation(student, self.teacher, self.mode, self.temperature, keywords=self.keywords)
 
 
-def setup_distillation(task: Task, cfg: Config, total_steps: int) -> Distillation:
+def setup_distillation(task: Task, cfg: DistillingConfig, total_steps: int) -> Distillation:
     """The teacher (a copy of the weights the student starts from: call before deepspeed.initialize) and the
     adaptive weighter for `task` as distill: configures them; refuses ZeRO-3 and a recipe's own loss combiner."""
     d = cfg.distill

@@ -62,10 +62,10 @@ class _StoppedOutsideStep(Exception):
 class Trainer:
     """Trains a Run: the loop, the step boundary (log -> evaluate -> save -> stop), signals, checkpoints."""
 
-    def __init__(self, run: Run, sync_timing: Optional[bool] = None):
-        """sync_timing: wait for the GPU before each clock reading (default run.sync_timing)."""
+    def __init__(self, run: Run, sync_timing: bool = False):
+        """sync_timing: wait for the GPU before each clock reading (a true forward/backward/step split)."""
         self.run, self.cfg, self.ds, self.pos = run, run.cfg, run.ds, run.position
-        self.sync_timing = run.cfg.run.sync_timing if sync_timing is None else sync_timing
+        self.sync_timing = sync_timing
         self.health = HealthMonitor(run.cfg.run)
         self.min_loss_scale = float(run.ds.config.get("fp16", {}).get("min_loss_scale", 1.0))  # DeepSpeed's default
         self.log: Optional[RunLogger] = None  # opened by fit(): a start that failed earlier wrote nothing
@@ -253,7 +253,7 @@ class Trainer:
         return elapsed + 2 * per_step + 2 * self.last_save_s > self.budget
 
     def _clock(self) -> float:
-        """Wall time; with run.sync_timing the GPU's queued work is waited for first, so the split is real."""
+        """Wall time; with sync_timing the GPU's queued work is waited for first, so the split is real."""
         if self.sync_timing and self.run.dist.device.type == "cuda":
             torch.cuda.synchronize(self.run.dist.device)
         return time.time()
@@ -354,6 +354,6 @@ class Trainer:
         raise _StoppedOutsideStep
 
 
-def fit(run: Run) -> FitResult:
+def fit(run: Run, sync_timing: bool = False) -> FitResult:
     """Train a built run (framework.build.build_run) to its end; see Trainer.fit."""
-    return Trainer(run).fit()
+    return Trainer(run, sync_timing).fit()

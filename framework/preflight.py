@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .config import distill_settings
 from .gpu import GpuFacts, gpu_facts
 
 GIB = 1024 ** 3
@@ -111,7 +112,7 @@ def estimate_for_task(cfg: Any, task: Any, precision: str, world_size: int, cuda
     fp32_trainable = sum(p.numel() for m in task.fp32_modules for p in m.parameters() if p.requires_grad)
     shared = sum(p.numel() for m in task.frozen_modules for p in m.parameters())
     zero = cfg.deepspeed.get("zero_optimization", {})
-    teacher = sum(count_params(model)) - shared if cfg.distill.enabled else 0
+    teacher = sum(count_params(model)) - shared if distill_settings(cfg) else 0
     act = task.activation_bytes(cfg.data.batch_size, precision) if task.activation_bytes else None
     est = estimate_memory(model, precision, int(zero.get("stage", 0)), world_size, fp32_params=fp32,
                           teacher_params=teacher, activation_bytes=act, offload_optimizer="offload_optimizer" in zero,

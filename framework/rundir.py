@@ -21,7 +21,7 @@ from .files import atomic_write_text
 # Keys a resumed run may change: how it is watched, chunked, checkpointed or capped, not what it trains on or how.
 RESUMABLE_KEYS = frozenset({
     "run.dir", "run.resume", "run.time_budget", "run.stop_at_step", "run.log_every", "run.eval_every", "run.save_every",
-    "run.keep_last", "run.max_nonfinite", "run.memory_cap_gib", "run.sync_timing", "run.health_window",
+    "run.keep_last", "run.max_nonfinite", "run.memory_cap_gib", "run.health_window",
     "run.health_tolerance", "data.verify_checksums",
 })
 

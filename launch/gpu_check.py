@@ -143,7 +143,7 @@ def stage_overrides(stage: Stage, work: Path, steps: int, cap_gib: Optional[floa
     """The dotted overrides of a stage: synthetic data, random init, no periodic saves, a short run."""
     data = work / "data"
     common = [f"run.dir={work / stage.name}", "run.resume=none", "run.init_from=null", "run.save_every=0",
-              "run.eval_every=0", "run.log_every=1", "run.sync_timing=true", f"train.max_steps={steps}",
+              "run.eval_every=0", "run.log_every=1", f"train.max_steps={steps}",
               f"train.precision={stage.precision}", "train.warmup_steps=0"]
     if cap_gib:
         common.append(f"run.memory_cap_gib={cap_gib}")
@@ -309,9 +309,9 @@ def run_stage(stage: Stage, overrides: list[str], work: Path, timeout: int) -> S
     recipe = str(RECIPES / f"{stage.recipe}.yaml")
     if stage.ranks:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(stage.ranks), script,
-               "--recipe", recipe, *overrides]
+               "--recipe", recipe, "--sync-timing", *overrides]
     else:
-        cmd = [sys.executable, script, "--recipe", recipe, *overrides]
+        cmd = [sys.executable, script, "--recipe", recipe, "--sync-timing", *overrides]  # a true time split
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONUNBUFFERED": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -142,3 +142,40 @@ def test_weight_decay_groups_follow_decay_1d():
         0.05: ["0.bias", "0.weight", "1.bias", "1.weight", "2.bias"]}
     assert names(param_groups(model, 0.05, lambda name, p: name.startswith("1."), decay_1d=True)) == {
         0.05: ["0.bias", "0.weight", "2.bias"], 0.0: ["1.bias", "1.weight"]}
+
+
+def test_medblip_vqa_has_only_the_settings_it_reads():
+    """VQA carries no distill:, no shard keys and no pretraining model keys; <= 75 leaf keys in all."""
+    from framework.config import config_to_dict, flatten, load_config
+
+    keys = flatten(config_to_dict(load_config(ROOT / "recipes" / "medblip" / "vqa.yaml")))
+    assert len(keys) <= 75, len(keys)
+    assert not [k for k in keys if k.startswith(("distill.", "data.train", "model.queue_size", "model.embed_dim",
+                                                 "model.vit.image_size", "run.sync_timing"))]
+    pretrain = flatten(config_to_dict(load_config(ROOT / "recipes" / "medblip" / "psd.yaml")))
+    assert {"distill.enabled", "data.train", "model.queue_size", "model.embed_dim"} <= set(pretrain)
+
+
+def test_an_old_runs_config_with_retired_keys_loads_with_one_note(tmp_path, capsys):
+    """A config.yaml written before the sections were trimmed (distill:, shard keys and BLIP's pretraining keys in a
+    VQA run) still loads: the retired keys are dropped, named in one note; an unknown key is still refused."""
+    import yaml
+
+    from framework.config import ConfigError, config_to_dict, load_config
+
+    data = config_to_dict(load_config(ROOT / "recipes" / "medblip" / "vqa.yaml"))
+    data["distill"] = {"enabled": False, "tau_start": 0.95}
+    data["data"] |= {"train": None, "shuffle_buffer": 1000}
+    data["model"] |= {"queue_size": 57600, "embed_dim": 256, "vit": {**data["model"]["vit"], "image_size": 224}}
+    data["run"]["sync_timing"] = False
+    data["vqa"]["save_predictions"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(tmp_path / "config.yaml")
+    assert cfg.model.vit.image_size == 224 and not hasattr(cfg, "distill") and not hasattr(cfg.model, "queue_size")
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and all(k in note[0] for k in ("distill", "data.train", "model.queue_size",
+                                                         "run.sync_timing", "vqa.save_predictions"))
+    data["vqa"]["bogus"] = 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="unknown key vqa.bogus"):
+        load_config(tmp_path / "config.yaml")

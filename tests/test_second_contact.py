@@ -334,17 +334,22 @@ def test_capfilt_refuses_an_out_inside_the_models_run_directory(tmp_path: Path) 
 
 # --- item 8: console noise -------------------------------------------------------------------------------------------
 
-def test_the_vit_size_note_only_when_the_users_own_setting_is_overruled(capsys) -> None:
-    from framework.config import load_config
+def test_the_vit_is_built_for_image_size_and_a_conflicting_vit_size_is_refused(capsys) -> None:
+    import pytest
+
+    from framework.config import ConfigError, load_config
     from recipes.medblip.pretrain import model_config
     from tests.conftest import ROOT
 
     recipe = ROOT / "recipes" / "medblip" / "dapt.yaml"
     quiet = model_config(load_config(recipe, ["model.preset=tiny", "image.size=64"]))  # the preset's 32: no note
-    assert quiet.vit.image_size == 64 and "ViT built for" not in capsys.readouterr().out
-    loud = model_config(load_config(recipe, ["model.preset=tiny", "image.size=64", "model.vit.image_size=48"]))
-    assert loud.vit.image_size == 64
-    assert "model: ViT built for image.size=64 (model.vit.image_size was 48)" in capsys.readouterr().out
+    assert quiet.vit.image_size == 64 and "image_size" not in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"model.vit.image_size=48 conflicts with image.size=64: the ViT is built "
+                                          "for the images it is fed; set image.size alone"):
+        load_config(recipe, ["model.preset=tiny", "image.size=64", "model.vit.image_size=48"])
+    # a saved config.yaml of an earlier version held the preset's size beside image.size: it still loads
+    saved = load_config(recipe, ["model.preset=tiny", "image.size=64", "model.vit.image_size=32"])
+    assert saved.model.vit.image_size == 64 and "model.vit.image_size" in capsys.readouterr().out
 
 
 def test_tensorboard_sample_text_keeps_its_spaces_and_whole_words() -> None:

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 import torch
 
-from framework.config import Config, ConfigError
+from framework.config import Config, ConfigError, DistillingConfig
 from framework.distributed import say
 from framework.run_env import RunEnv
 from framework.master_weights import MasterClamp
 from framework.task import Task
 from recipes.medblip.model.weights import CheckpointError
-from recipes.common.image_text import ImageConfig
+from recipes.common.image_text import RETIRED_IMAGE_KEYS, ImageConfig
 from recipes.medblip.model.weights import fetch_on_rank0
 
 from .config import Blip2ModelConfig
@@ -27,10 +27,16 @@ from .weights import load_pretrained, weight_sources
 
 @dataclass
 class Blip2Config(Config):
-    """stage1.yaml / stage2.yaml: the framework's sections + the BLIP-2 towers and the image pipeline."""
+    """The sections of every BLIP-2 recipe: the framework's + the BLIP-2 towers and the image pipeline."""
 
     model: Blip2ModelConfig = field(default_factory=Blip2ModelConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    RETIRED: ClassVar[tuple[str, ...]] = Config.RETIRED + RETIRED_IMAGE_KEYS
+
+
+@dataclass
+class Blip2PretrainConfig(Blip2Config, DistillingConfig):
+    """stage1.yaml / stage2.yaml: the BLIP-2 sections and self-distillation (distill:)."""
 
 
 def task_for(model: Blip2Base, **fields) -> Task:

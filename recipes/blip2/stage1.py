@@ -13,7 +13,7 @@ from framework.config import load_config
 from framework.run_env import RunEnv
 from framework.task import Recipe, Task
 
-from .build import Blip2Config, build_model, task_for
+from .build import Blip2PretrainConfig, build_model, task_for
 from .data import make_decode, qformer_collate
 from .stage1_model import Blip2Stage1
 from .objectives import STAGE1_OBJECTIVES
@@ -21,7 +21,7 @@ from .objectives import STAGE1_OBJECTIVES
 MAX_WORDS = 30  # pre_caption's word limit (BLIP's pretraining captions; tokens are cut at model.max_text_len)
 
 
-def build(cfg: Blip2Config, env: RunEnv) -> Task:
+def build(cfg: Blip2PretrainConfig, env: RunEnv) -> Task:
     """Config -> Task: Blip2Stage1 (the stage-1 heads); forward returns the enabled ITC/ITM/ITG losses."""
     model = build_model(cfg, stage="stage1", env=env)
     return task_for(model, decode=make_decode(cfg.image, train=True, max_words=MAX_WORDS),
@@ -33,4 +33,4 @@ def from_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, *
     return build_model(load_config(path, overrides), stage="stage1", load_weights=load_weights)
 
 
-RECIPE = Recipe(config=Blip2Config, objectives=STAGE1_OBJECTIVES, build=build)
+RECIPE = Recipe(config=Blip2PretrainConfig, objectives=STAGE1_OBJECTIVES, build=build)

@@ -10,17 +10,17 @@ from __future__ import annotations
 from framework.run_env import RunEnv
 from framework.task import Recipe, Task
 
-from .build import Blip2Config, build_model, task_for
+from .build import Blip2PretrainConfig, build_model, task_for
 from .data import LlmCollate, make_decode
 from .objectives import LM_OBJECTIVES
 from .stage1 import MAX_WORDS
 
 
-def build(cfg: Blip2Config, env: RunEnv) -> Task:
+def build(cfg: Blip2PretrainConfig, env: RunEnv) -> Task:
     """Config -> Task: Blip2LLM (the frozen LLM); forward returns {"lm": caption loss}."""
     model = build_model(cfg, stage="lm", env=env)
     return task_for(model, decode=make_decode(cfg.image, train=True, max_words=MAX_WORDS),
                     collate=LlmCollate(model.text))
 
 
-RECIPE = Recipe(config=Blip2Config, objectives=LM_OBJECTIVES, build=build)
+RECIPE = Recipe(config=Blip2PretrainConfig, objectives=LM_OBJECTIVES, build=build)

@@ -15,10 +15,10 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from framework.config import ConfigError
+from framework.config import ConfigError, DataConfig
 from framework.run_env import RunEnv
 from framework.task import Task
-from recipes.common.vqa_eval import VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
+from recipes.common.vqa_eval import RETIRED_VQA_KEYS, VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
 from recipes.common.vqa_metrics import flatten, score, score_one
 from recipes.common.vqa_rad import VqaDataset, VqaSplit
 from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
@@ -63,7 +63,9 @@ class VqaConfig(VqaSectionConfig):
 class Blip2VqaConfig(Blip2Config):
     """vqa.yaml: BLIP-2's sections + the vqa: section."""
 
+    data: DataConfig = field(default_factory=DataConfig)  # the questions are a map-style dataset: no shard keys
     vqa: VqaConfig = field(default_factory=VqaConfig)
+    RETIRED: ClassVar[tuple[str, ...]] = Blip2Config.RETIRED + RETIRED_VQA_KEYS
 
 
 __all__ = ["RECIPE", "Blip2VqaRecipe", "Blip2VqaConfig", "VqaConfig", "build", "load_trained", "evaluate_model"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from framework.config import Config, ConfigError
 from framework.data import SKIPPED, ShardStream, expand_shards
 from framework.run_env import RunEnv
 from framework.task import Recipe, Task
-from recipes.common.image_text import ImageConfig, make_collate, make_decode
+from recipes.common.image_text import RETIRED_IMAGE_KEYS, ImageConfig, make_collate, make_decode
 from recipes.common.tokenizer import load_tokenizer
 
 from .model import ClipModel, ClipModelConfig
@@ -26,6 +26,7 @@ from .model import ClipModel, ClipModelConfig
 class ClipConfig(Config):
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    RETIRED: ClassVar[tuple[str, ...]] = Config.RETIRED + RETIRED_IMAGE_KEYS
 
 
 def build(cfg: ClipConfig, env: RunEnv) -> Task:

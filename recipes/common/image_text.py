@@ -36,15 +36,17 @@ _MAX_LEVEL = 10.0
 _FILL = (128, 128, 128)
 
 
+RANDAUGMENT_N, RANDAUGMENT_M = 2, 5  # BLIP's RandomAugment(2, 5, ...) in every one of its configs: ops, level
+RETIRED_IMAGE_KEYS = ("image.randaugment_n", "image.randaugment_m")  # settings once; BLIP's constants now
+
+
 @dataclass
 class ImageConfig:
     size: int = 224  # output side (square)
     augment: bool = True  # training-time augmentation; evaluation decoding never augments
     scale_min: float = 0.5  # RandomResizedCrop area range (scale_min, 1); BLIP: 0.5 fine-tuning, 0.2 pretrain.py
     hflip: bool = True  # random horizontal flip (BLIP does it; note radiology captions often say left/right)
-    randaugment: bool = True  # BLIP's RandomAugment
-    randaugment_n: int = 2  # ops per image
-    randaugment_m: int = 5  # level out of 10 (BLIP: 5)
+    randaugment: bool = True  # BLIP's RandomAugment(RANDAUGMENT_N ops per image, level RANDAUGMENT_M of 10)
     draft: bool = True  # training: reduced-size JPEG decode (DCT scaling), never below what the crop needs
 
 
@@ -117,7 +119,7 @@ def image_transform(cfg: ImageConfig, train: bool) -> Callable[[Image.Image], to
             if cfg.hflip and torch.rand(()) < 0.5:
                 img = TF.hflip(img)
             if cfg.randaugment:
-                img = rand_augment(img, cfg.randaugment_n, cfg.randaugment_m)
+                img = rand_augment(img, RANDAUGMENT_N, RANDAUGMENT_M)
             return normalize(TF.to_tensor(img))
 
         return train_tf

@@ -38,6 +38,9 @@ def check_dataset(dataset: str, split: str) -> None:
         raise ConfigError(f"vqa.split: {dataset} has one split, its release's: use vqa.split=official, not {split!r}")
 
 
+RETIRED_VQA_KEYS = ("vqa.save_predictions",)  # a setting once: the results are always written (rank 0)
+
+
 @dataclass
 class VqaSectionConfig:
     """The `vqa:` keys every VQA recipe has (data, split, candidates, evaluation); a recipe's VqaConfig adds its own
@@ -56,7 +59,6 @@ class VqaSectionConfig:
     max_question_words: int = 35  # BLIP's pre_question word limit
     eval_batch_size: int = 32
     eval_limit: Optional[int] = None  # evaluate only the first N test questions (quick checks); None = all
-    save_predictions: bool = True  # write metrics.json + predictions.jsonl at every evaluation (rank 0)
 
     def check(self) -> None:
         from framework.config import ConfigError
@@ -282,7 +284,8 @@ def config_for_checkpoint(recipe: Optional[str], checkpoint: Optional[str],
         raise ValueError(f"{run} was trained with {trained_with} (another model than {recipe}'s {data.get('recipe')}):"
                          f" evaluate it with a {'.'.join(trained_with.split('.')[:2])} VQA recipe, or leave --recipe"
                          " out to use the run's own config.yaml")
-    data["model"] = saved.get("model", data["model"])
+    # the run's shape; a pretraining run's own settings (queue, momentum, ...) are not the VQA model's
+    data["model"] = {k: v for k, v in saved.get("model", data["model"]).items() if k in data["model"]}
     data["image"] = {**data["image"], "size": saved.get("image", {}).get("size", data["image"]["size"])}
     say(f"model: the checkpoint's own shape from {run / 'config.yaml'} (model: and image.size; "
         f"the model: section of {recipe} is not used)")

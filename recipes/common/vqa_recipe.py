@@ -101,7 +101,7 @@ class VqaEvaluator:
 
     def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
         result = self.recipe.evaluate_model(model, self.cfg, self.split, self.candidates)
-        if self.cfg.vqa.save_predictions and rank() == 0:
+        if rank() == 0:  # metrics.json + predictions.jsonl at every evaluation
             doc = self.recipe.results_document(self.cfg, self.split, result, step=step,
                                                checkpoint=f"step {step} (in training)")
             run_dir = Path(self.cfg.run.dir)

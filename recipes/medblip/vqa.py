@@ -1,6 +1,6 @@
 """The MedBLIP VQA-RAD recipe: fine-tune BLIP_VQA (vision frozen by default) and evaluate on the test split.
 
-YAML: `recipe: recipes.medblip.vqa`, sections `model:` (ModelConfig: tower sizes, tokenizer, label smoothing),
+YAML: `recipe: recipes.medblip.vqa`, sections `model:` (TowersConfig: tower sizes, tokenizer, label smoothing),
 `image:` (ImageConfig) and `vqa:` (VqaConfig below); objective `vqa`; `run.init_from` = BLIP's model_base.pth, one
 of our DAPT/PSD runs, a VQA run or a transformers BlipForQuestionAnswering directory. Every evaluation writes
 `metrics.json` and `predictions.jsonl` under `run.dir/eval/step_N/` and, as the latest result, into `run.dir`.
@@ -13,11 +13,11 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from framework.config import ConfigError
+from framework.config import ConfigError, DataConfig
 from framework.distributed import say
 from framework.run_env import RunEnv
 from framework.task import Task
-from recipes.common.vqa_eval import VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
+from recipes.common.vqa_eval import RETIRED_VQA_KEYS, VqaSectionConfig, candidate_answers, load_vqa, rank_coverage
 from recipes.common.vqa_metrics import score, score_one
 from recipes.common.vqa_rad import VqaDataset, VqaSplit
 from recipes.common.vqa_recipe import VqaRecipeBase, evaluated_questions
@@ -57,7 +57,10 @@ class VqaConfig(VqaSectionConfig):
 class VqaRecipeConfig(BlipConfig):
     """vqa.yaml / baseline.yaml: BLIP's sections + the vqa: section."""
 
+    data: DataConfig = field(default_factory=DataConfig)  # the questions are a map-style dataset: no shard keys
     vqa: VqaConfig = field(default_factory=VqaConfig)
+    RETIRED: ClassVar[tuple[str, ...]] = BlipConfig.RETIRED + RETIRED_VQA_KEYS
+
 
 __all__ = ["RECIPE", "MedBlipVqaRecipe", "VqaConfig", "VqaRecipeConfig", "build", "build_model", "load_trained",
            "evaluate_model"]

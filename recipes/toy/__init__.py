@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 from torch import nn
 
-from framework.config import Config
+from framework.config import DistillingConfig
 from framework.registry import Registry
 from framework.run_env import RunEnv
 from framework.task import Recipe, Task
@@ -48,7 +48,7 @@ LOSSES = Registry("objective", {"mse": _mse, "l1": _l1})  # looked up by name in
 
 
 @dataclass
-class ToyConfig(Config):
+class ToyConfig(DistillingConfig):
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recipes.common.tokenizer import load_tokenizer
-from recipes.medblip.model.config import ModelConfig
+from recipes.medblip.model.config import TowersConfig
 from recipes.medblip.model.losses import lm_chance, lm_loss, lm_targets
 from recipes.medblip.model.towers import (
     build_text_decoder,
@@ -78,7 +78,7 @@ class MedBlipVqa(nn.Module):
 
     towers = ("visual_encoder", "text_encoder", "text_decoder")  # what train.compile compiles (framework.compile)
 
-    def __init__(self, cfg: ModelConfig, *, freeze_vision: bool = True, max_question_len: int = 35,
+    def __init__(self, cfg: TowersConfig, *, freeze_vision: bool = True, max_question_len: int = 35,
                  max_answer_len: int = 32, tokenizer: Any = None):
         super().__init__()
         self.cfg = cfg

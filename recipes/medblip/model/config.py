@@ -1,4 +1,5 @@
-"""The `model:` section of the MedBLIP recipes: tower sizes (a preset or explicit) and BLIP's pretraining settings."""
+"""The `model:` section of the MedBLIP recipes: the towers (a preset or explicit sizes; VQA) and BLIP's pretraining
+settings on top of them (ModelConfig)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,8 @@ from framework.config import ConfigError
 class VisionConfig:
     """timm ViT sizes; None takes the preset's value."""
 
-    image_size: Optional[int] = None  # BLIP pretrains at 224 (its VQA uses 480; the study used 224)
+    # Not a YAML key: the recipes build the ViT for image.size (BLIP pretrains at 224, its VQA at 480, the study 224)
+    image_size: Optional[int] = field(default=None, metadata={"yaml": False})
     patch_size: Optional[int] = None
     width: Optional[int] = None
     depth: Optional[int] = None
@@ -49,27 +51,15 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 
 
 @dataclass
-class ModelConfig:
-    """BLIP pretraining model: sizes from `preset` unless set under vit:/text:, plus objective settings."""
+class TowersConfig:
+    """The BLIP towers: sizes from `preset` unless set under vit:/text:, and how the text towers run."""
 
     preset: str = "base"  # base | tiny
     vit: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    embed_dim: int = 256  # ITC projection size
-    queue_size: int = 57600  # BLIP's default; the study used 256. Must be a multiple of the global batch
-    momentum: float = 0.995  # momentum-encoder decay
-    alpha: float = 0.4  # weight of the momentum-distilled ITC targets (the study: 0)
-    alpha_ramp_steps: int = 0  # BLIP ramps alpha from 0 over its first 2 epochs; 0 = constant alpha
-    temp: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
     label_smoothing: float = 0.1  # LM loss; BLIP's med.py hard-codes 0.1
-    # BLIP at HEAD: text-encoder and decoder word embeddings and the LM head's output weight are one Parameter;
-    # false: BLIP's first commit, the LM head a weight of its own (+vocab x hidden parameters). Loading a file
-    # whose LM head differs from its word embeddings keeps them apart either way (said in the load report).
-    tie_lm_head: bool = True
-    max_text_len: int = 30  # tokens per caption (BLIP pretraining: 30)
     grad_checkpointing_vit: bool = False  # non-reentrant activation checkpointing per ViT block
     grad_checkpointing_text: bool = False  # ... per text encoder/decoder layer
-    share_image_kv: bool = True  # project the image tokens for cross-attention once per step (ITM + LM passes)
     # text-tower attention: sdpa = torch's fused scaled_dot_product_attention; eager = transformers' written-out
     # code (BLIP's med.py math), the one that can return attention maps (output_attentions, Grad-CAM)
     text_attention: str = "sdpa"
@@ -83,8 +73,6 @@ class ModelConfig:
             self.vit = VisionConfig(**self.vit)
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
-        # which sizes the preset chose (not a field: never saved), so notes speak only of what the user set
-        self._from_preset = {f"vit.{k}" for k in vit if getattr(self.vit, k) is None}
         for section, defaults in ((self.vit, vit), (self.text, text)):
             for k, v in defaults.items():
                 if getattr(section, k) is None:
@@ -92,25 +80,47 @@ class ModelConfig:
         self.check()
 
     def check(self) -> None:
-        """Sizes that fit together and settings in range. (The image size is checked where it is decided: the
-        recipes build the ViT for image.size, build_vit for model.vit.image_size.)"""
+        """Sizes that fit together. (The image size is checked where it is decided: the recipes build the ViT for
+        image.size.)"""
         v, t = self.vit, self.text
         if v.width % v.heads:
             raise ConfigError(f"model.vit.width={v.width} is not a multiple of model.vit.heads={v.heads}")
         if t.hidden % t.heads:
             raise ConfigError(f"model.text.hidden={t.hidden} is not a multiple of model.text.heads={t.heads}")
-        if self.max_text_len > t.max_position:
+        if self.text_attention not in ("sdpa", "eager"):
+            raise ConfigError(f"model.text_attention must be sdpa or eager, got {self.text_attention!r}")
+
+    def replace(self, **changes) -> "TowersConfig":
+        """A copy with some fields changed (sizes re-validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ModelConfig(TowersConfig):
+    """BLIP's pretraining model: the towers plus its ITC/ITM/LM settings."""
+
+    embed_dim: int = 256  # ITC projection size
+    queue_size: int = 57600  # BLIP's default; the study used 256. Must be a multiple of the global batch
+    momentum: float = 0.995  # momentum-encoder decay
+    alpha: float = 0.4  # weight of the momentum-distilled ITC targets (the study: 0)
+    alpha_ramp_steps: int = 0  # BLIP ramps alpha from 0 over its first 2 epochs; 0 = constant alpha
+    temp: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    # BLIP at HEAD: text-encoder and decoder word embeddings and the LM head's output weight are one Parameter;
+    # false: BLIP's first commit, the LM head a weight of its own (+vocab x hidden parameters). Loading a file
+    # whose LM head differs from its word embeddings keeps them apart either way (said in the load report).
+    tie_lm_head: bool = True
+    max_text_len: int = 30  # tokens per caption (BLIP pretraining: 30)
+    share_image_kv: bool = True  # project the image tokens for cross-attention once per step (ITM + LM passes)
+
+    def check(self) -> None:
+        """The towers' checks, then the pretraining settings' ranges."""
+        super().check()
+        if self.max_text_len > self.text.max_position:
             raise ConfigError(f"model.max_text_len={self.max_text_len} exceeds model.text.max_position="
-                              f"{t.max_position}")
+                              f"{self.text.max_position}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"model.alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 <= self.momentum <= 1.0:
             raise ConfigError(f"model.momentum must be in [0, 1], got {self.momentum}")
-        if self.text_attention not in ("sdpa", "eager"):
-            raise ConfigError(f"model.text_attention must be sdpa or eager, got {self.text_attention!r}")
         if self.queue_size < 1:
             raise ConfigError(f"model.queue_size must be >= 1, got {self.queue_size}")
-
-    def replace(self, **changes) -> "ModelConfig":
-        """A copy with some fields changed (sizes re-validated)."""
-        return dataclasses.replace(self, **changes)

@@ -36,7 +36,7 @@ from transformers.models.blip.modeling_blip_text import (
 )
 
 from recipes.common.masks import prebuild_padding_masks
-from recipes.medblip.model.config import ModelConfig
+from recipes.medblip.model.config import TowersConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,11 @@ PAD_ID, SEP_ID, DEC_ID, ENC_ID = 0, 102, 30522, 30523
 # ----------------------------------------------------------------------------- vision
 
 
-def build_vit(cfg: ModelConfig) -> VisionTransformer:
+def build_vit(cfg: TowersConfig) -> VisionTransformer:
     """timm ViT as BLIP's create_vit: qkv bias, GELU, LayerNorm eps 1e-6, class token, no head."""
     v = cfg.vit
     if v.image_size % v.patch_size:
-        raise ValueError(f"model.vit.image_size={v.image_size} is not a multiple of model.vit.patch_size="
+        raise ValueError(f"image.size={v.image_size} (the ViT's) is not a multiple of model.vit.patch_size="
                          f"{v.patch_size}")
     vit = VisionTransformer(img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.depth,
                             num_heads=v.heads, mlp_ratio=v.mlp_ratio, qkv_bias=True, num_classes=0,
@@ -92,7 +92,7 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, vit: VisionTransformer) -> to
 # ----------------------------------------------------------------------------- text
 
 
-def text_config(cfg: ModelConfig, vocab_size: int, *, label_smoothing: float | None = None) -> BlipTextConfig:
+def text_config(cfg: TowersConfig, vocab_size: int, *, label_smoothing: float | None = None) -> BlipTextConfig:
     """BlipTextConfig matching BLIP's bert_config.json at the recipe's sizes (cross-attention to the ViT width)."""
     t = cfg.text
     ids_fit = vocab_size > ENC_ID  # the bert-base ids only mean something in a bert-base vocabulary
@@ -114,7 +114,7 @@ def text_config(cfg: ModelConfig, vocab_size: int, *, label_smoothing: float | N
     return config
 
 
-def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> BlipTextModel:
+def build_text_encoder(cfg: TowersConfig, vocab_size: int) -> BlipTextModel:
     """BLIP's text encoder (BertModel, add_pooling_layer=False) with cross-attention layers; mask fix applied."""
     encoder = BlipTextModel(text_config(cfg, vocab_size), add_pooling_layer=False)
     prebuild_padding_masks(encoder, _embeddings_dtype)  # no host sync per text pass (recipes/common/masks.py)
@@ -124,7 +124,7 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> BlipTextModel:
     return encoder
 
 
-def build_text_decoder(cfg: ModelConfig, vocab_size: int) -> BlipTextLMHeadModel:
+def build_text_decoder(cfg: TowersConfig, vocab_size: int) -> BlipTextLMHeadModel:
     """BLIP's text decoder (BertLMHeadModel: bert + cls head) with label smoothing; mask fix applied."""
     decoder = BlipTextLMHeadModel(text_config(cfg, vocab_size))
     prebuild_padding_masks(decoder.bert, _embeddings_dtype)

@@ -10,17 +10,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 import torch
 
-from framework.config import Config, ConfigError, load_config
+from framework.config import Config, ConfigError, DistillingConfig, load_config
 from framework.distributed import say
 from framework.run_env import RunEnv
 from framework.task import Recipe, Task
-from recipes.common.image_text import ImageConfig, make_collate, make_decode
+from recipes.common.image_text import RETIRED_IMAGE_KEYS, ImageConfig, make_collate, make_decode
 from recipes.medblip.model.blip_pretrain import MedBlipPretrain
-from recipes.medblip.model.config import ModelConfig
+from recipes.medblip.model.config import PRESETS, ModelConfig, TowersConfig
 from recipes.medblip.model.losses import OBJECTIVES
 from recipes.medblip.model.weights import fetch_on_rank0, load_pretrained
 from recipes.medblip.pretrain.momentum import MomentumUpdate
@@ -34,19 +34,41 @@ from recipes.medblip.pretrain.validation import (
 class BlipConfig(Config):
     """The sections of every MedBLIP recipe: the framework's, the BLIP model and the image pipeline."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: TowersConfig = field(default_factory=TowersConfig)  # the pretraining recipes declare ModelConfig
     image: ImageConfig = field(default_factory=ImageConfig)
+    # Saved in run directories' config.yaml by earlier versions: the ViT's size (image.size is its one name now) and
+    # the pretraining settings VQA's model: section held before it became the towers alone.
+    RETIRED: ClassVar[tuple[str, ...]] = Config.RETIRED + RETIRED_IMAGE_KEYS + tuple(
+        f"model.{k}" for k in ("vit.image_size", "embed_dim", "queue_size", "momentum", "alpha", "alpha_ramp_steps",
+                               "temp", "tie_lm_head", "max_text_len", "share_image_kv"))
+
+    @classmethod
+    def upgrade(cls, data: dict, source: str) -> dict:
+        """A model.vit.image_size other than image.size (and the preset's, which saved configs held) is refused."""
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        vit = model.get("vit") if isinstance(model.get("vit"), dict) else {}
+        if "image_size" in vit:
+            size = (data.get("image") or {}).get("size", ImageConfig.size)
+            preset = PRESETS.get(model.get("preset", "base"), ({}, {}))[0].get("image_size")
+            if vit["image_size"] not in (size, preset):
+                raise ConfigError(f"{source}: model.vit.image_size={vit['image_size']} conflicts with image.size="
+                                  f"{size}: the ViT is built for the images it is fed; set image.size alone")
+        return super().upgrade(data, source)
 
     def check(self) -> None:
-        if self.image.size % self.model.vit.patch_size:  # the ViT is built for the images it is fed
+        self.model.vit.image_size = self.image.size  # the ViT is built for the images it is fed
+        if self.image.size % self.model.vit.patch_size:
             raise ConfigError(f"image.size={self.image.size} is not a multiple of model.vit.patch_size="
                               f"{self.model.vit.patch_size}")
         super().check()
 
 
 @dataclass
-class PretrainConfig(BlipConfig):
-    """dapt.yaml / psd.yaml: BLIP's sections + held-out validation (used when data.val is set)."""
+class PretrainConfig(BlipConfig, DistillingConfig):
+    """dapt.yaml / psd.yaml: BLIP's sections, image-caption shards, self-distillation (psd.yaml) and held-out
+    validation (used when data.val is set)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
@@ -65,14 +87,11 @@ def enabled_objectives(cfg: PretrainConfig) -> set[str]:
     return enabled
 
 
-def model_config(cfg: BlipConfig) -> ModelConfig:
-    """cfg.model with the ViT built for image.size (the images it will be fed)."""
+def model_config(cfg: BlipConfig) -> TowersConfig:
+    """cfg.model with the ViT built for image.size (a loaded config has it already; one built in Python may not)."""
     mc = cfg.model
-    size = cfg.image.size
-    if mc.vit.image_size != size:
-        if "vit.image_size" not in getattr(mc, "_from_preset", set()):  # the user's own setting is overruled: say so
-            say(f"model: ViT built for image.size={size} (model.vit.image_size was {mc.vit.image_size})")
-        mc = mc.replace(vit=dataclasses.replace(mc.vit, image_size=size))
+    if mc.vit.image_size != cfg.image.size:
+        mc = mc.replace(vit=dataclasses.replace(mc.vit, image_size=cfg.image.size))
     return mc
 
 
