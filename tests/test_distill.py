@@ -10,8 +10,8 @@ from torch import nn
 from framework.adaptive_weights import AdaptiveLossWeighter
 from framework.checkpoint import find_resume_tag
 from framework.config import (
-    Config,
     DistillConfig,
+    DistillingConfig,
     ObjectiveConfig,
     RunConfig,
     TrainConfig,
@@ -260,7 +260,7 @@ def test_weighter_state_round_trip_and_non_finite_micro_batches():
 
 def test_setup_distillation_wires_teacher_weighter_and_forward():
     student = Toy()
-    cfg = Config(distill=DistillConfig(enabled=True, mode={"lm": "output_kl"}),
+    cfg = DistillingConfig(distill=DistillConfig(enabled=True, mode={"lm": "output_kl"}),
                  objectives={"cls": ObjectiveConfig(weight=2.0), "pair": ObjectiveConfig(), "lm": ObjectiveConfig()})
     task = Task(model=student, decode=dict, collate=list)
     d = setup_distillation(task, cfg, total_steps=8)
@@ -309,9 +309,10 @@ def test_build_run_puts_the_recipes_plugins_first_and_shows_it_its_own_model(tmp
             pass
 
     student = Toy()
-    cfg = Config(run=RunConfig(dir=str(tmp_path / "run")), train=TrainConfig(max_steps=2),
-                 distill=DistillConfig(enabled=True), objectives={"cls": ObjectiveConfig(), "pair": ObjectiveConfig(),
-                                                                   "lm": ObjectiveConfig()})
+    cfg = DistillingConfig(run=RunConfig(dir=str(tmp_path / "run")), train=TrainConfig(max_steps=2),
+                           distill=DistillConfig(enabled=True), objectives={"cls": ObjectiveConfig(),
+                                                                             "pair": ObjectiveConfig(),
+                                                                             "lm": ObjectiveConfig()})
     task = Task(model=student, collate=lambda rows: make_batch(), train_dataset=list(range(16)),
                 plugins=[Recorder()], fp32_modules=[student.cls],
                 no_decay=lambda name, p: seen.setdefault("names", []).append(name) or name.startswith("cls"))

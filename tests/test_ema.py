@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from framework.config import Config, DistillConfig
+from framework.config import DistillConfig, DistillingConfig
 from framework.distill import SelfDistillation, setup_distillation
 from framework.ema import EMATeacher, ZeroStage3Error, check_zero_stage, tau_at
 from framework.task import Task
@@ -150,7 +150,7 @@ def test_zero_stage_3_is_refused_in_one_line():
     with pytest.raises(ZeroStage3Error, match=r"ZeRO stage 0, 1 or 2 .*not 3") as e:
         check_zero_stage(3)
     assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
-    cfg = Config(distill=DistillConfig(enabled=True), deepspeed={"zero_optimization": {"stage": 3}})
+    cfg = DistillingConfig(distill=DistillConfig(enabled=True), deepspeed={"zero_optimization": {"stage": 3}})
     with pytest.raises(ZeroStage3Error):
         setup_distillation(Task(model=Tiny(), decode=dict, collate=list), cfg, 10)
     ema = EMATeacher(Tiny(), tau_steps=5)
@@ -175,7 +175,7 @@ def test_bf16_deepspeed_teacher_stays_fp32_and_tau_follows_optimizer_steps(singl
     deepspeed = single_rank
     torch.manual_seed(0)
     accum, steps = 3, 4
-    cfg = Config(distill=DistillConfig(enabled=True, tau_start=0.6, tau_end=0.9, tau_schedule="linear"))
+    cfg = DistillingConfig(distill=DistillConfig(enabled=True, tau_start=0.6, tau_end=0.9, tau_schedule="linear"))
     student = Tiny()
     d = setup_distillation(Task(model=student, decode=dict, collate=list), cfg, total_steps=steps)
     initial = student.lin.weight.detach().clone()
