@@ -8,11 +8,9 @@ from typing import Callable
 
 from .config import ConfigError
 from .data import DataError
-from .registry import RegistryError
 
 # Exceptions that mean "the user must fix something"; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, RegistryError, FileNotFoundError,
-                                                 ValueError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError, ValueError)
 
 
 _DISK_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
