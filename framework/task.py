@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypedDict
 import torch
 from torch import nn
 
+from .progress import Progress
+
 if TYPE_CHECKING:
     from .config import Config
     from .distributed import DistInfo
@@ -53,7 +55,8 @@ def forward_keywords(model: nn.Module) -> frozenset[str]:
 
 
 class Plugin(Protocol):
-    """Runs right after each optimizer step; owns state that must survive a resume."""
+    """Runs right after each optimizer step; owns state that must survive a resume, but no step count: the run's
+    Progress (given at setup) is the one count, advanced by the Trainer before after_optimizer_step."""
 
     name: str  # key of its state in checkpoints
     per_rank_state: bool  # True: every rank saves its own state (e.g. a per-rank RNG); False: rank 0's is saved
@@ -61,11 +64,12 @@ class Plugin(Protocol):
     # Optional: use_master_weights(masters: framework.master_weights.MasterWeights) -> None, called before setup; the
     # plugin then reads (or clamps) the optimizer's fp32 master weights where DeepSpeed holds them on this rank
 
-    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-        """Called once after deepspeed.initialize with the recipe's model (DeepSpeed's engine.module)."""
+    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device, progress: Progress) -> None:
+        """Called once after deepspeed.initialize with the recipe's model (DeepSpeed's engine.module) and the run's
+        Progress (read it, never advance it; a resume restores it in place before load_state_dict)."""
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:
-        """Called once per optimizer step; `step` counts optimizer steps done (1 after the first); returns logs."""
+        """Called once per optimizer step; `step` is progress.step (1 after the first); returns logs."""
 
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from framework.config import Config
 from framework.distributed import DistInfo
+from framework.progress import Progress
 from framework.registry import Registry
 from framework.task import Recipe, Task
 
@@ -123,7 +124,7 @@ class StepCounter:
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device, progress: Progress) -> None:
         self.dtype = dtype
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:
