@@ -12,7 +12,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .progress import Progress
 from .task import ModelOutput
 
 
@@ -79,7 +78,7 @@ class AdaptiveLossWeighter:
 
     # ------------------------------------------------------------------ plugin contract
 
-    def setup(self, module: Any, dtype: torch.dtype, device: torch.device, progress: Progress) -> None:
+    def setup(self, module: Any, dtype: torch.dtype, device: torch.device, progress: Any) -> None:
         pass
 
     @torch.no_grad()

@@ -10,7 +10,6 @@ from torch import nn
 
 from .config import TAU_SCHEDULES
 from .master_weights import MasterWeights
-from .progress import Progress
 from .schedules import ramp
 
 
@@ -88,7 +87,7 @@ class EMATeacher:
         """Before setup: the update reads the student's fp32 master weights where the optimizer holds them."""
         self.masters = masters
 
-    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device, progress: Progress) -> None:
+    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device, progress: Any) -> None:
         """After deepspeed.initialize: refuse ZeRO-3 partitioned parameters, put the fp32 teacher on `device`."""
         if any(hasattr(p, "ds_id") for p in module.parameters()):
             raise ZeroStage3Error(ZERO3_MESSAGE)

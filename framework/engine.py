@@ -135,13 +135,11 @@ class Trainer:
         t2 = self._clock()
         boundary = ds.is_gradient_accumulation_boundary()  # ask before step()
         window.lr = ds.get_lr()[0]  # the rate this step uses
-        bad = None
-        if boundary and not run.loss_scaler_skips:
-            # the step's one host sync (all-reduced: every rank skips the same steps, staying in step); a
-            # non-finite step is skipped as fp16's loss scaler would: no NaN in the weights
-            bad = any_nonfinite(self.losses.total)
-            if bad:
-                skip_next_step(ds)
+        # the step's one host sync (all-reduced: every rank skips the same steps, staying in step); a non-finite step
+        # is skipped as fp16's loss scaler would: no NaN in the weights (under fp16 the scaler does it: no sync here)
+        bad = any_nonfinite(self.losses.total) if boundary and not run.loss_scaler_skips else None
+        if bad:
+            skip_next_step(ds)
         ds.step()
         self.tick = self._clock()
         window.add(logs, batch_size_of(batch) * run.dist.world_size, (t0, t1, t2, self.tick))
@@ -240,12 +238,11 @@ class Trainer:
         return None
 
     def _due(self, every: tuple[int, str], end_of_epoch: bool) -> bool:
+        """Whether `every` (n, "step" | "epoch"; n <= 0: never) falls on this boundary: a step's or an epoch's end."""
         n, unit = every
-        if n <= 0:
+        if n <= 0 or end_of_epoch != (unit == "epoch"):
             return False
-        if unit == "epoch":
-            return end_of_epoch and self.progress.epoch % n == 0
-        return not end_of_epoch and self.progress.step % n == 0
+        return (self.progress.epoch if end_of_epoch else self.progress.step) % n == 0
 
     def _budget_spent(self) -> bool:
         elapsed = time.time() - self.started
@@ -332,10 +329,8 @@ class Trainer:
 
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. inside some test runners)
                 previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. inside some test runners)
-                pass
         try:
             yield
         finally:  # in a notebook or test process, Ctrl-C must interrupt again once training is over

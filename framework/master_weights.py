@@ -6,8 +6,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .progress import Progress
-
 
 def _zero0_fp16(optimizer: Any) -> Optional[Callable[[], dict[int, torch.Tensor]]]:
     """ZeRO 0 fp16/bf16: FP16_UnfusedOptimizer's fp32_groups (one tensor per parameter) or FP16_Optimizer's
@@ -114,7 +112,7 @@ class MasterClamp:
     def use_master_weights(self, masters: MasterWeights) -> None:
         self.masters = masters
 
-    def setup(self, module: torch.nn.Module, dtype: torch.dtype, device: torch.device, progress: Progress) -> None:
+    def setup(self, module: torch.nn.Module, dtype: torch.dtype, device: torch.device, progress: Any) -> None:
         pass
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:

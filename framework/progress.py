@@ -1,6 +1,4 @@
 """How far training is: the one count of optimizer steps, advanced by the Trainer, read by plugins and models."""
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 

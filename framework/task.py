@@ -55,8 +55,7 @@ def forward_keywords(model: nn.Module) -> frozenset[str]:
 
 
 class Plugin(Protocol):
-    """Runs right after each optimizer step; owns state that must survive a resume, but no step count: the run's
-    Progress (given at setup) is the one count, advanced by the Trainer before after_optimizer_step."""
+    """Runs right after each optimizer step; owns state that must survive a resume, but no step count of its own."""
 
     name: str  # key of its state in checkpoints
     per_rank_state: bool  # True: every rank saves its own state (e.g. a per-rank RNG); False: rank 0's is saved
@@ -66,7 +65,7 @@ class Plugin(Protocol):
 
     def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device, progress: Progress) -> None:
         """Called once after deepspeed.initialize with the recipe's model (DeepSpeed's engine.module) and the run's
-        Progress (read it, never advance it; a resume restores it in place before load_state_dict)."""
+        Progress: the one step count, advanced by the Trainer only, restored in place before load_state_dict."""
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:
         """Called once per optimizer step; `step` is progress.step (1 after the first); returns logs."""
