@@ -147,7 +147,7 @@ class Trainer:
         return self.finish_step(output, bad) if boundary else None
 
     def finish_step(self, output: dict[str, Any], bad: Optional[bool] = None) -> StepDone:
-        """After DeepSpeed's optimizer step: the position advances, a non-finite step is reported (and counted
+        """After DeepSpeed's optimizer step: progress.step advances, a non-finite step is reported (and counted
         towards run.max_nonfinite), the plugins run; returns the step's scalars (values may be device tensors)."""
         self.progress.step += 1
         # reported after ds.step(): a stop here saves DeepSpeed's state at progress.step; under fp16 this reads the flag
