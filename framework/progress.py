@@ -4,8 +4,7 @@ from dataclasses import dataclass
 
 @dataclass
 class Progress:
-    """The run's position, saved in every checkpoint (as "position"); only the Trainer advances it. Plugins get this
-    very object at setup and read it: none keeps a count of its own."""
+    """The run's position, saved in every checkpoint (as "position"); plugins get it at setup and only read it."""
 
     step: int = 0  # optimizer steps done (1 after the first)
     epoch: int = 0

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypedDict
 import torch
 from torch import nn
 
-from .progress import Progress
-
 if TYPE_CHECKING:
     from .config import Config
     from .distributed import DistInfo
+    from .progress import Progress
 
 # A batch is whatever the recipe's collate returns: a dict of tensors (and plain values).
 Batch = dict[str, Any]
