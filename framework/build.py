@@ -165,7 +165,7 @@ class Run:
     memory: MemoryEstimate
     total_steps: int
     steps_per_epoch: int
-    progress: Progress = field(default_factory=Progress)  # the plugins' own object: restored in place
+    progress: Progress = field(default_factory=Progress)  # what plugins and models read: a resume restores it in place
     health: dict[str, Any] = field(default_factory=dict)  # the health monitor's state at the resumed checkpoint
     skipped_samples: int = 0  # undecodable samples so far (restored on resume)
     resumed_from: Optional[str] = None  # the checkpoint tag this run continues from
