@@ -27,7 +27,6 @@ class AdaptiveLossWeighter:
         self.static_weight = static_weight
         self.momentum, self.eps, self.detach_weights = momentum, eps, detach_weights
         self._r_hat: dict[str, torch.Tensor] = {}  # smoothed ratios (0-dim, on the device); 1.0 until the first update
-        self.updates = 0  # optimizer steps that updated r_hat
         self._sum: dict[str, torch.Tensor] = {}  # this step's ratios, summed over finite micro-batches
         self._count: dict[str, torch.Tensor] = {}
 
@@ -79,7 +78,7 @@ class AdaptiveLossWeighter:
 
     # ------------------------------------------------------------------ plugin contract
 
-    def setup(self, module: Any, dtype: torch.dtype, device: torch.device) -> None:
+    def setup(self, module: Any, dtype: torch.dtype, device: torch.device, progress: Any) -> None:
         pass
 
     @torch.no_grad()
@@ -96,18 +95,16 @@ class AdaptiveLossWeighter:
                 old = self._r_hat.get(n, torch.ones((), dtype=torch.float32, device=sums.device))
                 # an objective with no finite micro-batch this step keeps its r_hat (no branch on the value)
                 self._r_hat[n] = torch.where(c > 0, a * old + (1.0 - a) * s / c.clamp(min=1), old)
-            self.updates += 1
         self._sum.clear()
         self._count.clear()
         return {f"distill_ratio_avg/{n}": v for n, v in self._r_hat.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"r_hat": dict(self.r_hat), "updates": self.updates,
-                "pending_sum": {n: float(v) for n, v in self._sum.items()},
+        return {"r_hat": dict(self.r_hat), "pending_sum": {n: float(v) for n, v in self._sum.items()},
                 "pending_count": {n: float(v) for n, v in self._count.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """An older state's count of updates ("updates") is ignored: the run's Progress is the one count."""
         self._r_hat = {n: torch.tensor(float(v), dtype=torch.float32) for n, v in state["r_hat"].items()}
-        self.updates = int(state["updates"])
         self._sum = {n: torch.tensor(v) for n, v in state.get("pending_sum", {}).items()}
         self._count = {n: torch.tensor(v) for n, v in state.get("pending_count", {}).items()}

@@ -27,6 +27,7 @@ from .preflight import (
     checkpoint_bytes,
     estimate_for_task,
 )
+from .progress import Progress
 from .rundir import check_same_resume_tag, check_same_run, check_writable
 from .schedules import warmup_cosine
 from .task import Batch, Combine, ModelOutput, Plugin, Task
@@ -123,15 +124,6 @@ def build_deepspeed(cfg: Config, task: Task, precision: Precision, total_steps: 
 
 
 @dataclass
-class Position:
-    """Where training stands; saved in every checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
-
-
-@dataclass
 class Run:
     """Everything one training run needs, built by build_run(); framework.engine.fit(run) trains it."""
 
@@ -147,7 +139,8 @@ class Run:
     memory: MemoryEstimate
     total_steps: int
     steps_per_epoch: int
-    position: Position = field(default_factory=Position)
+    progress: Progress = field(default_factory=Progress)  # what plugins and models read: a resume restores it in place
+    health: dict[str, Any] = field(default_factory=dict)  # the health monitor's state at the resumed checkpoint
     skipped_samples: int = 0  # undecodable samples so far (restored on resume)
     resumed_from: Optional[str] = None  # the checkpoint tag this run continues from
     # fp16: DeepSpeed's loss scaler already skips a step whose gradients overflow (a non-finite loss makes them so);
@@ -207,10 +200,11 @@ def build_run(cfg: Config, task: Task, env: RunEnv) -> Run:
         plugin.use_master_weights(masters)
     if readers and precision.name != "fp32":
         say(f"{', '.join(p.name for p in readers)} read the {masters.source}")
+    progress = Progress()
     for plugin in plugins:
-        plugin.setup(ds.module, precision.dtype, dist.device)
+        plugin.setup(ds.module, precision.dtype, dist.device, progress)
     run = Run(cfg, dist, task, ds, distillation.forward(ds) if distillation else ds, combine, plugins, stream,
-              precision, memory, total_steps, steps_per_epoch, loss_scaler_skips=precision.name == "fp16")
+              precision, memory, total_steps, steps_per_epoch, progress, loss_scaler_skips=precision.name == "fp16")
     restore(run)
     return run
 
@@ -298,8 +292,8 @@ def restore(run: Run) -> None:
         tag, ckpt_dir = path.name, path.parent
     check_world_size(ckpt_dir / tag, run.dist.world_size)
     client, rank_state = checkpoint.load(run.ds, ckpt_dir, tag, run.dist.rank)
-    run.position = Position(**client["position"])
-    run.skipped_samples = client.get("skipped_samples", 0)
+    run.progress.load_state_dict(client["position"])  # in place: the plugins and models hold it
+    run.skipped_samples, run.health = client.get("skipped_samples", 0), client.get("health", {})
     states = {**client.get("plugins", {}), **rank_state.get("plugins", {})}
     for plugin in run.plugins:
         if plugin.name in states:
@@ -307,5 +301,5 @@ def restore(run: Run) -> None:
     if "rng" in rank_state:
         checkpoint.set_rng_state(rank_state["rng"])
     run.resumed_from = tag
-    p = run.position
+    p = run.progress
     say(f"resumed from {ckpt_dir / tag}: step {p.step}, epoch {p.epoch}, batch {p.batch_in_epoch}", err=True)

@@ -66,7 +66,6 @@ class EMATeacher:
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"distill.{key} must be in [0, 1], got {v}")
         self.tau_start, self.tau_end, self.tau_schedule, self.tau_steps = tau_start, tau_end, tau_schedule, tau_steps
-        self.step = 0  # optimizer steps whose update has been applied
         self.tau = self.tau_at(0)  # (refuses an unknown schedule before anything is copied)
         self.student = student
         shared = list(shared or [])
@@ -88,7 +87,7 @@ class EMATeacher:
         """Before setup: the update reads the student's fp32 master weights where the optimizer holds them."""
         self.masters = masters
 
-    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device, progress: Any) -> None:
         """After deepspeed.initialize: refuse ZeRO-3 partitioned parameters, put the fp32 teacher on `device`."""
         if any(hasattr(p, "ds_id") for p in module.parameters()):
             raise ZeroStage3Error(ZERO3_MESSAGE)
@@ -100,12 +99,12 @@ class EMATeacher:
         """One EMA update with tau = tau_at(step); returns {"distill/tau": tau}."""
         tau = self.tau_at(step)
         self.update(tau)
-        self.step, self.tau = step, tau
+        self.tau = tau
         return {"distill/tau": tau}
 
     def state_dict(self) -> dict[str, Any]:
         teacher = {k: v.detach().to("cpu", copy=True) for k, v in self._own_state().items()}
-        return {"teacher": teacher, "step": self.step, "tau": self.tau}
+        return {"teacher": teacher, "tau": self.tau}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         own = self._own_state()
@@ -115,7 +114,7 @@ class EMATeacher:
         if missing:
             raise RuntimeError(f"EMA teacher state does not fit this model: it lacks {len(missing)} tensors "
                                f"(e.g. {missing[0]})")
-        self.step, self.tau = int(state["step"]), float(state["tau"])
+        self.tau = float(state["tau"])  # an older state's "step" is ignored: the run's Progress is the count
 
     def _own_state(self) -> dict[str, torch.Tensor]:
         """The teacher's state dict without the shared (student-owned) tensors."""

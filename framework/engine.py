@@ -64,17 +64,17 @@ class Trainer:
 
     def __init__(self, run: Run, sync_timing: bool = False):
         """sync_timing: wait for the GPU before each clock reading (a true forward/backward/step split)."""
-        self.run, self.cfg, self.ds, self.pos = run, run.cfg, run.ds, run.position
+        self.run, self.cfg, self.ds, self.progress = run, run.cfg, run.ds, run.progress
         self.sync_timing = sync_timing
-        self.health = HealthMonitor(run.cfg.run)
+        self.health = HealthMonitor(run.cfg.run, run.health)  # its counters as at the resumed checkpoint
         self.min_loss_scale = float(run.ds.config.get("fp16", {}).get("min_loss_scale", 1.0))  # DeepSpeed's default
         self.log: Optional[RunLogger] = None  # opened by fit(): a start that failed earlier wrote nothing
         self.pending: list[tuple[int, int, dict[str, Any], Any]] = []  # steps not logged yet: (step, epoch, ...)
         self.stop_signal: Optional[str] = None
         self.phase = "start"  # data | step | eval: where a stop signal lands
         self.started = time.time()
-        self.start_step = self.pos.step
-        self.saved_step, self.saved_tag = (self.pos.step, run.resumed_from) if run.resumed_from else (-1, None)
+        self.start_step = self.progress.step
+        self.saved_step, self.saved_tag = (self.progress.step, run.resumed_from) if run.resumed_from else (-1, None)
         self.last_save_s = 0.0
         self.last_eval: tuple[int, dict[str, Any]] = (-1, {})
         self.budget = parse_duration(run.cfg.run.time_budget) if run.cfg.run.time_budget else None
@@ -86,7 +86,7 @@ class Trainer:
 
     def fit(self) -> FitResult:
         """Train until the configured length, a stop signal, the time budget, or a failure; returns where it ended."""
-        run, pos = self.run, self.pos
+        run, pos = self.run, self.progress
         stop: Optional[StopReason] = None
         metrics: dict[str, Any] = {}
         try:
@@ -109,13 +109,13 @@ class Trainer:
             step = self.micro_step(batch)
             if step is None:
                 continue  # mid-step: more micro-batches to accumulate
-            self.pending.append((self.pos.step, self.pos.epoch, step.scalars, step.chance))
-            if self.log.due(self.pos.step):
+            self.pending.append((self.progress.step, self.progress.epoch, step.scalars, step.chance))
+            if self.log.due(self.progress.step):
                 self._flush_logs()  # values read once per log interval, losses the mean over ranks
             stop = self._boundary(end_of_epoch=False)
-            if stop is not None or self.pos.step >= self.run.total_steps:
+            if stop is not None or self.progress.step >= self.run.total_steps:
                 return stop
-        self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
+        self.progress.epoch, self.progress.batch_in_epoch = self.progress.epoch + 1, 0
         return self._boundary(end_of_epoch=True)
 
     def micro_step(self, batch: dict[str, Any]) -> Optional[StepDone]:
@@ -127,21 +127,19 @@ class Trainer:
         window.data_s += t0 - self.tick
         run.skipped_samples += int(batch.pop(SKIPPED, 0))
         output = run.forward(batch)  # {"losses": ..., "metrics": ..., "chance": ...}
-        loss, logs = run.combine(output, self.pos.step)
-        self.pos.batch_in_epoch += 1
+        loss, logs = run.combine(output, self.progress.step)
+        self.progress.batch_in_epoch += 1
         t1 = self._clock()
         self.losses.add(loss, output["losses"])  # checked once, at the step's end: no host sync here
         ds.backward(loss)
         t2 = self._clock()
         boundary = ds.is_gradient_accumulation_boundary()  # ask before step()
         window.lr = ds.get_lr()[0]  # the rate this step uses
-        bad = None
-        if boundary and not run.loss_scaler_skips:
-            # the step's one host sync (all-reduced: every rank skips the same steps, staying in step); a
-            # non-finite step is skipped as fp16's loss scaler would: no NaN in the weights
-            bad = any_nonfinite(self.losses.total)
-            if bad:
-                skip_next_step(ds)
+        # the step's one host sync (all-reduced: every rank skips the same steps, staying in step); a non-finite step
+        # is skipped as fp16's loss scaler would: no NaN in the weights (under fp16 the scaler does it: no sync here)
+        bad = any_nonfinite(self.losses.total) if boundary and not run.loss_scaler_skips else None
+        if bad:
+            skip_next_step(ds)
         ds.step()
         self.tick = self._clock()
         window.add(logs, batch_size_of(batch) * run.dist.world_size, (t0, t1, t2, self.tick))
@@ -149,12 +147,12 @@ class Trainer:
         return self.finish_step(output, bad) if boundary else None
 
     def finish_step(self, output: dict[str, Any], bad: Optional[bool] = None) -> StepDone:
-        """After DeepSpeed's optimizer step: the position advances, a non-finite step is reported (and counted
+        """After DeepSpeed's optimizer step: progress.step advances, a non-finite step is reported (and counted
         towards run.max_nonfinite), the plugins run; returns the step's scalars (values may be device tensors)."""
-        self.pos.step += 1
-        # reported after ds.step(): a stop here saves DeepSpeed's state at pos.step; under fp16 this reads the flag
+        self.progress.step += 1
+        # reported after ds.step(): a stop here saves DeepSpeed's state at progress.step; under fp16 this reads the flag
         # (the loss scaler has skipped the step if a loss was not finite)
-        self.health.nonfinite(self.losses.total, {"losses": self.losses.objectives}, self.pos.step, self.log,
+        self.health.nonfinite(self.losses.total, {"losses": self.losses.objectives}, self.progress.step, self.log,
                               "step skipped by the loss scaler" if self.run.loss_scaler_skips else "step skipped", bad)
         self.losses.clear()
         scalars = self._step_scalars(self.window, output)  # plugins run here, right after the step
@@ -168,9 +166,9 @@ class Trainer:
         Values may be device tensors: _flush_logs reads them all at once (no host sync per step)."""
         scalars = window.scalars()
         for plugin in self.run.plugins:
-            scalars |= plugin.after_optimizer_step(self.pos.step)
+            scalars |= plugin.after_optimizer_step(self.progress.step)
         scalars |= {f"metrics/{k}": detached(v) for k, v in output.get("metrics", {}).items()}
-        scalars |= {"train/epoch": self.pos.epoch, "data/skipped_samples": self.run.skipped_samples}
+        scalars |= {"train/epoch": self.progress.epoch, "data/skipped_samples": self.run.skipped_samples}
         norm = self.ds.get_global_grad_norm()
         if norm is not None:
             scalars["train/grad_norm"] = detached(norm)
@@ -197,7 +195,7 @@ class Trainer:
 
     def _epoch_batches(self) -> Iterator[dict]:
         """Micro-batches of the current epoch from the current position (a whole number of optimizer steps)."""
-        run, pos = self.run, self.pos
+        run, pos = self.run, self.progress
         usable = run.steps_per_epoch * run.accum
         if pos.batch_in_epoch >= usable:
             return
@@ -223,7 +221,7 @@ class Trainer:
         if self._due(self.eval_every, end_of_epoch) and self.run.task.evaluate:
             self._evaluate()
         stop = self._stop_reason(end_of_epoch)
-        last = not end_of_epoch and self.pos.step >= self.run.total_steps
+        last = not end_of_epoch and self.progress.step >= self.run.total_steps
         if self._due(self.save_every, end_of_epoch) or stop is not None or last:
             self._save()
         return stop
@@ -231,7 +229,7 @@ class Trainer:
     def _stop_reason(self, end_of_epoch: bool) -> Optional[StopReason]:
         """None (keep going) | PREEMPTED (a signal or run.stop_at_step, on any rank) | TIME_BUDGET."""
         stop_at = self.cfg.run.stop_at_step
-        if stop_at is not None and self.pos.step >= stop_at and not end_of_epoch:
+        if stop_at is not None and self.progress.step >= stop_at and not end_of_epoch:
             self.stop_signal = self.stop_signal or f"run.stop_at_step={stop_at}"
         if any_true(self.stop_signal is not None):
             return StopReason.PREEMPTED
@@ -240,16 +238,15 @@ class Trainer:
         return None
 
     def _due(self, every: tuple[int, str], end_of_epoch: bool) -> bool:
+        """Whether `every` (n, "step" | "epoch"; n <= 0: never) falls on this boundary: a step's or an epoch's end."""
         n, unit = every
-        if n <= 0:
+        if n <= 0 or end_of_epoch != (unit == "epoch"):
             return False
-        if unit == "epoch":
-            return end_of_epoch and self.pos.epoch % n == 0
-        return not end_of_epoch and self.pos.step % n == 0
+        return (self.progress.epoch if end_of_epoch else self.progress.step) % n == 0
 
     def _budget_spent(self) -> bool:
         elapsed = time.time() - self.started
-        per_step = elapsed / max(1, self.pos.step - self.start_step)
+        per_step = elapsed / max(1, self.progress.step - self.start_step)
         return elapsed + 2 * per_step + 2 * self.last_save_s > self.budget
 
     def _clock(self) -> float:
@@ -265,14 +262,14 @@ class Trainer:
         self._flush_logs()  # a checkpoint's steps are in TensorBoard before it exists (a resume continues after it)
         t0 = time.time()
         run, plugins = self.run, self.run.plugins
-        client = {"position": vars(self.pos).copy(), "config": config_to_dict(self.cfg),
+        client = {"position": vars(self.progress).copy(), "config": config_to_dict(self.cfg),
                   "plugins": {p.name: p.state_dict() for p in plugins if not p.per_rank_state},
-                  "skipped_samples": run.skipped_samples}
+                  "skipped_samples": run.skipped_samples, "health": self.health.state_dict()}
         rank_state = {"rng": checkpoint.rng_state(),
                       "plugins": {p.name: p.state_dict() for p in plugins if p.per_rank_state}}
-        self.saved_tag = checkpoint.save(self.ds, run.ckpt_dir, self.pos.step, client, rank_state, run.dist.rank,
+        self.saved_tag = checkpoint.save(self.ds, run.ckpt_dir, self.progress.step, client, rank_state, run.dist.rank,
                                          self.cfg.run.keep_last)
-        self.saved_step, self.last_save_s = self.pos.step, time.time() - t0
+        self.saved_step, self.last_save_s = self.progress.step, time.time() - t0
         self.log.message(f"checkpoint {run.ckpt_dir / self.saved_tag} ({self.last_save_s:.1f}s)")
         if self.stop_signal:
             self.log.message(f"received {self.stop_signal}: saved {self.saved_tag}; resume with run.resume=auto")
@@ -281,7 +278,7 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, Any]:
         """The recipe's evaluation on every rank (eval mode, no_grad), logged (framework.tracking)."""
-        module, step = self.ds.module, self.pos.step
+        module, step = self.ds.module, self.progress.step
         was_training, self.phase = module.training, "eval"
         module.eval()
         try:
@@ -332,10 +329,8 @@ class Trainer:
 
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. inside some test runners)
                 previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. inside some test runners)
-                pass
         try:
             yield
         finally:  # in a notebook or test process, Ctrl-C must interrupt again once training is over
@@ -346,10 +341,10 @@ class Trainer:
     def _interrupted(self, where: str) -> None:
         """A stop signal outside a step: save unless a step's micro-batches are pending (then the last checkpoint
         stands and they are replayed on resume); fit then ends as preempted, like a stop at a step boundary."""
-        pending = self.pos.batch_in_epoch % self.run.accum and self.phase == "data"
-        if not pending and self.saved_step != self.pos.step:
+        pending = self.progress.batch_in_epoch % self.run.accum and self.phase == "data"
+        if not pending and self.saved_step != self.progress.step:
             self._save()
-        self.log.message(f"received {self.stop_signal} {where}: stopped at step {self.pos.step} "
+        self.log.message(f"received {self.stop_signal} {where}: stopped at step {self.progress.step} "
                          f"(checkpoint: {self.saved_tag or 'none yet'}); resume with run.resume=auto")
         raise _StoppedOutsideStep
 

@@ -52,13 +52,22 @@ def _plus(acc: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
 class HealthMonitor:
     """Watches every optimizer step's scalars; warns once per episode, stops on runaway non-finite losses."""
 
-    def __init__(self, run: RunConfig):
+    COUNTS = ("nonfinite_run", "nonfinite_total", "zero_grad_run", "low_scale_run")  # steps (in a row) with a fault
+
+    def __init__(self, run: RunConfig, state: Optional[dict[str, Any]] = None):
+        """state: a state_dict() saved in the checkpoint resumed: counts and windows go on as if never stopped."""
         self.window, self.tolerance, self.max_nonfinite = run.health_window, run.health_tolerance, run.max_nonfinite
-        self.losses: dict[str, deque[float]] = {}
-        self.flagged: set[str] = set()
-        self.nonfinite_run = self.nonfinite_total = 0
-        self.zero_grad_run = self.low_scale_run = 0
-        self.min_scale: Optional[float] = None
+        state = state or {}
+        self.losses: dict[str, deque[float]] = {k: deque(v, maxlen=self.window)
+                                                for k, v in state.get("losses", {}).items()}
+        self.flagged: set[str] = set(state.get("flagged", ()))
+        self.nonfinite_run, self.nonfinite_total, self.zero_grad_run, self.low_scale_run = (
+            int(state.get(name, 0)) for name in self.COUNTS)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts, the chance-level windows and the flagged objectives, as plain data (for a checkpoint)."""
+        return {**{name: getattr(self, name) for name in self.COUNTS}, "flagged": sorted(self.flagged),
+                "losses": {k: list(v) for k, v in self.losses.items()}}
 
     def nonfinite(self, loss: torch.Tensor, output: dict[str, Any], step: int, log: Any,
                   skipped: str = "step skipped", bad: Optional[bool] = None) -> bool:

@@ -112,7 +112,7 @@ class MasterClamp:
     def use_master_weights(self, masters: MasterWeights) -> None:
         self.masters = masters
 
-    def setup(self, module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    def setup(self, module: torch.nn.Module, dtype: torch.dtype, device: torch.device, progress: Any) -> None:
         pass
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:

@@ -16,6 +16,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .config import Config
+    from .progress import Progress
     from .run_env import RunEnv
 
 # A batch is whatever the recipe's collate returns: a dict of tensors (and plain values).
@@ -53,7 +54,7 @@ def forward_keywords(model: nn.Module) -> frozenset[str]:
 
 
 class Plugin(Protocol):
-    """Runs right after each optimizer step; owns state that must survive a resume."""
+    """Runs right after each optimizer step; owns state that must survive a resume, but no step count of its own."""
 
     name: str  # key of its state in checkpoints
     per_rank_state: bool  # True: every rank saves its own state (e.g. a per-rank RNG); False: rank 0's is saved
@@ -61,11 +62,12 @@ class Plugin(Protocol):
     # Optional: use_master_weights(masters: framework.master_weights.MasterWeights) -> None, called before setup; the
     # plugin then reads (or clamps) the optimizer's fp32 master weights where DeepSpeed holds them on this rank
 
-    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-        """Called once after deepspeed.initialize with the recipe's model (DeepSpeed's engine.module)."""
+    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device, progress: Progress) -> None:
+        """Called once after deepspeed.initialize with the recipe's model (DeepSpeed's engine.module) and the run's
+        Progress: the one step count, advanced by the Trainer only, restored in place before load_state_dict."""
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:
-        """Called once per optimizer step; `step` counts optimizer steps done (1 after the first); returns logs."""
+        """Called once per optimizer step; `step` is progress.step (1 after the first); returns logs."""
 
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -9,6 +9,7 @@ from torch import nn
 from framework.config import DistillConfig, DistillingConfig
 from framework.distill import SelfDistillation, setup_distillation
 from framework.ema import EMATeacher, ZeroStage3Error, check_zero_stage, tau_at
+from framework.progress import Progress
 from framework.task import Task
 
 
@@ -135,8 +136,7 @@ def test_state_dict_round_trip_is_exact():
     other = EMATeacher(Tiny(), tau_start=0.5, tau_end=0.99, tau_schedule="cosine", tau_steps=6)
     other.student = student  # the resumed run's student (restored by DeepSpeed)
     other.load_state_dict(torch.load(buf, weights_only=True))
-    assert (other.step, other.tau) == (3, ema.tau) and ema.tau == tau_at(3, start=0.5, end=0.99, steps=6,
-                                                                         schedule="cosine")
+    assert other.tau == ema.tau == tau_at(3, start=0.5, end=0.99, steps=6, schedule="cosine")
     for (n, a), (_, b) in zip(ema.teacher.state_dict().items(), other.teacher.state_dict().items()):
         assert torch.equal(a, b) and b.dtype == a.dtype, n
     ema.after_optimizer_step(4)  # both continue identically
@@ -157,7 +157,7 @@ def test_zero_stage_3_is_refused_in_one_line():
     partitioned = Tiny()
     partitioned.lin.weight.ds_id = 0  # what ZeRO-3 puts on its partitioned parameters
     with pytest.raises(ZeroStage3Error):
-        ema.setup(partitioned, torch.float32, torch.device("cpu"))
+        ema.setup(partitioned, torch.float32, torch.device("cpu"), Progress())
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ def test_bf16_deepspeed_teacher_stays_fp32_and_tau_follows_optimizer_steps(singl
     optimizer = torch.optim.AdamW(student.parameters(), lr=0.05)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
     for plugin in d.plugins:
-        plugin.setup(engine.module, torch.bfloat16, torch.device("cpu"))
+        plugin.setup(engine.module, torch.bfloat16, torch.device("cpu"), Progress())
     ema, forward = d.teacher, d.forward(engine)
     assert engine.module.lin.weight.dtype == torch.bfloat16  # DeepSpeed cast the student ...
     assert ema.teacher.lin.weight.dtype == torch.float32  # ... not the teacher

@@ -68,6 +68,8 @@ def test_resume_is_exact_and_plugins_run_once_per_step(tmp_path, shards):
     assert full["plugins"]["step_counter"]["calls"] == list(range(1, 13))  # once per optimizer step
     assert cut["plugins"]["step_counter"]["calls"] == list(range(1, 13))
     assert full["position"] == cut["position"] == {"step": 12, "epoch": 1, "batch_in_epoch": 12}
+    # the health monitor's counts and windows are in every checkpoint (a resumed monitor goes on: test_health.py)
+    assert full["health"] == cut["health"] and full["health"]["nonfinite_total"] == 0
 
 
 def read_scalars(run_dir: Path) -> dict[str, list]:

@@ -64,6 +64,29 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run():
         monitor.nonfinite(bad, {"losses": {"a": bad}}, 5, log)
 
 
+def test_a_resumed_monitor_goes_on_counting_as_if_never_stopped():
+    """The state saved in checkpoints (through weights_only torch.load): non-finite steps in a row and in total,
+    zero-gradient steps in a row and the chance windows continue across a resume instead of restarting at 0."""
+    import io
+
+    cfg = RunConfig(max_nonfinite=2, health_window=3, health_tolerance=0.02)
+    monitor, log = HealthMonitor(cfg), Log()
+    bad, out = torch.tensor(float("nan")), {"chance": {"itm": ITM_CHANCE}}
+    for step in (1, 2):
+        assert monitor.nonfinite(bad, {"losses": {"a": bad}}, step, log)
+        monitor.check(step, {"loss/itm": ITM_CHANCE, "train/grad_norm": 0.0}, out, log)
+    buf = io.BytesIO()
+    torch.save(monitor.state_dict(), buf)
+    buf.seek(0)
+    resumed, log = HealthMonitor(cfg, torch.load(buf, weights_only=True)), Log()
+    assert resumed.state_dict() == monitor.state_dict()
+    resumed.check(3, {"loss/itm": ITM_CHANCE, "train/grad_norm": 0.0}, out, log)  # the 3rd in a row of each
+    assert log.scalars_seen[3]["health/at_chance/itm"] == 1.0 and log.scalars_seen[3]["health/zero_grad"] == 1.0
+    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
+        resumed.nonfinite(bad, {"losses": {"a": bad}}, 3, log)
+    assert log.scalars_seen[3]["train/nonfinite_losses"] == 3
+
+
 def test_a_steps_losses_are_summed_on_the_device_naming_the_bad_objective():
     """StepLosses: one non-finite micro-batch among finite ones makes the step's sums non-finite, for the total and
     for that objective only (what the report names), whichever micro-batch it was."""

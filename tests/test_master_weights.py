@@ -14,6 +14,7 @@ from framework.config import config_from_dict
 from framework.distributed import DistInfo
 from framework.ema import EMATeacher
 from framework.master_weights import MasterClamp, MasterWeights
+from framework.progress import Progress
 from recipes.medblip import pretrain
 from tests.test_medblip_model import CAPTIONS
 
@@ -61,7 +62,7 @@ def test_ema_teacher_follows_the_fp32_master(cpu_fp16, zero, kind):
     masters = MasterWeights(ds)
     assert masters.reads_masters and masters.source == f"fp32 masters ({kind}{', hp mapping' if zero else ''})"
     ema.use_master_weights(masters)
-    ema.setup(ds.module, torch.float16, torch.device("cpu"))
+    ema.setup(ds.module, torch.float16, torch.device("cpu"), Progress())
     params = list(student.parameters())
     half_before = [p.detach().clone() for p in params]
     step(ds)
@@ -134,11 +135,13 @@ def test_medblip_momentum_follows_the_master_and_temp_is_clamped_there(cpu_fp16,
     masters = MasterWeights(engine)
     assert masters.reads_masters
     plugin.use_master_weights(masters)
-    plugin.setup(engine.module, prec.dtype, torch.device("cpu"))
+    progress = Progress()
+    plugin.setup(engine.module, prec.dtype, torch.device("cpu"), progress)
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(4, 3, 32, 32, generator=g), **model.tokenize(CAPTIONS)}
     engine.backward(sum(engine(batch)["losses"].values()))
     engine.step()
+    progress.step = 1  # what the Trainer does after the optimizer step
     plugin.after_optimizer_step(1)
     online, copy = model.text_proj.weight, model.text_proj_m.weight  # a trained weight and its momentum copy
     (master,) = masters.of([online])
@@ -150,5 +153,6 @@ def test_medblip_momentum_follows_the_master_and_temp_is_clamped_there(cpu_fp16,
     (temp,) = masters.of([model.temp])
     with torch.no_grad():
         temp.fill_(0.75)  # an optimizer step past BLIP's bound (0.5)
+    progress.step = 2
     plugin.after_optimizer_step(2)
     assert float(temp) == 0.5 and float(model.temp) <= 0.5

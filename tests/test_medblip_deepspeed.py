@@ -8,6 +8,7 @@ from framework.build import build_deepspeed
 from framework.run_env import resolve_precision, run_env
 from framework.config import config_from_dict
 from framework.distributed import DistInfo
+from framework.progress import Progress
 from recipes.medblip import pretrain
 from recipes.medblip.model.weights import load_pretrained
 from tests.test_medblip_model import CAPTIONS
@@ -42,7 +43,8 @@ def test_deepspeed_training_steps(one_rank, tmp_path, precision, zero):
     for m in model.fp32_modules():  # what framework.engine does after deepspeed.initialize
         m.float()
     (plugin,) = task.plugins
-    plugin.setup(engine.module, prec.dtype, torch.device("cpu"))
+    progress = Progress()
+    plugin.setup(engine.module, prec.dtype, torch.device("cpu"), progress)
     assert model.visual_encoder.cls_token.dtype == prec.dtype and model.text_encoder_m.dtype == torch.float32
 
     g = torch.Generator().manual_seed(0)
@@ -59,6 +61,7 @@ def test_deepspeed_training_steps(one_rank, tmp_path, precision, zero):
         for m in model.fp32_modules():
             assert all(p.grad is None for p in m.parameters())
         engine.step()
+        progress.step = step  # what the Trainer does after the optimizer step
         plugin.after_optimizer_step(step)
         history.append({k: float(v) for k, v in out["losses"].items()})
 

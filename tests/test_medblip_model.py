@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from framework.progress import Progress
 from recipes.common.tokenizer import TokenizerNotFound, load_tokenizer
 from recipes.medblip.model.blip_pretrain import MedBlipPretrain
 from recipes.medblip.model.config import ModelConfig
@@ -331,9 +332,9 @@ def test_itc_uses_alpha_zero_hard_targets():
 def test_alpha_ramp():
     model = tiny_model(alpha=0.4, alpha_ramp_steps=10)
     assert model.alpha == 0.0
-    model.step = 5
+    model.progress.step = 5
     assert model.alpha == pytest.approx(0.2)
-    model.step = 50
+    model.progress.step = 50
     assert model.alpha == pytest.approx(0.4)
 
 
@@ -364,8 +365,8 @@ def test_momentum_update_once_per_step_at_its_first_training_forward():
     _moved_online(model)
     p = model.visual_encoder.blocks[0].mlp.fc1.weight
     p_m = model.visual_encoder_m.blocks[0].mlp.fc1.weight
-    plugin = MomentumUpdate(model, seed=3)
-    plugin.setup(model, torch.float32, torch.device("cpu"))
+    plugin, progress = MomentumUpdate(model, seed=3), Progress()
+    plugin.setup(model, torch.float32, torch.device("cpu"), progress)
     seen = []  # the momentum weight as the momentum ViT runs
     model.visual_encoder_m.patch_embed.register_forward_pre_hook(lambda *a: seen.append(p_m.detach().clone()))
     batch = tiny_batch(model)
@@ -373,11 +374,12 @@ def test_momentum_update_once_per_step_at_its_first_training_forward():
     expected = 0.9 * p_m.detach() + 0.1 * p.detach()
     out = model(batch)  # step 1, micro-batch 1
     torch.testing.assert_close(seen[-1], expected, rtol=0, atol=1e-7)
-    assert not torch.equal(seen[-1], p.detach()) and model.momentum_updates == 1
+    assert not torch.equal(seen[-1], p.detach()) and model.momentum_updated_at == 0
     model(batch)  # step 1, micro-batch 2 (gradient accumulation): no second update
     assert torch.equal(seen[-1], seen[-2])
-    logs = plugin.after_optimizer_step(1)  # the plugin only counts; the update waits for step 2's first forward
-    assert model.step == 1 and torch.equal(p_m, seen[-1]) and logs["medblip/alpha"] == pytest.approx(0.4)
+    progress.step = 1  # the Trainer's optimizer step; the update waits for step 2's first forward
+    logs = plugin.after_optimizer_step(1)
+    assert model.progress is progress and torch.equal(p_m, seen[-1]) and logs["medblip/alpha"] == pytest.approx(0.4)
     with torch.no_grad():
         p.add_(0.5)  # what the optimizer step did
     model.eval()
@@ -387,44 +389,49 @@ def test_momentum_update_once_per_step_at_its_first_training_forward():
     expected = 0.9 * p_m.detach() + 0.1 * p.detach()
     model(batch)
     torch.testing.assert_close(seen[-1], expected, rtol=0, atol=1e-7)
-    assert model.momentum_updates == 2 and set(out["losses"]) == {"itc", "itm", "lm"}
+    assert model.momentum_updated_at == 1 and set(out["losses"]) == {"itc", "itm", "lm"}
     # text_proj_m moves too; itm_head and the decoder have no momentum copy
     assert {id(m) for m in model.fp32_modules()} == {id(model.visual_encoder_m), id(model.vision_proj_m),
                                                      id(model.text_encoder_m), id(model.text_proj_m)}
 
 
-@pytest.mark.parametrize("old_checkpoint", [False, True])
-def test_momentum_plugin_state_resumes_without_a_double_update(old_checkpoint):
-    """Saved after step k (the update of step k+1 pending), a resumed run updates once at its first forward; a
-    state saved before the update moved into the forward (no count) already holds that update: none then."""
+@pytest.mark.parametrize("saved_by", ["now", "counted", "oldest"])
+def test_momentum_plugin_state_resumes_without_a_double_update(saved_by):
+    """Saved after step k (the update of step k+1 pending), a resumed run updates once at its first forward. Older
+    states load too: one that counted the updates ("momentum_updates", with its own "step") the same way; one saved
+    before the update moved into the forward (no count) already holds that update: none then."""
     model = tiny_model(momentum=0.9).train()
-    plugin = MomentumUpdate(model, seed=3)
-    plugin.setup(model, torch.float32, torch.device("cpu"))
+    plugin, progress = MomentumUpdate(model, seed=3), Progress()
+    plugin.setup(model, torch.float32, torch.device("cpu"), progress)
     batch = tiny_batch(model)
     for step in (1, 2):
         model(batch)
+        progress.step = step  # the Trainer's optimizer step
         plugin.after_optimizer_step(step)
     state = copy.deepcopy(plugin.state_dict())
-    assert state["step"] == 2 and state["momentum_updates"] == 2
-    if old_checkpoint:
-        del state["momentum_updates"]
+    assert state["momentum_updated_at"] == 1 and "step" not in state  # the updates of steps 1 and 2 (at 0 and 1)
+    if saved_by != "now":  # the state as the plugin wrote it when it kept its own count
+        state = {"step": 2, "itm_rng": state["itm_rng"], "itm_rng_device": state["itm_rng_device"]}
+        state |= {"momentum_updates": 2} if saved_by == "counted" else {}
     w = torch.randn(4, 4)
     draws = sample_itm_negatives(w, w.t(), model.itm_generator)
 
     other = tiny_model(seed=1, momentum=0.9).train()
     _moved_online(other)
-    restored = MomentumUpdate(other)
+    restored, resumed = MomentumUpdate(other), Progress(step=2)  # the run's Progress, restored first
+    restored.setup(other, torch.float32, torch.device("cpu"), resumed)
     restored.load_state_dict(state)
-    assert other.step == 2 and restored.step == 2
+    assert other.progress is resumed and other.momentum_updated_at == (2 if saved_by == "oldest" else 1)
     again = sample_itm_negatives(w, w.t(), other.itm_generator)  # a resumed run draws the very same ITM negatives
     assert all(torch.equal(a, b) for a, b in zip(draws, again))
     p, p_m = other.vision_proj.weight, other.vision_proj_m.weight
     before = p_m.detach().clone()
     other(tiny_batch(other))
-    if old_checkpoint:
+    if saved_by == "oldest":
         assert torch.equal(p_m, before)  # step 3's update is in the old checkpoint already
     else:
         torch.testing.assert_close(p_m, 0.9 * before + 0.1 * p.detach(), rtol=0, atol=1e-7)
+    resumed.step = 3
     restored.after_optimizer_step(3)
     updated = p_m.detach().clone()
     other(tiny_batch(other))

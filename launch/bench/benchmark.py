@@ -97,8 +97,8 @@ def engine_loop(run: Any, batch: dict, steps: int) -> float:
 
     run.stream = RepeatedBatch(batch, steps * run.accum)
     run.steps_per_epoch = steps
-    run.position.epoch, run.position.batch_in_epoch = 0, 0
-    run.total_steps = run.position.step + steps
+    run.progress.epoch, run.progress.batch_in_epoch = 0, 0
+    run.total_steps = run.progress.step + steps
     trainer = Trainer(run)
     trainer.saved_step = run.total_steps  # no final save inside the timed region
     sync(run.dist.device)
@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def epochs():
             while True:  # the recipe's own data, epoch after epoch
-                run.stream.set_epoch(run.position.epoch)
+                run.stream.set_epoch(run.progress.epoch)
                 for b in make_loader(run.stream, cfg.data.num_workers):
                     yield {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-                run.position.epoch += 1
+                run.progress.epoch += 1
 
         loader = epochs()
         first = next(loader)

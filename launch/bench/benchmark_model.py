@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            model.step += 1  # the next forward applies this step's momentum update first, as BLIP's does
+            model.progress.step += 1  # the next forward applies this step's momentum update first, as BLIP's does
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return {k: float(v.detach()) for k, v in out["losses"].items()}

@@ -174,7 +174,7 @@ def instrumented(count: SyncCount) -> Iterator[list]:
     def boundary(self: Any, end_of_epoch: bool) -> str:
         count.flush()  # type: ignore[attr-defined]
         if not end_of_epoch:  # the step's logging is done; its evaluation and checkpoint (host work) come next
-            count.at_step[self.pos.step] = (count.inside, count.outside, count.in_deepspeed)
+            count.at_step[self.progress.step] = (count.inside, count.outside, count.in_deepspeed)
         before, count.phase = count.phase, "data"
         try:
             return real_boundary(self, end_of_epoch)

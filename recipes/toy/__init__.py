@@ -14,6 +14,7 @@ import webdataset as wds
 from torch import nn
 
 from framework.config import DistillingConfig
+from framework.progress import Progress
 from framework.run_env import RunEnv
 from framework.task import Recipe, Task
 
@@ -122,7 +123,7 @@ class StepCounter:
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device, progress: Progress) -> None:
         self.dtype = dtype
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:

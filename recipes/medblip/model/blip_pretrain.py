@@ -28,6 +28,7 @@ from framework.distributed import all_gather_cat
 from framework.ema import ema_update_
 from framework.master_weights import MasterWeights
 from framework.preflight import transformer_activation_bytes
+from framework.progress import Progress
 from recipes.common.tokenizer import load_tokenizer
 from recipes.medblip.model.config import ModelConfig
 from recipes.medblip.model.losses import (
@@ -116,8 +117,10 @@ class MedBlipPretrain(nn.Module):
 
         self.itm_seed = seed
         self.itm_generator = torch.Generator().manual_seed(seed)  # moved to the model's device by seed_negatives
-        self.step = 0  # optimizer steps done; set by MomentumUpdate (drives the alpha ramp and the momentum update)
-        self.momentum_updates = 0  # steps whose momentum update is applied (step + 1 once this step's is done)
+        # the run's Progress, handed over by MomentumUpdate.setup (its step drives the alpha ramp and the momentum
+        # update); this one serves a model used without the Trainer
+        self.progress = Progress()
+        self.momentum_updated_at = -1  # progress.step when the momentum encoders last took their update (-1: never)
         # set by MomentumUpdate under DeepSpeed: the momentum copies then follow the fp32 masters, not the half weights
         self.master_weights: Optional[MasterWeights] = None
 
@@ -162,13 +165,13 @@ class MedBlipPretrain(nn.Module):
     def momentum_update_for_step(self) -> bool:
         """BLIP's `_momentum_update()` for the current step, unless done: True when it ran.
 
-        Runs at the first training forward of each optimizer step (self.step = steps done), with the weights that
+        Runs at the first training forward of each optimizer step (progress.step = steps done), with the weights that
         step starts from, as BLIP's forward does; later micro-batches of the same step do not update again.
         """
-        if self.momentum_updates > self.step:
+        if self.momentum_updated_at >= self.progress.step:
             return False
         self.momentum_update()
-        self.momentum_updates = self.step + 1
+        self.momentum_updated_at = self.progress.step
         return True
 
     @torch.no_grad()
@@ -204,12 +207,12 @@ class MedBlipPretrain(nn.Module):
 
     def set_rng_state(self, state: torch.Tensor, device_type: str = "cpu") -> None:
         """Restore rng_state(); a state saved on another kind of device (a CPU run resumed on a GPU) cannot be: the
-        stream restarts from the seed, moved on by `self.step`, with a warning."""
+        stream restarts from the seed, moved on by `progress.step`, with a warning."""
         if device_type != self.itm_generator.device.type:
             warnings.warn(f"ITM negatives: the checkpoint's generator ran on {device_type}, this run's on "
                           f"{self.itm_generator.device.type}: the negatives' stream restarts (seeded) instead of "
                           "resuming exactly")
-            self.seed_negatives(self.itm_seed + 7919 * (self.step + 1))
+            self.seed_negatives(self.itm_seed + 7919 * (self.progress.step + 1))
             return
         self.itm_generator.set_state(state)
 
@@ -231,7 +234,7 @@ class MedBlipPretrain(nn.Module):
     def alpha(self) -> float:
         """ITC distillation weight at the current optimizer step (BLIP's ramp when alpha_ramp_steps > 0)."""
         ramp = self.cfg.alpha_ramp_steps
-        return self.cfg.alpha * (min(1.0, self.step / ramp) if ramp > 0 else 1.0)
+        return self.cfg.alpha * (min(1.0, self.progress.step / ramp) if ramp > 0 else 1.0)
 
     def chance_levels(self, batch_size: int) -> dict[str, float]:
         """Per enabled objective, the loss of a model that learned nothing on a local batch of `batch_size` pairs."""
