@@ -10,7 +10,8 @@ import torch
 
 from . import checkpoint, deepspeed_patches
 from .config import Config
-from .data import MapStream, ShardStream, expand_shards, verify_checksums
+from .shards import expand_shards, verify_checksums
+from .streams import MapStream, ShardStream
 from .distill import setup_distillation
 from .distributed import DistInfo, say
 from .compile import check_can_compile, compile_towers

@@ -13,7 +13,8 @@ import torch
 from . import checkpoint
 from .build import Run
 from .config import config_to_dict, parse_duration, parse_every, save_resolved
-from .data import SKIPPED, batch_size_of, make_loader
+from .loader import batch_size_of, make_loader
+from .streams import SKIPPED
 from .deepspeed_patches import loss_scale, skip_next_step
 from .distributed import any_nonfinite, any_true
 from .health import HealthMonitor, StepLosses, TrainingStopped

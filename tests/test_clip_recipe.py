@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from corpora.phantoms import PhantomSpec, write_caption_shards
 from framework.config import ConfigError, load_config
-from framework.data import ShardStream, expand_shards
+from framework.shards import expand_shards
+from framework.streams import ShardStream
 from framework.distributed import DistInfo
 from recipes.clip import build
 from recipes.clip.loss import contrastive_loss

@@ -23,7 +23,8 @@ from corpora.rocov2 import (
     prepare,
     resolve_modalities,
 )
-from framework.data import ShardStream, expand_shards, verify_checksums
+from framework.shards import expand_shards, verify_checksums
+from framework.streams import ShardStream
 from recipes.common.image_text import ImageConfig, make_decode
 
 cli_main = load_launch("prepare_rocov2").main

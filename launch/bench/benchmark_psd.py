@@ -88,7 +88,8 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict[
 
     from framework.build import build_run
     from framework.config import import_recipe, load_config
-    from framework.data import SKIPPED, make_loader
+    from framework.loader import make_loader
+    from framework.streams import SKIPPED
     from framework.distributed import init_distributed
 
     cfg = load_config(recipe, overrides)

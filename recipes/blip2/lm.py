@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from framework.config import Config, ConfigError
-from framework.data import expand_shards
+from framework.shards import expand_shards
 from framework.distributed import DistInfo, say
 from framework.task import Recipe, Task
 from recipes.common.text import pre_caption

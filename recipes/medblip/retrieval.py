@@ -17,7 +17,9 @@ from typing import Any, Optional
 import torch
 
 from framework.config import ConfigError
-from framework.data import SKIPPED, ShardStream, count_samples, expand_shards, make_loader
+from framework.loader import make_loader
+from framework.shards import count_samples, expand_shards
+from framework.streams import SKIPPED, ShardStream
 from framework.distributed import say
 from framework.files import atomic_write_text
 from framework.task import Recipe, Task

@@ -25,7 +25,7 @@ from corpora.rocov2 import (
     exclusive,
     write_json_atomic,
 )
-from framework.data import count_samples, expand_shards, read_manifest
+from framework.shards import count_samples, expand_shards, read_manifest
 from framework.distributed import say
 from framework.rundir import run_dir_of
 from recipes.medblip.capfilt.generation import SamplingOptions

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from corpora.rocov2 import atomic_shard, write_json_atomic
-from framework.data import expand_shards
+from framework.shards import expand_shards
 from recipes.medblip.capfilt.scoring import KEPT
 from recipes.medblip.capfilt.writing import read_samples
 

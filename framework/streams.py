@@ -1,211 +1,26 @@
-"""WebDataset shard streaming: seeded shuffles, shards split by rank and worker, equal batch counts per rank."""
+"""Streams of batches that every rank reads equally: ShardStream (WebDataset shards) and MapStream (a Dataset)."""
 from __future__ import annotations
 
-import glob
-import hashlib
 import itertools
-import json
-import os
 import random
 import sys
-import tarfile
-from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional
 
-import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
-from .files import sha256_file
+from .data_errors import DataError, DecodeError
+from .epoch_plan import PrivateRng, epoch_batches, share, stable_seed, worker_role
+from .shards import manifest_counts, shard_counts
 
 SKIPPED = "_skipped"  # batch key: samples skipped (undecodable, or lost in a damaged shard) since the previous batch
 NOTES = "_notes"  # batch key: one-line warnings from a DataLoader worker; make_loader's loader prints each once
 FAILURES_IN_A_ROW = 100  # this many samples in a row that decode rejects: the data is wrong, not a few samples
 
 
-class DataError(ValueError):
-    """A data problem a user must fix (no shards, corrupt shard, undecodable samples); one line."""
-
-    def __init__(self, message: str = ""):
-        # A DataLoader worker's DataError reaches the main process re-raised as DataError("Caught DataError in
-        # DataLoader worker process N.\nOriginal Traceback ...\nframework.data.DataError: <message>"): keep <message>.
-        if message.startswith("Caught ") and "Original Traceback" in message:
-            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
-        super().__init__(message)
-
-
-class DecodeError(ValueError):
-    """Raised by a recipe's decode for a sample it cannot use; `expected` names the keys it needs.
-
-    Alternatives are written with |, e.g. DecodeError("no image", expected=("jpg|png", "txt")).
-    """
-
-    def __init__(self, message: str, expected: Sequence[str] = ()):
-        super().__init__(message)
-        self.expected = tuple(expected)
-
-
-def expand_shards(spec: Union[str, list[str]]) -> list[str]:
-    """Shard paths from a directory (its *.tar), a brace pattern, a glob, or a list of any of these."""
-    specs = [spec] if isinstance(spec, str) else list(spec or [])
-    urls: list[str] = []
-    for s in specs:
-        s = os.path.expanduser(str(s))
-        if os.path.isdir(s):
-            urls += sorted(glob.glob(os.path.join(s, "*.tar")))
-        elif "{" in s:
-            urls += [u for u in wds.shardlists.expand_urls(s)]
-        elif any(c in s for c in "*?["):
-            urls += sorted(glob.glob(s))
-        else:
-            urls.append(s)
-    missing = [u for u in urls if not os.path.isfile(u)]
-    if not urls:
-        raise DataError(f"no shards matched {spec!r}")
-    if missing:
-        raise DataError(f"shard not found: {missing[0]} (from {spec!r})")
-    return urls
-
-
-def read_manifest(urls: list[str]) -> Optional[dict]:
-    """The manifest.json beside the (first) shards, if there is one."""
-    path = Path(urls[0]).parent / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run the data preparation or delete it") from None
-    shards = doc.get("shards", []) if isinstance(doc, dict) else None
-    if not isinstance(shards, list) or not all(isinstance(e, dict) for e in shards):
-        raise DataError(f"{path} is not a shard manifest (expected {{\"shards\": [{{\"name\": ..., \"samples\": ...}}, "
-                        "...]}); re-run the data preparation or delete it")
-    return doc
-
-
-def manifest_entries(urls: list[str]) -> dict[str, dict]:
-    """{shard: its entry} for the shards that the manifest.json of their folder lists."""
-    by_dir: dict[Path, dict[str, dict]] = {}
-    found = {}
-    for url in urls:
-        folder, name = Path(url).parent, Path(url).name
-        if folder not in by_dir:
-            doc = read_manifest([url]) or {}
-            by_dir[folder] = {Path(str(e.get("name", e.get("file", "")))).name: e for e in doc.get("shards", [])}
-        if name in by_dir[folder]:
-            found[url] = by_dir[folder][name]
-    return found
-
-
-def manifest_counts(urls: list[str]) -> dict[str, int]:
-    """{shard: samples} for the shards that the manifest.json of their folder lists with a count."""
-    counts = {url: entry["samples"] for url, entry in manifest_entries(urls).items() if "samples" in entry}
-    for url, n in counts.items():
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise DataError(f"{Path(url).parent / 'manifest.json'}: {Path(url).name} has samples={n!r}, not a count; "
-                            "re-run the data preparation or delete the manifest")
-    return counts
-
-
-def shard_counts(urls: list[str]) -> list[int]:
-    """Samples in each shard: from manifest.json where it lists them, else by reading the tar headers (of a
-    truncated shard, those before the damage: what a reader gets)."""
-    listed = manifest_counts(urls)
-    counts = []
-    for url in urls:
-        if url in listed:
-            counts.append(listed[url])
-            continue
-        keys: set[str] = set()
-        try:
-            with tarfile.open(url) as tar:
-                try:
-                    for m in tar:
-                        if m.isfile():
-                            keys.add(wds.tariterators.base_plus_ext(m.name)[0])
-                except (tarfile.TarError, OSError):  # cut short: count what can be read
-                    if not keys:
-                        raise
-        except (tarfile.TarError, OSError) as e:
-            raise DataError(f"corrupt shard {url}: {e}") from None
-        counts.append(len(keys))
-    return counts
-
-
-def count_samples(urls: list[str]) -> int:
-    """Samples in the shards: from manifest.json where it lists them, else by reading the tar headers."""
-    return sum(shard_counts(urls))
-
-
-def verify_checksums(urls: list[str]) -> None:
-    """Check every shard against the sha256 in manifest.json; raise DataError naming the first mismatch."""
-    entries = manifest_entries(urls)
-    if not entries:
-        raise DataError(f"data.verify_checksums: no manifest.json beside {urls[0]}")
-    for url in urls:
-        entry = entries.get(url)
-        if entry is None or "sha256" not in entry:
-            raise DataError(f"data.verify_checksums: {url} is not listed (with sha256) in manifest.json")
-        if sha256_file(url) != entry["sha256"]:
-            raise DataError(f"checksum mismatch for {url}: the shard changed or is truncated; re-run preparation")
-
-
-def _seed(*parts: Any) -> int:
-    """A seed that is the same in every process (unlike hash() of strings)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
-
-
-class _PrivateRng:
-    """Global RNG streams (torch, random, numpy) private to data loading, swapped in around each batch.
-
-    Random augmentations in decode draw from the global RNGs; giving the data its own seeded streams
-    makes batches a pure function of (seed, epoch, position) and leaves the model's RNG untouched.
-    """
-
-    def __init__(self, seed: int):
-        outer = self._get()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        # the CPU stream torch.manual_seed(seed) would give, without reseeding every CUDA generator as it does
-        self.inner = (torch.Generator().manual_seed(seed).get_state(), *self._get()[1:])
-        self._set(outer)
-
-    @staticmethod
-    def _get() -> tuple:
-        return torch.get_rng_state(), random.getstate(), np.random.get_state()
-
-    @staticmethod
-    def _set(state: tuple) -> None:
-        torch.set_rng_state(state[0])
-        random.setstate(state[1])
-        np.random.set_state(state[2])
-
-    def wrap(self, items: Iterator[Any]) -> Iterator[Any]:
-        """Yield from `items`, computing each item under the private streams."""
-        while True:
-            outer = self._get()
-            self._set(self.inner)
-            try:
-                item = next(items)
-            except StopIteration:
-                return
-            finally:
-                self.inner = self._get()
-                self._set(outer)
-            yield item
-
-
-def _worker_role(skip: int) -> tuple[int, int]:
-    """(logical worker, workers) for this process; see ShardStream on why roles rotate by `skip`."""
-    info = torch.utils.data.get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    return (worker + skip) % workers, workers
-
-
-def _share(total: int, index: int, parts: int) -> int:
-    """How many of items 0..total-1 fall to `index` when dealt round-robin to `parts`."""
-    return len(range(index, total, parts))
+def _unreadable(urls: list[str]) -> str:
+    return f"no readable samples in shard(s) {', '.join(urls[:3])}{'...' * (len(urls) > 3)}"
 
 
 class _Tally:
@@ -247,16 +62,9 @@ class ShardStream(IterableDataset):
         self.counts = dict(zip(self.urls, shard_counts(self.urls)))
         self.total = sum(self.counts.values())
         if self.total == 0:
-            raise DataError(f"no readable samples in shard(s) {', '.join(self.urls[:3])}{'...' * (len(self.urls) > 3)}")
+            raise DataError(_unreadable(self.urls))
         self.samples = samples_per_epoch or self.total
-        per_batch = batch_size * world_size
-        if self.samples // per_batch == 0:
-            raise DataError(f"{self.samples} samples cannot fill one batch of {batch_size} on {world_size} rank(s)")
-        # round up to whole optimizer steps: every sample once, plus a pad of fewer than one optimizer step's samples
-        # (data that cannot fill one optimizer step keeps its whole batches: build_run refuses that epoch)
-        multiple, full = max(1, batch_multiple), self.samples // per_batch
-        self.batches = -(-self.samples // (per_batch * multiple)) * multiple if full >= multiple else full
-        self.pad = max(0, self.batches * per_batch - self.samples)
+        self.batches, self.pad = epoch_batches(self.samples, batch_size, world_size, batch_multiple)
         self.epoch, self.skip = 0, 0
         self.printed: set[str] = set()  # what this process printed notes about (a shard, a setting)
         self._probe()
@@ -279,16 +87,15 @@ class ShardStream(IterableDataset):
         """Decode samples from the first shards until one works (under private RNG streams)."""
         tally = _Tally()
         raw = (s for url in sorted(self.urls) for s in self._shard_samples(url, tally))
-        for _ in _PrivateRng(_seed(self.seed, "probe")).wrap(self._decoded(raw, tally)):
+        for _ in PrivateRng(stable_seed(self.seed, "probe")).wrap(self._decoded(raw, tally)):
             return
-        raise DataError(self._undecodable(tally) if tally.in_a_row else
-                        f"no readable samples in shard(s) {', '.join(self.urls[:3])}{'...' * (len(self.urls) > 3)}")
+        raise DataError(self._undecodable(tally) if tally.in_a_row else _unreadable(self.urls))
 
     def _worker_segments(self, worker: int, workers: int) -> list[tuple[str, int, int]]:
         """(shard, first sample, samples) pieces of this (rank, logical worker)'s range of the epoch's sequence."""
         order = list(self.urls)
-        random.Random(_seed(self.seed, self.epoch, "order")).shuffle(order)
-        quotas = [_share(self.batches, w, workers) * self.batch_size for w in range(workers)]
+        random.Random(stable_seed(self.seed, self.epoch, "order")).shuffle(order)
+        quotas = [share(self.batches, w, workers) * self.batch_size for w in range(workers)]
         start = self.rank * self.batches * self.batch_size + sum(quotas[:worker])
         need, segments = quotas[worker], []
         starts = list(itertools.accumulate([0] + [self.counts[u] for u in order]))
@@ -337,12 +144,12 @@ class ShardStream(IterableDataset):
         for n in itertools.count():
             order = list(segments)
             if n:  # later passes (only when this worker's range is short) visit its pieces in a new order
-                random.Random(_seed(self.seed, self.epoch, self.rank, worker, n)).shuffle(order)
+                random.Random(stable_seed(self.seed, self.epoch, self.rank, worker, n)).shuffle(order)
             raw: Iterator[dict] = (s for url, first, count in order for s in self._shard_samples(url, tally, first,
                                                                                                  count))
             if self.shuffle_buffer > 1:
                 raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                  seed=_seed(self.seed, self.epoch, self.rank, worker, n, "samples"))(raw)
+                                  seed=stable_seed(self.seed, self.epoch, self.rank, worker, n, "samples"))(raw)
             seen, decoded = 0, tally.decoded
             for sample in raw:  # the consumer decodes each sample before asking for the next
                 seen += 1
@@ -395,9 +202,9 @@ class ShardStream(IterableDataset):
                 "this recipe")
 
     def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker_role(self.skip)
-        quota = _share(self.batches, worker, workers)
-        skip = _share(self.skip, worker, workers)
+        worker, workers = worker_role(self.skip)
+        quota = share(self.batches, worker, workers)
+        skip = share(self.skip, worker, workers)
         in_worker = torch.utils.data.get_worker_info() is not None
         tally = _Tally()
         samples = self._decoded(self._passes(self._worker_segments(worker, workers), worker, tally), tally)
@@ -406,7 +213,7 @@ class ShardStream(IterableDataset):
         batches = (self.collate(chunk) for chunk in iter(lambda: list(itertools.islice(samples, self.batch_size)), [])
                    if len(chunk) == self.batch_size)
         reported = 0
-        rng = _PrivateRng(_seed(self.seed, self.epoch, self.rank, worker, "decode"))
+        rng = PrivateRng(stable_seed(self.seed, self.epoch, self.rank, worker, "decode"))
         for i, batch in enumerate(rng.wrap(batches)):
             if i >= quota:
                 break
@@ -437,12 +244,7 @@ class MapStream(IterableDataset):
         self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                           seed=seed, drop_last=False)
         self.dataset, self.collate, self.batch_size = dataset, collate, batch_size
-        per_batch, multiple = batch_size * world_size, max(1, batch_multiple)
-        full = len(dataset) // per_batch
-        if full == 0:
-            raise DataError(f"{len(dataset)} samples cannot fill one batch of {batch_size} on {world_size} rank(s)")
-        self.batches = -(-len(dataset) // (per_batch * multiple)) * multiple if full >= multiple else full
-        self.pad = max(0, self.batches * per_batch - len(dataset))
+        self.batches, self.pad = epoch_batches(len(dataset), batch_size, world_size, batch_multiple)
         self.skip = 0
 
     def __len__(self) -> int:
@@ -453,7 +255,7 @@ class MapStream(IterableDataset):
         self.skip = skip_batches
 
     def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker_role(self.skip)  # roles rotate on resume, as in ShardStream
+        worker, workers = worker_role(self.skip)  # roles rotate on resume, as in ShardStream
         indices = list(self.sampler)  # this rank's share of the epoch's order
         need = self.batches * self.batch_size
         indices = (indices * -(-need // len(indices)))[:need]  # the pad wraps to this share's start
@@ -462,56 +264,7 @@ class MapStream(IterableDataset):
         for b in range(first, self.batches, workers):
             rows = indices[b * self.batch_size:(b + 1) * self.batch_size]
             # Each batch draws its augmentation from its own seeded streams: independent of what was skipped.
-            rng = _PrivateRng(_seed(self.sampler.seed, self.sampler.epoch, self.sampler.rank, b))
+            rng = PrivateRng(stable_seed(self.sampler.seed, self.sampler.epoch, self.sampler.rank, b))
             batch = self.collate(list(rng.wrap(self.dataset[i] for i in rows)))
             batch[SKIPPED] = 0
             yield batch
-
-
-class _Loader(DataLoader):
-    """A DataLoader that prints the notes its workers attach to batches (once each) and drops them."""
-
-    def __iter__(self) -> Iterator[dict]:
-        batches, message = super().__iter__(), None
-        try:
-            for batch in batches:
-                notes = batch.pop(NOTES, None)
-                if notes:
-                    self.dataset.print_once(notes)
-                yield batch
-        except DataError as e:
-            # torch re-raises a worker's error from a frame that holds the error and the iterator: a cycle that the
-            # garbage collector frees late, and then waits 5 s for each worker. Cut it and free the iterator now.
-            message, e.__traceback__ = str(e), None
-        if message is not None:
-            del batches
-            raise DataError(message)
-
-
-def make_loader(stream: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over a stream that already batches (batch_size=None); workers keep their order.
-
-    A ShardStream gets at most as many workers as each rank has shards (a one-line note says so). pin_memory: batches
-    in page-locked memory (for a CUDA device: the copy to it can then overlap the step, `.to(non_blocking=True)`).
-    """
-    workers = max(0, min(num_workers, len(stream)))
-    if isinstance(stream, ShardStream) and workers > 0:
-        per_rank = len(stream.urls) // stream.world_size
-        if per_rank < workers:
-            if stream.rank == 0:
-                stream.print_once([("workers", f"note: {len(stream.urls)} shard(s) for {stream.world_size} rank(s): "
-                                   f"using {per_rank} DataLoader worker(s) per rank instead of data.num_workers="
-                                   f"{workers} (prepare more shards to use more)")])
-            workers = per_rank
-    return _Loader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                   prefetch_factor=4 if workers else None, pin_memory=pin_memory)
-
-
-def batch_size_of(batch: dict[str, Any]) -> int:
-    """Number of samples in a collated batch (first tensor's leading dimension)."""
-    for v in batch.values():
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-        if isinstance(v, list):
-            return len(v)
-    return 0
