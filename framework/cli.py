@@ -7,7 +7,7 @@ import sys
 from typing import Callable
 
 from .config import ConfigError
-from .data_errors import DataError
+from .shards import DataError
 from .registry import RegistryError
 
 # Exceptions that mean "the user must fix something"; anything else is a bug and keeps its traceback.

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .data_errors import DataError
+from .shards import DataError
 
 
 def stable_seed(*parts: Any) -> int:
@@ -50,12 +50,10 @@ class PrivateRng:
     """
 
     def __init__(self, seed: int):
-        outer = self._get()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        # the CPU stream torch.manual_seed(seed) would give, without reseeding every CUDA generator as it does
-        self.inner = (torch.Generator().manual_seed(seed).get_state(), *self._get()[1:])
-        self._set(outer)
+        # the streams torch.manual_seed, random.seed and np.random.seed would give, without touching the global ones
+        # (torch.manual_seed would also reseed every CUDA generator)
+        self.inner = (torch.Generator().manual_seed(seed).get_state(), random.Random(seed).getstate(),
+                      np.random.RandomState(seed % 2**32).get_state())
 
     @staticmethod
     def _get() -> tuple:

@@ -6,7 +6,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .data_errors import DataError
+from .shards import DataError
 from .streams import NOTES, ShardStream
 
 

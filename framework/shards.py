@@ -1,4 +1,4 @@
-"""Shard lists and their manifest.json: expanding shard specs, sample counts, checksums."""
+"""Shard lists and their manifest.json (expanding shard specs, sample counts, checksums); DataError."""
 from __future__ import annotations
 
 import glob
@@ -10,8 +10,18 @@ from typing import Optional, Union
 
 import webdataset as wds
 
-from .data_errors import DataError
 from .files import sha256_file
+
+
+class DataError(ValueError):
+    """A data problem a user must fix (no shards, corrupt shard, undecodable samples); one line."""
+
+    def __init__(self, message: str = ""):
+        # A DataLoader worker's DataError reaches the main process re-raised as DataError("Caught DataError in
+        # DataLoader worker process N.\nOriginal Traceback ...\n...DataError: <message>"): keep <message>.
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
 
 
 def expand_shards(spec: Union[str, list[str]]) -> list[str]:
@@ -23,7 +33,7 @@ def expand_shards(spec: Union[str, list[str]]) -> list[str]:
         if os.path.isdir(s):
             urls += sorted(glob.glob(os.path.join(s, "*.tar")))
         elif "{" in s:
-            urls += [u for u in wds.shardlists.expand_urls(s)]
+            urls += wds.shardlists.expand_urls(s)
         elif any(c in s for c in "*?["):
             urls += sorted(glob.glob(s))
         else:
@@ -77,28 +87,26 @@ def manifest_counts(urls: list[str]) -> dict[str, int]:
 
 
 def shard_counts(urls: list[str]) -> list[int]:
-    """Samples in each shard: from manifest.json where it lists them, else by reading the tar headers (of a
-    truncated shard, those before the damage: what a reader gets)."""
+    """Samples in each shard: from manifest.json where it lists them, else by reading the tar headers."""
     listed = manifest_counts(urls)
-    counts = []
-    for url in urls:
-        if url in listed:
-            counts.append(listed[url])
-            continue
-        keys: set[str] = set()
-        try:
-            with tarfile.open(url) as tar:
-                try:
-                    for m in tar:
-                        if m.isfile():
-                            keys.add(wds.tariterators.base_plus_ext(m.name)[0])
-                except (tarfile.TarError, OSError):  # cut short: count what can be read
-                    if not keys:
-                        raise
-        except (tarfile.TarError, OSError) as e:
-            raise DataError(f"corrupt shard {url}: {e}") from None
-        counts.append(len(keys))
-    return counts
+    return [listed[url] if url in listed else _tar_count(url) for url in urls]
+
+
+def _tar_count(url: str) -> int:
+    """Samples in a shard by its tar headers (of a truncated shard, those before the damage: what a reader gets)."""
+    keys: set[str] = set()
+    try:
+        with tarfile.open(url) as tar:
+            try:
+                for m in tar:
+                    if m.isfile():
+                        keys.add(wds.tariterators.base_plus_ext(m.name)[0])
+            except (tarfile.TarError, OSError):  # cut short: count what can be read
+                if not keys:
+                    raise
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"corrupt shard {url}: {e}") from None
+    return len(keys)
 
 
 def count_samples(urls: list[str]) -> int:

@@ -4,51 +4,60 @@ from __future__ import annotations
 import itertools
 import random
 import sys
-from typing import Callable, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import webdataset as wds
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
-from .data_errors import DataError, DecodeError
 from .epoch_plan import PrivateRng, epoch_batches, share, stable_seed, worker_role
-from .shards import manifest_counts, shard_counts
+from .shards import DataError, manifest_counts, shard_counts
 
 SKIPPED = "_skipped"  # batch key: samples skipped (undecodable, or lost in a damaged shard) since the previous batch
 NOTES = "_notes"  # batch key: one-line warnings from a DataLoader worker; make_loader's loader prints each once
 FAILURES_IN_A_ROW = 100  # this many samples in a row that decode rejects: the data is wrong, not a few samples
 
 
+class DecodeError(ValueError):
+    """Raised by a recipe's decode for a sample it cannot use; `expected` names the keys it needs.
+
+    Alternatives are written with |, e.g. DecodeError("no image", expected=("jpg|png", "txt")).
+    """
+
+    def __init__(self, message: str, expected: Sequence[str] = ()):
+        super().__init__(message)
+        self.expected = tuple(expected)
+
+
 def _unreadable(urls: list[str]) -> str:
     return f"no readable samples in shard(s) {', '.join(urls[:3])}{'...' * (len(urls) > 3)}"
 
 
+@dataclass
 class _Tally:
     """One reader's account of what it skipped and why (handed on with its batches)."""
 
-    def __init__(self) -> None:
-        self.skipped = 0  # samples skipped so far: rejected by decode, or missing from a damaged shard
-        self.decoded = 0
-        self.in_a_row = 0  # decode failures since the last decoded sample
-        self.last: tuple[dict, Optional[BaseException]] = ({}, None)  # the last rejected sample and its error
-        self.notes: list[tuple[str, str]] = []  # (what it is about, one-line warning) not yet handed to a batch
-        self.noted: set[str] = set()
+    skipped: int = 0  # samples skipped so far: rejected by decode, or missing from a damaged shard
+    decoded: int = 0
+    in_a_row: int = 0  # decode failures since the last decoded sample
+    last: tuple[dict, Optional[BaseException]] = ({}, None)  # the last rejected sample and its error
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (subject, one-line warning) not yet in a batch
+    noted: set[str] = field(default_factory=set)  # shards whose rejected samples have a note
 
 
 class ShardStream(IterableDataset):
-    """Batches from WebDataset shards; every rank yields exactly `len(self)` batches per epoch.
+    """Batches from WebDataset shards; every rank yields exactly `len(self)` batches per epoch (epoch_batches).
 
-    Shard order is shuffled per epoch with `seed`; the samples of the shards in that order are one sequence, cut into
-    contiguous ranges, one per (rank, DataLoader worker), each as long as the batches it must yield (shards weighed by
-    their counts: uneven shards lose nothing). An epoch has ceil(samples / (batch x ranks x batch_multiple)) x
-    batch_multiple batches per rank, so it trains on every sample once, and the last range wraps around to the
-    sequence's start for the pad (< batch x ranks x batch_multiple samples seen twice). A range short of samples
-    (a damaged shard, rejected samples) is read again to fill its batches. Samples pass through a seeded shuffle buffer,
-    `decode` (a raising or None-returning sample is skipped and counted) and `collate`. Batch b of an epoch belongs
-    to logical worker b % W; the DataLoader reads workers round-robin from worker 0, so on a resume at batch k
-    worker w plays logical worker (w + k) % W and the remaining batches arrive in the uninterrupted order, decoded
-    under RNG streams seeded by (seed, epoch, rank, logical worker). Data that cannot work is a DataError, never a
-    hang (docs/data.md); the constructor decodes a first sample, so wrong shards fail before training starts.
+    The shards, in a per-epoch seeded order, are one sequence of samples cut into contiguous ranges, one per (rank,
+    DataLoader worker), shards weighed by their counts, the last range wrapping to the start for the pad
+    (docs/scaling.md); a range short of samples (a damaged shard, rejected samples) is read again to fill its batches.
+    Samples pass through a seeded shuffle buffer, `decode` (a raising or None-returning sample is skipped and counted)
+    and `collate`. Batch b of an epoch belongs to logical worker b % W; the DataLoader reads workers round-robin from
+    worker 0, so on a resume at batch k worker w plays logical worker (w + k) % W and the remaining batches arrive in
+    the uninterrupted order, decoded under RNG streams seeded by (seed, epoch, rank, logical worker). Data that cannot
+    work is a DataError, never a hang (docs/data.md); the constructor decodes a first sample, so wrong shards fail
+    before training starts.
     """
 
     def __init__(self, urls: list[str], decode: Callable[[dict], Optional[dict]], collate: Callable[[list], dict],
@@ -125,9 +134,7 @@ class ShardStream(IterableDataset):
                 yield sample
             if end is not None and read >= end:
                 return  # the rest of the shard is another range's
-        listed = self.listed.get(url)
-        if end is not None and listed is None:
-            listed = self.counts.get(url)
+        listed = self.listed.get(url, self.counts.get(url) if end is not None else None)
         lost = max(0, min(listed, end if end is not None else listed) - max(read, first)) if listed is not None \
             else len(errors)
         if lost:
@@ -233,10 +240,8 @@ class ShardStream(IterableDataset):
 class MapStream(IterableDataset):
     """A map-style dataset as an epoch-seeded, rank-sharded, resumable stream of batches (equal per rank).
 
-    Like ShardStream, an epoch trains on every sample: each rank gets ceil(samples / (batch x ranks x
-    batch_multiple)) x batch_multiple batches, the epoch's shuffled order wrapping around to its start for the pad
-    (fewer than one optimizer step's samples seen twice). Data that cannot fill one optimizer step keeps its whole
-    batches (build_run refuses that epoch)."""
+    Like ShardStream, an epoch trains on every sample (epoch_batches), the epoch's shuffled order wrapping around to
+    its start for the pad."""
 
     def __init__(self, dataset: Dataset, collate: Callable[[list], dict], batch_size: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, batch_multiple: int = 1):

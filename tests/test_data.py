@@ -10,10 +10,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from framework.data_errors import DataError, DecodeError
 from framework.loader import make_loader
-from framework.shards import count_samples, expand_shards, verify_checksums
-from framework.streams import FAILURES_IN_A_ROW, NOTES, SKIPPED, ShardStream
+from framework.shards import DataError, count_samples, expand_shards, verify_checksums
+from framework.streams import FAILURES_IN_A_ROW, NOTES, SKIPPED, DecodeError, ShardStream
 from recipes.toy import collate, decode, make_shards
 
 

@@ -20,7 +20,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from framework.data_errors import DecodeError
+from framework.streams import DecodeError
 from recipes.common.text import pre_caption
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP (CLIP) normalisation

@@ -21,7 +21,7 @@ import torch
 import webdataset as wds
 
 from corpora.rocov2 import STATE_DIR, atomic_shard, write_json_atomic
-from framework.data_errors import DataError
+from framework.shards import DataError
 from recipes.common.image_text import IMAGE_KEYS, open_image
 from recipes.medblip.capfilt.generation import (
     SamplingOptions,
