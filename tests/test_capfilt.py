@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 import tests.capfilt_tiny as tiny
-from corpora.rocov2 import PrepareError
+from corpora.shard_writer import PrepareError
 from framework.shards import count_samples, expand_shards
 from recipes.common.image_text import ImageConfig, make_decode
 from recipes.common.text import pre_caption

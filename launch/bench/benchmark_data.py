@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 
 def _prepare_medpix(medpix: Path, out: Path) -> None:
-    from corpora.rocov2 import PrepareOptions, prepare
+    from corpora.listings import PrepareOptions
+    from corpora.rocov2 import prepare
 
     prepare(PrepareOptions(input=str(medpix / "sample_captions.csv"), out=str(out), split="all",
                            samples_per_shard=100, workers=2), log=lambda s: None)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from corpora.rocov2 import atomic_shard, write_json_atomic
+from corpora.shard_writer import atomic_shard, write_json_atomic
 from framework.shards import expand_shards
 from recipes.medblip.capfilt.scoring import KEPT
 from recipes.medblip.capfilt.writing import read_samples
