@@ -23,6 +23,8 @@ _CAPTION_COLUMNS = ("caption", "text", "captions", "report")
 
 @dataclass
 class PrepareOptions:
+    """What to convert and how: the options of launch/prepare_rocov2.py."""
+
     input: str  # parquet file/dir, ROCOv2 or ROCO release folder, or a CSV/JSONL table
     out: str  # output directory for shards, manifest.json and .prepare/
     format: str = "auto"  # auto | parquet | rocov2 | roco | table
