@@ -55,26 +55,23 @@ class PrivateRng:
         self.inner = (torch.Generator().manual_seed(seed).get_state(), random.Random(seed).getstate(),
                       np.random.RandomState(seed % 2**32).get_state())
 
-    @staticmethod
-    def _get() -> tuple:
-        return torch.get_rng_state(), random.getstate(), np.random.get_state()
-
-    @staticmethod
-    def _set(state: tuple) -> None:
-        torch.set_rng_state(state[0])
-        random.setstate(state[1])
-        np.random.set_state(state[2])
-
     def wrap(self, items: Iterator[Any]) -> Iterator[Any]:
         """Yield from `items`, computing each item under the private streams."""
         while True:
-            outer = self._get()
-            self._set(self.inner)
+            outer = _swap(self.inner)
             try:
                 item = next(items)
             except StopIteration:
                 return
             finally:
-                self.inner = self._get()
-                self._set(outer)
+                self.inner = _swap(outer)
             yield item
+
+
+def _swap(state: tuple) -> tuple:
+    """Install the global RNG streams (torch CPU, random, numpy) `state`; return the ones it replaces."""
+    outer = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.set_rng_state(state[0])
+    random.setstate(state[1])
+    np.random.set_state(state[2])
+    return outer
