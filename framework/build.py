@@ -10,8 +10,6 @@ import torch
 
 from . import checkpoint, deepspeed_patches
 from .config import Config
-from .shards import expand_shards, verify_checksums
-from .streams import MapStream, ShardStream
 from .distill import setup_distillation
 from .distributed import DistInfo, say
 from .compile import check_can_compile, compile_towers
@@ -30,6 +28,8 @@ from .preflight import (
 )
 from .rundir import check_same_resume_tag, check_same_run, check_writable
 from .schedules import warmup_cosine
+from .shards import expand_shards, verify_checksums
+from .streams import MapStream, ShardStream
 from .task import Batch, Combine, ModelOutput, Plugin, Task
 
 

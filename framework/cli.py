@@ -7,8 +7,8 @@ import sys
 from typing import Callable
 
 from .config import ConfigError
-from .shards import DataError
 from .registry import RegistryError
+from .shards import DataError
 
 # Exceptions that mean "the user must fix something"; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, RegistryError, FileNotFoundError,

@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from framework.build import build_run
         from framework.config import import_recipe, load_config
-        from framework.loader import make_loader
         from framework.distributed import init_distributed
+        from framework.loader import make_loader
 
         tmp = tempfile.mkdtemp(prefix="bench-")
         cfg = load_config(args.recipe, [f"run.dir={tmp}", "run.resume=none", "run.save_every=0",

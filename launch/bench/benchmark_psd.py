@@ -88,9 +88,9 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict[
 
     from framework.build import build_run
     from framework.config import import_recipe, load_config
+    from framework.distributed import init_distributed
     from framework.loader import make_loader
     from framework.streams import SKIPPED
-    from framework.distributed import init_distributed
 
     cfg = load_config(recipe, overrides)
     dist = init_distributed()

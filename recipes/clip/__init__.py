@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from framework.config import Config, ConfigError
+from framework.distributed import DistInfo
 from framework.shards import expand_shards
 from framework.streams import SKIPPED, ShardStream
-from framework.distributed import DistInfo
 from framework.task import Recipe, Task
 from recipes.common.image_text import ImageConfig, make_collate, make_decode
 from recipes.common.tokenizer import load_tokenizer

@@ -17,11 +17,11 @@ from typing import Any, Optional
 import torch
 
 from framework.config import ConfigError
+from framework.distributed import say
+from framework.files import atomic_write_text
 from framework.loader import make_loader
 from framework.shards import count_samples, expand_shards
 from framework.streams import SKIPPED, ShardStream
-from framework.distributed import say
-from framework.files import atomic_write_text
 from framework.task import Recipe, Task
 from recipes.common.image_text import make_collate, make_decode
 from recipes.common.retrieval import itm_rerank, recalls

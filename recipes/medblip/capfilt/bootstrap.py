@@ -25,9 +25,9 @@ from corpora.shard_writer import (
     exclusive,
     write_json_atomic,
 )
-from framework.shards import count_samples, expand_shards, read_manifest
 from framework.distributed import say
 from framework.rundir import run_dir_of
+from framework.shards import count_samples, expand_shards, read_manifest
 from recipes.medblip.capfilt.generation import SamplingOptions
 from recipes.medblip.capfilt.models import (
     LoadedModel,
