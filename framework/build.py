@@ -9,11 +9,10 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import checkpoint, deepspeed_patches
+from .compile import compile_towers
 from .config import Config, ShardDataConfig, distill_settings
-from .data import MapStream, ShardStream, expand_shards, verify_checksums
 from .distill import setup_distillation
 from .distributed import DistInfo, say
-from .compile import compile_towers
 from .ema import check_zero_stage
 from .gpu import GpuFacts
 from .loss_weights import StaticLossWeights
@@ -30,6 +29,8 @@ from .preflight import (
 from .progress import Progress
 from .rundir import check_same_resume_tag, check_same_run, check_writable
 from .schedules import warmup_cosine
+from .shards import expand_shards, verify_checksums
+from .streams import MapStream, ShardStream
 from .task import Batch, Combine, ModelOutput, Plugin, Task
 
 

@@ -7,7 +7,7 @@ import sys
 from typing import Callable
 
 from .config import ConfigError
-from .data import DataError
+from .shards import DataError
 
 # Exceptions that mean "the user must fix something"; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError, ValueError)

@@ -13,12 +13,13 @@ import torch
 from . import checkpoint
 from .build import Run
 from .config import config_to_dict, parse_duration, parse_every, save_resolved
-from .data import SKIPPED, batch_size_of, make_loader
 from .deepspeed_patches import loss_scale, skip_next_step
 from .distributed import any_nonfinite, any_true
 from .health import HealthMonitor, StepLosses, TrainingStopped
+from .loader import batch_size_of, make_loader
 from .preflight import GIB
 from .rundir import RunLock, check_shared
+from .streams import SKIPPED
 from .tracking import RunLogger, StepWindow, detached, mean_losses_over_ranks, peak_memory, read_scalars
 
 __all__ = ["FitResult", "StepDone", "StopReason", "Trainer", "TrainingStopped", "fit"]

@@ -280,7 +280,7 @@ def count_flops(stage: Stage, overrides: list[str], device: str) -> tuple[float,
     else:
         import webdataset as wds
 
-        from framework.data import expand_shards
+        from framework.shards import expand_shards
 
         raw = wds.DataPipeline(wds.SimpleShardList(expand_shards(cfg.data.train)[:1]), wds.tarfile_to_samples())
         samples = [s for s in (task.decode(r) for r, _ in zip(raw, range(8))) if s is not None][:2]

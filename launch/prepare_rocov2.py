@@ -16,14 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from corpora.rocov2 import (  # noqa: E402
-    DEFAULT_SAMPLES_PER_SHARD,
-    MIN_SHARDS,
-    MODALITY_CUIS,
-    PrepareError,
-    PrepareOptions,
-    prepare,
-)
+from corpora.listings import PrepareOptions  # noqa: E402
+from corpora.modalities import MODALITY_CUIS  # noqa: E402
+from corpora.rocov2 import DEFAULT_SAMPLES_PER_SHARD, MIN_SHARDS, prepare  # noqa: E402
+from corpora.shard_writer import PrepareError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> PrepareOptions:

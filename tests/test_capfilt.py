@@ -14,8 +14,8 @@ import webdataset as wds
 from PIL import Image
 
 import tests.capfilt_tiny as tiny
-from corpora.rocov2 import PrepareError
-from framework.data import count_samples, expand_shards
+from corpora.shard_writer import PrepareError
+from framework.shards import count_samples, expand_shards
 from recipes.common.image_text import ImageConfig, make_decode
 from recipes.common.text import pre_caption
 from recipes.medblip.capfilt import bootstrap, writing

@@ -72,7 +72,8 @@ def test_captioner_and_filter_from_dapt_then_capfilt_then_dapt_on_its_output(tmp
 
 def test_medpix_shards_through_capfilt(shared_data: Path, tmp_path: Path) -> None:
     """Real MedPix pairs (prepare_rocov2's shards: jpg + txt + json with caption-keyword modality) through CapFilt."""
-    from corpora.rocov2 import PrepareOptions, prepare
+    from corpora.listings import PrepareOptions
+    from corpora.rocov2 import prepare
 
     csv = shared_data / "medpix2_sample" / "sample_captions.csv"
     if not csv.is_file():

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from corpora.phantoms import PhantomSpec, write_caption_shards
 from framework.config import ConfigError, load_config
-from framework.data import ShardStream, expand_shards
 from framework.distributed import DistInfo
 from framework.run_env import run_env
+from framework.shards import expand_shards
+from framework.streams import ShardStream
 from recipes.clip import build
 from recipes.clip.loss import contrastive_loss
 from tests.conftest import DIST_ENV, ROOT, run_entry

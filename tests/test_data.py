@@ -10,18 +10,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from framework.data import (
-    FAILURES_IN_A_ROW,
-    NOTES,
-    SKIPPED,
-    DataError,
-    DecodeError,
-    ShardStream,
-    count_samples,
-    expand_shards,
-    make_loader,
-    verify_checksums,
-)
+from framework.loader import make_loader
+from framework.shards import DataError, count_samples, expand_shards, verify_checksums
+from framework.streams import FAILURES_IN_A_ROW, NOTES, SKIPPED, DecodeError, ShardStream
 from recipes.toy import collate, decode, make_shards
 
 
@@ -134,7 +125,7 @@ def test_manifest_counts_and_checksums(tmp_path):
 def test_map_stream_resume_and_rank_split(workers):
     import torch
 
-    from framework.data import MapStream
+    from framework.streams import MapStream
 
     class Noisy(torch.utils.data.Dataset):  # random "augmentation" from the global RNG
         def __len__(self):
@@ -329,13 +320,13 @@ def test_a_malformed_manifest_is_one_data_error(tmp_path, doc, needle):
 def test_private_rng_leaves_the_cuda_generators_alone(monkeypatch):
     """The data's private streams are seeded without torch.manual_seed (which reseeds every CUDA generator, the
     model's dropout and noise on a GPU), and draw what torch.manual_seed(seed) would have given."""
-    from framework.data import _PrivateRng
+    from framework.epoch_plan import PrivateRng
 
     calls = []
     monkeypatch.setattr(torch, "manual_seed", lambda *a: calls.append(a))
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda *a: calls.append(a))
     before = torch.get_rng_state()
-    drawn = list(_PrivateRng(1234).wrap(iter(torch.rand(3) for _ in range(2))))
+    drawn = list(PrivateRng(1234).wrap(iter(torch.rand(3) for _ in range(2))))
     assert calls == [] and torch.equal(torch.get_rng_state(), before)
     monkeypatch.undo()
     expected = torch.Generator().manual_seed(1234)
@@ -354,7 +345,7 @@ def test_a_map_style_epoch_trains_every_sample_with_a_pad_under_one_step(world_s
         def __getitem__(self, i):
             return {"key": f"s{i:02d}"}
 
-    from framework.data import MapStream
+    from framework.streams import MapStream
 
     streams = [MapStream(Items(), lambda s: {"keys": [x["key"] for x in s]}, 4, seed=3, rank=r,
                          world_size=world_size, batch_multiple=2) for r in range(world_size)]

@@ -88,7 +88,7 @@ def phantom_pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
     import webdataset as wds
 
     from corpora.phantoms import PhantomSpec, write_demo_data
-    from framework.data import expand_shards
+    from framework.shards import expand_shards
     from recipes.common.image_text import make_decode
 
     root = tmp_path_factory.mktemp("phantoms")

@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from corpora import phantoms as ph
-from framework.data import count_samples, expand_shards, verify_checksums
+from framework.shards import count_samples, expand_shards, verify_checksums
 from tests.conftest import run_entry
 
 SMALL = ph.PhantomSpec(seed=3, train_captions=30, val_captions=10, samples_per_shard=8, vqa_train_images=40,

@@ -16,14 +16,12 @@ import pytest
 from conftest import ROOT, SHARED_DATA, load_launch
 from PIL import Image
 
-from corpora.rocov2 import (
-    CRASH_ENV,
-    PrepareError,
-    PrepareOptions,
-    prepare,
-    resolve_modalities,
-)
-from framework.data import ShardStream, expand_shards, verify_checksums
+from corpora.listings import PrepareOptions
+from corpora.modalities import resolve_modalities
+from corpora.rocov2 import CRASH_ENV, prepare
+from corpora.shard_writer import PrepareError
+from framework.shards import expand_shards, verify_checksums
+from framework.streams import ShardStream
 from recipes.common.image_text import ImageConfig, make_decode
 
 cli_main = load_launch("prepare_rocov2").main
@@ -364,7 +362,7 @@ def test_medpix_sample_converts(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- ROCO v1: caption-keyword modality
 
-from corpora.rocov2 import caption_modality  # noqa: E402
+from corpora.modalities import caption_modality  # noqa: E402
 
 
 @pytest.mark.parametrize("caption,expected", [

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from corpora.rocov2 import PrepareOptions, prepare
+from corpora.listings import PrepareOptions
+from corpora.rocov2 import prepare
 from tests.test_prepare import CT, MRI, cli_main, pixels, read_back, write_parquet
 
 

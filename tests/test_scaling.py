@@ -13,8 +13,9 @@ import torch
 import webdataset as wds
 
 from framework.checkpoint import find_resume_tag
-from framework.data import ShardStream, make_loader
+from framework.loader import make_loader
 from framework.run_env import run_env
+from framework.streams import ShardStream
 from recipes.toy import collate, decode, make_shards
 from tests.conftest import DIST_ENV, ROOT, free_port, run_entry
 

@@ -76,7 +76,7 @@ def minimal_loop(run: Any, batch: dict, steps: int) -> float:
 
 
 class RepeatedBatch(IterableDataset):
-    """A stream (framework.data's interface: len, set_epoch, iteration) yielding one batch `n` times."""
+    """A stream (framework.streams' interface: len, set_epoch, iteration) yielding one batch `n` times."""
 
     def __init__(self, batch: dict, n: int):
         self.batch, self.n = batch, n
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from framework.build import build_run
         from framework.config import import_recipe, load_config
-        from framework.data import make_loader
         from framework.distributed import init_distributed
+        from framework.loader import make_loader
         from framework.run_env import run_env
 
         tmp = tempfile.mkdtemp(prefix="bench-")

@@ -6,7 +6,7 @@
 
 Without --shards it prepares the MedPix sample (../shared/data/medpix2_sample, or --medpix) into a temp dir;
 --images DIR shards a folder of images instead (e.g. VQA-RAD's JPEGs: image.draft only speeds up JPEGs).
-Runs framework.data.ShardStream + make_loader exactly as training does, with BLIP's training transform
+Runs framework.streams.ShardStream + make_loader exactly as training does, with BLIP's training transform
 and the bundled tokenizer, and prints one line per setting. --compare-draft times the training transform with
 and without reduced-size JPEG decoding (image.draft) in one process, alternating, and prints median, min and
 max of the images per CPU second and per wall second.
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 
 def _prepare_medpix(medpix: Path, out: Path) -> None:
-    from corpora.rocov2 import PrepareOptions, prepare
+    from corpora.listings import PrepareOptions
+    from corpora.rocov2 import prepare
 
     prepare(PrepareOptions(input=str(medpix / "sample_captions.csv"), out=str(out), split="all",
                            samples_per_shard=100, workers=2), log=lambda s: None)
@@ -52,7 +53,8 @@ def measure(urls: list[str], workers: int, batches: int, batch_size: int, train:
             draft: bool = True) -> tuple[float, int, float]:
     """(images/s, images, images per CPU second of this process) over `batches` batches after one warm-up batch
     (worker start-up excluded); the CPU rate counts the decoding only with workers=0 (in this process)."""
-    from framework.data import ShardStream, make_loader
+    from framework.loader import make_loader
+    from framework.streams import ShardStream
     from recipes.common.image_text import ImageConfig, make_collate, make_decode
     from recipes.common.tokenizer import load_tokenizer
 
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from framework.data import expand_shards
+    from framework.shards import expand_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = args.shards
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prepared the MedPix sample into {tmp} in {time.perf_counter() - t:.1f} s")
             spec = tmp
         urls = expand_shards(spec)
-        print(f"pipeline: framework.data.ShardStream + make_loader, recipes.common.image_text decode/collate; "
+        print(f"pipeline: framework.streams.ShardStream + make_loader, recipes.common.image_text decode/collate; "
               f"{len(urls)} shards, batch {args.batch_size}, image {args.size}, {os.cpu_count()} CPUs")
         if args.compare_draft:
             return _compare_draft(urls, args)

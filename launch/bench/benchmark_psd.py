@@ -88,9 +88,10 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict[
 
     from framework.build import build_run
     from framework.config import import_recipe, load_config
-    from framework.data import SKIPPED, make_loader
     from framework.distributed import init_distributed
+    from framework.loader import make_loader
     from framework.run_env import run_env
+    from framework.streams import SKIPPED
 
     cfg = load_config(recipe, overrides)
     env = run_env(cfg, init_distributed())

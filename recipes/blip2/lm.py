@@ -19,9 +19,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from framework.config import Config, ConfigError
-from framework.data import expand_shards
 from framework.distributed import say
 from framework.run_env import RunEnv
+from framework.shards import expand_shards
 from framework.task import Recipe, Task
 from recipes.common.text import pre_caption
 from recipes.common.vqa_rad import load_split

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from framework.config import Config, ConfigError
-from framework.data import SKIPPED, ShardStream, expand_shards
 from framework.run_env import RunEnv
+from framework.shards import expand_shards
+from framework.streams import SKIPPED, ShardStream
 from framework.task import Recipe, Task
 from recipes.common.image_text import RETIRED_IMAGE_KEYS, ImageConfig, make_collate, make_decode
 from recipes.common.tokenizer import load_tokenizer

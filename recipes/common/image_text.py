@@ -3,7 +3,7 @@
 Training images follow BLIP's pretraining transform (RandomResizedCrop bicubic, horizontal flip,
 RandomAugment(2, 5) over BLIP's ten ops, normalisation); evaluation images are a bicubic resize to
 size x size from the full decode, exactly as BLIP's test transform (reduced-size JPEG decoding, `image.draft`,
-speeds up training only). All randomness comes from torch's global generator, which framework.data.ShardStream seeds
+speeds up training only). All randomness comes from torch's global generator, which framework.streams.ShardStream seeds
 per (seed, epoch, rank, worker), so augmented batches are reproducible and resumable.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from framework.data import DecodeError
+from framework.streams import DecodeError
 from recipes.common.text import pre_caption
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP (CLIP) normalisation

@@ -17,10 +17,12 @@ from typing import Any, Optional
 import torch
 
 from framework.config import ConfigError
-from framework.data import SKIPPED, ShardStream, count_samples, expand_shards, make_loader
 from framework.distributed import say
 from framework.files import atomic_write_text
+from framework.loader import make_loader
 from framework.run_env import RunEnv
+from framework.shards import count_samples, expand_shards
+from framework.streams import SKIPPED, ShardStream
 from framework.task import Recipe, Task
 from recipes.common.image_text import make_collate, make_decode
 from recipes.common.retrieval import itm_rerank, recalls

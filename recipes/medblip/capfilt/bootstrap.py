@@ -1,6 +1,6 @@
 """CapFilt over a shard corpus, on one process or many: plan (rank 0), shards split across ranks, manifest merged.
 
-Rank 0 holds the output's lock (corpora.rocov2.exclusive) for the whole run, cleans leftovers of interrupted runs
+Rank 0 holds the output's lock (corpora.shard_writer.exclusive) for the whole run, cleans leftovers of interrupted runs
 and decides which shards are still to do; the rest is done in rounds, shard r*world + rank in round r, each round
 ending in one exchange (ranks.agree) that carries progress and any failure. Rank 0 then merges the per-shard
 reports into manifest.json (written last) and the report. A shard's content depends only on its input, the
@@ -18,16 +18,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from corpora.rocov2 import (
+from corpora.shard_writer import (
     STATE_DIR,
     clean_out,
     complete_report,
     exclusive,
     write_json_atomic,
 )
-from framework.data import count_samples, expand_shards, read_manifest
 from framework.distributed import say
 from framework.rundir import run_dir_of
+from framework.shards import count_samples, expand_shards, read_manifest
 from recipes.medblip.capfilt.generation import SamplingOptions
 from recipes.medblip.capfilt.models import (
     LoadedModel,

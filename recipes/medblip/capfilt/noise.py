@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from corpora.rocov2 import atomic_shard, write_json_atomic
-from framework.data import expand_shards
+from corpora.shard_writer import atomic_shard, write_json_atomic
+from framework.shards import expand_shards
 from recipes.medblip.capfilt.scoring import KEPT
 from recipes.medblip.capfilt.writing import read_samples
 

@@ -1,4 +1,4 @@
-"""One input shard through the captioner and the filter into one output shard, with corpora/rocov2.py's guarantees
+"""One input shard through the captioner and the filter into one output shard, with corpora/shard_writer.py's guarantees
 (atomic_shard: written to .tmp, fsynced, hashed, renamed; the per-shard report in .prepare/ after the rename), and
 the manifest merged from the per-shard reports.
 
@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import webdataset as wds
 
-from corpora.rocov2 import STATE_DIR, atomic_shard, write_json_atomic
-from framework.data import DataError
+from corpora.shard_writer import STATE_DIR, atomic_shard, write_json_atomic
+from framework.shards import DataError
 from recipes.common.image_text import IMAGE_KEYS, open_image
 from recipes.medblip.capfilt.generation import (
     SamplingOptions,

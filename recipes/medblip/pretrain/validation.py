@@ -19,13 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.config import Config, ConfigError
-from framework.data import (
-    SKIPPED,
-    ShardStream,
-    count_samples,
-    expand_shards,
-    make_loader,
-)
+from framework.loader import make_loader
+from framework.shards import count_samples, expand_shards
+from framework.streams import SKIPPED, ShardStream
 from recipes.common.image_text import make_collate, make_decode
 from recipes.medblip.model.blip_pretrain import MedBlipPretrain
 
