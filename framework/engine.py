@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,6 +18,7 @@ from .health import HealthMonitor, StepLosses, TrainingStopped
 from .loader import batch_size_of, make_loader
 from .preflight import GIB
 from .rundir import RunLock, check_shared
+from .stop_signals import Interrupt, StopSignals
 from .streams import SKIPPED
 from .tracking import RunLogger, StepWindow, detached, mean_losses_over_ranks, peak_memory, read_scalars
 
@@ -31,6 +31,7 @@ class StopReason(Enum):
     FINISHED = "finished"  # the configured length
     PREEMPTED = "preempted"  # a signal or run.stop_at_step (on any rank)
     TIME_BUDGET = "time_budget"  # run.time_budget nearly spent
+    UNHEALTHY = "unhealthy"  # the health monitor's verdict: fit() saves, then raises TrainingStopped
 
 
 @dataclass
@@ -51,15 +52,6 @@ class FitResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-class _Interrupt(BaseException):
-    """A stop signal that arrived while waiting for data or evaluating (phases a step boundary may never end).
-    A BaseException, as KeyboardInterrupt: code that skips a failing sample (`except Exception`) must not eat it."""
-
-
-class _StoppedOutsideStep(Exception):
-    """Raised by Trainer._interrupted once the stop is handled: fit ends as a preempted run (with no evaluation)."""
-
-
 class Trainer:
     """Trains a Run: the loop, the step boundary (log -> evaluate -> save -> stop), signals, checkpoints."""
 
@@ -71,8 +63,8 @@ class Trainer:
         self.min_loss_scale = float(run.ds.config.get("fp16", {}).get("min_loss_scale", 1.0))  # DeepSpeed's default
         self.log: Optional[RunLogger] = None  # opened by fit(): a start that failed earlier wrote nothing
         self.pending: list[tuple[int, int, dict[str, Any], Any]] = []  # steps not logged yet: (step, epoch, ...)
-        self.stop_signal: Optional[str] = None
-        self.phase = "start"  # data | step | eval: where a stop signal lands
+        self.signals = StopSignals()  # the stop asked for, and where a signal lands
+        self.unhealthy: Optional[str] = None  # the health monitor's reason to stop, acted on at the next boundary
         self.started = time.time()
         self.start_step = self.progress.step
         self.saved_step, self.saved_tag = (self.progress.step, run.resumed_from) if run.resumed_from else (-1, None)
@@ -86,21 +78,31 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> FitResult:
-        """Train until the configured length, a stop signal, the time budget, or a failure; returns where it ended."""
-        run, pos = self.run, self.progress
-        stop: Optional[StopReason] = None
-        metrics: dict[str, Any] = {}
-        try:
-            with self._run_dir(), self._signals():
-                while pos.step < run.total_steps and stop is None:
-                    stop = self._train_epoch()
-                if stop is None and self.saved_step != pos.step:
-                    self._save()
-                if stop is None and run.task.evaluate:
+        """Train until the configured length, a stop signal, the time budget, or a failure; returns where it ended
+        (an unhealthy run raises TrainingStopped instead, its last good state saved)."""
+        pos, metrics = self.progress, {}
+        with self._run_dir(), self.signals.installed():
+            try:
+                stop = self._train()
+                if stop is None and self.run.task.evaluate:
                     metrics = self.last_eval[1] if self.last_eval[0] == pos.step else self._evaluate()
-        except _StoppedOutsideStep:  # a signal while waiting for data or evaluating: handled, then here
-            stop = StopReason.PREEMPTED
+            except Interrupt as e:  # a signal while waiting for data or evaluating: a boundary may never come
+                self._interrupted(e.phase)
+                stop = StopReason.PREEMPTED
         return FitResult(pos.step, pos.epoch, (stop or StopReason.FINISHED).value, self.saved_tag, metrics)
+
+    def _train(self) -> Optional[StopReason]:
+        """Epochs until the configured length or a stop reason, the last step saved; raises TrainingStopped after
+        saving when the health monitor stopped the run."""
+        stop = None
+        while self.progress.step < self.run.total_steps and stop is None:
+            stop = self._train_epoch()
+        if stop is None and self.saved_step != self.progress.step:
+            self._save()
+        if self.unhealthy:  # a verdict of the last save's log flush included
+            self.log.message(f"stopped: {self.unhealthy}; last good state saved in {self.run.ckpt_dir}")
+            raise TrainingStopped(self.unhealthy)
+        return stop
 
     def _train_epoch(self) -> Optional[StopReason]:
         """The rest of the current epoch, step by step, each followed by its boundary (log -> evaluate -> save);
@@ -153,8 +155,9 @@ class Trainer:
         self.progress.step += 1
         # reported after ds.step(): a stop here saves DeepSpeed's state at progress.step; under fp16 this reads the flag
         # (the loss scaler has skipped the step if a loss was not finite)
-        self.health.nonfinite(self.losses.total, {"losses": self.losses.objectives}, self.progress.step, self.log,
-                              "step skipped by the loss scaler" if self.run.loss_scaler_skips else "step skipped", bad)
+        self.unhealthy = self.unhealthy or self.health.nonfinite(
+            self.losses.total, {"losses": self.losses.objectives}, self.progress.step, self.log,
+            "step skipped by the loss scaler" if self.run.loss_scaler_skips else "step skipped", bad)
         self.losses.clear()
         scalars = self._step_scalars(self.window, output)  # plugins run here, right after the step
         self.window = StepWindow()
@@ -184,15 +187,16 @@ class Trainer:
         """The pending steps' scalars read in one host sync per device, their losses averaged over ranks in one
         all-reduce (collective: every rank calls it at the same steps), then written, printed and health-checked in
         step order (health warnings and stops come at the log interval, with every step's values)."""
-        pending, self.pending = self.pending, []  # taken first: a health stop here saves without re-flushing
+        pending, self.pending = self.pending, []
         read_scalars([scalars for _, _, scalars, _ in pending])
         if collective:
             mean_losses_over_ranks([scalars for _, _, scalars, _ in pending], self.run.dist.world_size,
                                    self.run.dist.device)
         for step, epoch, scalars, chance in pending:
-            self.log.scalars(step, scalars)
+            health, stop = self.health.check(step, scalars, {"chance": chance}, self.log, self.min_loss_scale)
+            self.unhealthy = self.unhealthy or stop
+            self.log.scalars(step, scalars | health)
             self.log.progress(step, epoch, scalars)
-            self.health.check(step, scalars, {"chance": chance}, self.log, self.min_loss_scale)
 
     def _epoch_batches(self) -> Iterator[dict]:
         """Micro-batches of the current epoch from the current position (a whole number of optimizer steps)."""
@@ -206,20 +210,18 @@ class Trainer:
         loader.generator = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + pos.epoch)
         batches = iter(loader)
         for i in range(pos.batch_in_epoch, usable):
-            self.phase = "data"
+            self.signals.phase = "data"
             try:
                 batch = next(batches)
             except StopIteration:
                 break
-            except _Interrupt:
-                self._interrupted("while waiting for data")
-            self.phase = "step"
+            self.signals.phase = "step"
             yield {k: v.to(run.dist.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                    for k, v in batch.items()}
 
     def _boundary(self, end_of_epoch: bool) -> Optional[StopReason]:
         """Evaluate (if due), then save (if due, stopping, or at the last step); returns the stop reason (None: on)."""
-        if self._due(self.eval_every, end_of_epoch) and self.run.task.evaluate:
+        if self._due(self.eval_every, end_of_epoch) and self.run.task.evaluate and not self.unhealthy:
             self._evaluate()
         stop = self._stop_reason(end_of_epoch)
         last = not end_of_epoch and self.progress.step >= self.run.total_steps
@@ -228,11 +230,13 @@ class Trainer:
         return stop
 
     def _stop_reason(self, end_of_epoch: bool) -> Optional[StopReason]:
-        """None (keep going) | PREEMPTED (a signal or run.stop_at_step, on any rank) | TIME_BUDGET."""
+        """None (keep going) | UNHEALTHY | PREEMPTED (a signal or run.stop_at_step, on any rank) | TIME_BUDGET."""
+        if self.unhealthy:  # every rank reached the same verdict: its inputs are the same on every rank
+            return StopReason.UNHEALTHY
         stop_at = self.cfg.run.stop_at_step
         if stop_at is not None and self.progress.step >= stop_at and not end_of_epoch:
-            self.stop_signal = self.stop_signal or f"run.stop_at_step={stop_at}"
-        if any_true(self.stop_signal is not None):
+            self.signals.received = self.signals.received or f"run.stop_at_step={stop_at}"
+        if any_true(self.signals.received is not None):
             return StopReason.PREEMPTED
         if self.budget is not None and any_true(self._budget_spent()):  # each rank's clock: decide together
             return StopReason.TIME_BUDGET
@@ -272,24 +276,22 @@ class Trainer:
                                          self.cfg.run.keep_last)
         self.saved_step, self.last_save_s = self.progress.step, time.time() - t0
         self.log.message(f"checkpoint {run.ckpt_dir / self.saved_tag} ({self.last_save_s:.1f}s)")
-        if self.stop_signal:
-            self.log.message(f"received {self.stop_signal}: saved {self.saved_tag}; resume with run.resume=auto")
+        if self.signals.received:
+            self.log.message(f"received {self.signals.received}: saved {self.saved_tag}; resume with run.resume=auto")
         elif self.budget is not None and self._budget_spent():
             self.log.message(f"time budget {self.cfg.run.time_budget} nearly spent: saved {self.saved_tag}")
 
     def _evaluate(self) -> dict[str, Any]:
         """The recipe's evaluation on every rank (eval mode, no_grad), logged (framework.tracking)."""
         module, step = self.ds.module, self.progress.step
-        was_training, self.phase = module.training, "eval"
+        was_training, self.signals.phase = module.training, "eval"
         module.eval()
         try:
             with torch.no_grad():
                 metrics = self.run.task.evaluate(module, step) or {}
-        except _Interrupt:
-            self._interrupted("during evaluation")
         finally:
             module.train(was_training)
-            self.phase = "step"
+            self.signals.phase = "step"
         self.last_eval = (step, metrics)
         self.log.evaluation(step, metrics)
         return metrics
@@ -307,47 +309,20 @@ class Trainer:
             self.log = RunLogger(run.run_dir, run.dist.rank, run.total_steps, self.cfg.run.log_every)
             try:
                 yield
-            except TrainingStopped as e:
-                self._save()
-                self.log.message(f"stopped: {e}; last good state saved in {run.ckpt_dir}")
-                raise
             finally:
                 with contextlib.suppress(Exception):  # a failure between log intervals: its steps still logged
                     self._flush_logs(collective=False)  # this rank's own values: the others may not be here
                 self.log.close()
 
-    @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT: stop at the next step boundary with a checkpoint; while waiting for data or evaluating,
-        at once (a boundary may never come); a second signal stops at once in any phase."""
-        def handler(signum: int, _frame: Any) -> None:
-            name = signal.Signals(signum).name
-            again, self.stop_signal = self.stop_signal is not None, self.stop_signal or name
-            if again:
-                raise KeyboardInterrupt(f"{name} again: stopped without saving")
-            if self.phase in ("data", "eval"):
-                raise _Interrupt(name)
-
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread (e.g. inside some test runners)
-                previous[sig] = signal.signal(sig, handler)
-        try:
-            yield
-        finally:  # in a notebook or test process, Ctrl-C must interrupt again once training is over
-            for sig, old in previous.items():
-                if old is not None:  # None: installed outside Python, cannot be put back
-                    signal.signal(sig, old)
-
-    def _interrupted(self, where: str) -> None:
+    def _interrupted(self, phase: str) -> None:
         """A stop signal outside a step: save unless a step's micro-batches are pending (then the last checkpoint
         stands and they are replayed on resume); fit then ends as preempted, like a stop at a step boundary."""
-        pending = self.progress.batch_in_epoch % self.run.accum and self.phase == "data"
+        pending = self.progress.batch_in_epoch % self.run.accum and phase == "data"
         if not pending and self.saved_step != self.progress.step:
             self._save()
-        self.log.message(f"received {self.stop_signal} {where}: stopped at step {self.progress.step} "
+        where = "while waiting for data" if phase == "data" else "during evaluation"
+        self.log.message(f"received {self.signals.received} {where}: stopped at step {self.progress.step} "
                          f"(checkpoint: {self.saved_tag or 'none yet'}); resume with run.resume=auto")
-        raise _StoppedOutsideStep
 
 
 def fit(run: Run, sync_timing: bool = False) -> FitResult:

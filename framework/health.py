@@ -22,7 +22,8 @@ ZERO_GRAD_STEPS = 3  # consecutive optimizer steps with a gradient norm of exact
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped itself for a reason the user must see (non-finite losses, loss-scale collapse)."""
+    """Raised by fit() once the last good state is saved, when the health monitor's verdict stopped the run
+    (non-finite losses, loss-scale collapse): a reason the user must see."""
 
 
 class StepLosses:
@@ -70,14 +71,15 @@ class HealthMonitor:
                 "losses": {k: list(v) for k, v in self.losses.items()}}
 
     def nonfinite(self, loss: torch.Tensor, output: dict[str, Any], step: int, log: Any,
-                  skipped: str = "step skipped", bad: Optional[bool] = None) -> bool:
-        """True if `loss` is not finite on any rank (a step's summed losses, StepLosses: the step is skipped, by the
-        engine under fp32/bf16, by the loss scaler under fp16); reports it, by objective, and stops after too many
-        in a row. `bad`: any_nonfinite(loss) if the caller has read it already, else read here (one host sync)."""
+                  skipped: str = "step skipped", bad: Optional[bool] = None) -> Optional[str]:
+        """Reports a step whose `loss` is not finite on any rank (a step's summed losses, StepLosses: the step is
+        skipped, by the engine under fp32/bf16, by the loss scaler under fp16), by objective; returns why the run
+        must stop (more in a row than run.max_nonfinite), else None. `bad`: any_nonfinite(loss) if the caller has
+        read it already, else read here (one host sync)."""
         # a non-finite objective makes the total non-finite (even at weight 0)
         if not (any_nonfinite(loss) if bad is None else bad):
             self.nonfinite_run = 0
-            return False
+            return None
         # every rank gets here together (any_nonfinite): all skip, count and stop alike, so they stay in step
         here = not torch.isfinite(loss.detach()).all()
         names = ([k for k, v in output["losses"].items() if not torch.isfinite(v.detach()).all()] or ["total"]) \
@@ -93,15 +95,16 @@ class HealthMonitor:
         else:
             log.message(text)
         if self.nonfinite_run > self.max_nonfinite:
-            raise TrainingStopped(f"{self.nonfinite_run} non-finite losses in a row (objective: {', '.join(names)})"
-                                  f" > run.max_nonfinite={self.max_nonfinite}; lower the learning rate or check the "
-                                  "data")
-        return True
+            return (f"{self.nonfinite_run} non-finite losses in a row (objective: {', '.join(names)}) > "
+                    f"run.max_nonfinite={self.max_nonfinite}; lower the learning rate or check the data")
+        return None
 
     def check(self, step: int, scalars: dict[str, float], output: dict[str, Any], log: Any,
-              min_loss_scale: float = 1.0) -> None:
-        """After an optimizer step: chance levels, gradient norm, loss scale; adds health/* to `scalars` first."""
+              min_loss_scale: float = 1.0) -> tuple[dict[str, float], Optional[str]]:
+        """After an optimizer step: chance levels, gradient norm, loss scale (warnings in `log`); returns the step's
+        health/* scalars and why the run must stop (a collapsed fp16 loss scale), else None."""
         health: dict[str, float] = {}
+        stop = None
         for name, chance in (output.get("chance") or {}).items():
             loss = scalars.get(f"loss/{name}")
             if loss is None:
@@ -130,8 +133,6 @@ class HealthMonitor:
                             "overflow even unscaled")
             health["health/loss_scale_collapsed"] = float(self.low_scale_run > 0)
             if self.low_scale_run > self.max_nonfinite:
-                raise TrainingStopped(f"fp16 loss scale collapsed to {scale} for {self.low_scale_run} steps: "
-                                      "gradients overflow even at the minimum scale; lower the learning rate or use "
-                                      "fp32/bf16")
-        scalars |= health
-        log.scalars(step, health)
+                stop = (f"fp16 loss scale collapsed to {scale} for {self.low_scale_run} steps: gradients overflow "
+                        "even at the minimum scale; lower the learning rate or use fp32/bf16")
+        return health, stop

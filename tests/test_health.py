@@ -23,45 +23,54 @@ class Log:
         self.scalars_seen.setdefault(step, {}).update(values)
 
 
+def check(monitor, step, scalars, out, log, **kw):
+    """monitor.check, its health/* scalars logged beside the step's as the engine logs them; returns the verdict."""
+    health, stop = monitor.check(step, scalars, out, log, **kw)
+    log.scalars(step, health)
+    return stop
+
+
 def test_itm_at_its_prior_entropy_is_flagged_after_the_window_and_cleared_when_it_learns():
     assert ITM_CHANCE == pytest.approx(0.6365, abs=1e-4)
     monitor, log = HealthMonitor(RunConfig(health_window=5, health_tolerance=0.02)), Log()
     out = {"chance": {"itm": ITM_CHANCE, "lm": 10.0}}
     for step in range(1, 5):  # 4 steps at chance: not yet a whole window
-        monitor.check(step, {"loss/itm": 0.6366, "loss/lm": 6.0}, out, log)
+        check(monitor, step, {"loss/itm": 0.6366, "loss/lm": 6.0}, out, log)
     assert not log.messages and log.scalars_seen[4]["health/at_chance/itm"] == 0.0
-    monitor.check(5, {"loss/itm": 0.6360, "loss/lm": 5.0}, out, log)
+    check(monitor, 5, {"loss/itm": 0.6360, "loss/lm": 5.0}, out, log)
     assert len(log.messages) == 1 and "itm has stayed at its chance level for 5 steps" in log.messages[0]
     assert log.scalars_seen[5]["health/at_chance/itm"] == 1.0 and log.scalars_seen[5]["health/at_chance/lm"] == 0.0
-    monitor.check(6, {"loss/itm": 0.6364, "loss/lm": 5.0}, out, log)
+    check(monitor, 6, {"loss/itm": 0.6364, "loss/lm": 5.0}, out, log)
     assert len(log.messages) == 1  # once per episode
-    monitor.check(7, {"loss/itm": 0.50, "loss/lm": 5.0}, out, log)  # it learns: cleared
+    check(monitor, 7, {"loss/itm": 0.50, "loss/lm": 5.0}, out, log)  # it learns: cleared
     assert log.scalars_seen[7]["health/at_chance/itm"] == 0.0
 
 
 def test_zero_gradient_norm_and_a_collapsed_loss_scale():
     monitor, log = HealthMonitor(RunConfig(max_nonfinite=2)), Log()
     for step in (1, 2, 3):
-        monitor.check(step, {"train/grad_norm": 0.0}, {}, log)
+        check(monitor, step, {"train/grad_norm": 0.0}, {}, log)
     assert any("gradient norm has been 0 for 3 steps" in m for m in log.messages)
     assert log.scalars_seen[3]["health/zero_grad"] == 1.0
-    monitor.check(4, {"train/grad_norm": 0.5, "fp16/loss_scale": 1.0}, {}, log, min_loss_scale=1.0)
+    check(monitor, 4, {"train/grad_norm": 0.5, "fp16/loss_scale": 1.0}, {}, log, min_loss_scale=1.0)
     assert log.scalars_seen[4]["health/zero_grad"] == 0.0 and any("loss scale fell to 1" in m for m in log.messages)
-    monitor.check(5, {"fp16/loss_scale": 1.0}, {}, log, min_loss_scale=1.0)
-    with pytest.raises(TrainingStopped, match="loss scale collapsed"):
-        monitor.check(6, {"fp16/loss_scale": 1.0}, {}, log, min_loss_scale=1.0)
+    assert check(monitor, 5, {"fp16/loss_scale": 1.0}, {}, log, min_loss_scale=1.0) is None
+    stop = check(monitor, 6, {"fp16/loss_scale": 1.0}, {}, log, min_loss_scale=1.0)
+    assert log.scalars_seen[6]["health/loss_scale_collapsed"] == 1.0
+    assert stop.startswith("fp16 loss scale collapsed to 1.0 for 3 steps")
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run():
     monitor, log = HealthMonitor(RunConfig(max_nonfinite=1)), Log()
     good, bad = torch.tensor(1.0), torch.tensor(float("nan"))
-    assert not monitor.nonfinite(good, {"losses": {"a": good}}, 1, log)
-    assert monitor.nonfinite(bad, {"losses": {"a": bad}}, 2, log) and "non-finite loss in a" in log.messages[-1]
+    assert monitor.nonfinite(good, {"losses": {"a": good}}, 1, log) is None and not log.messages
+    assert monitor.nonfinite(bad, {"losses": {"a": bad}}, 2, log) is None  # reported, skipped, not yet a stop
     assert "step 2: non-finite loss in a; step skipped" in log.messages[-1]
-    assert not monitor.nonfinite(bad, {"losses": {"a": bad}}, 3, log, bad=False)  # the caller's read decides
-    assert monitor.nonfinite(bad, {"losses": {"a": bad}}, 4, log, bad=True)
-    with pytest.raises(TrainingStopped, match="2 non-finite losses in a row"):
-        monitor.nonfinite(bad, {"losses": {"a": bad}}, 5, log)
+    assert monitor.nonfinite(bad, {"losses": {"a": bad}}, 3, log, bad=False) is None  # the caller's read decides
+    assert len(log.messages) == 1 and monitor.nonfinite_run == 0
+    assert monitor.nonfinite(bad, {"losses": {"a": bad}}, 4, log, bad=True) is None
+    stop = monitor.nonfinite(bad, {"losses": {"a": bad}}, 5, log)
+    assert stop.startswith("2 non-finite losses in a row (objective: a) > run.max_nonfinite=1")
 
 
 def test_a_resumed_monitor_goes_on_counting_as_if_never_stopped():
@@ -73,17 +82,16 @@ def test_a_resumed_monitor_goes_on_counting_as_if_never_stopped():
     monitor, log = HealthMonitor(cfg), Log()
     bad, out = torch.tensor(float("nan")), {"chance": {"itm": ITM_CHANCE}}
     for step in (1, 2):
-        assert monitor.nonfinite(bad, {"losses": {"a": bad}}, step, log)
-        monitor.check(step, {"loss/itm": ITM_CHANCE, "train/grad_norm": 0.0}, out, log)
+        assert monitor.nonfinite(bad, {"losses": {"a": bad}}, step, log) is None and monitor.nonfinite_run == step
+        check(monitor, step, {"loss/itm": ITM_CHANCE, "train/grad_norm": 0.0}, out, log)
     buf = io.BytesIO()
     torch.save(monitor.state_dict(), buf)
     buf.seek(0)
     resumed, log = HealthMonitor(cfg, torch.load(buf, weights_only=True)), Log()
     assert resumed.state_dict() == monitor.state_dict()
-    resumed.check(3, {"loss/itm": ITM_CHANCE, "train/grad_norm": 0.0}, out, log)  # the 3rd in a row of each
+    check(resumed, 3, {"loss/itm": ITM_CHANCE, "train/grad_norm": 0.0}, out, log)  # the 3rd in a row of each
     assert log.scalars_seen[3]["health/at_chance/itm"] == 1.0 and log.scalars_seen[3]["health/zero_grad"] == 1.0
-    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
-        resumed.nonfinite(bad, {"losses": {"a": bad}}, 3, log)
+    assert resumed.nonfinite(bad, {"losses": {"a": bad}}, 3, log).startswith("3 non-finite losses in a row")
     assert log.scalars_seen[3]["train/nonfinite_losses"] == 3
 
 
@@ -96,11 +104,11 @@ def test_a_steps_losses_are_summed_on_the_device_naming_the_bad_objective():
         losses.add(torch.tensor(a + b), {"a": torch.tensor(a), "b": torch.tensor(b, dtype=torch.bfloat16)})
     assert not torch.isfinite(losses.total) and torch.isfinite(losses.objectives["b"])
     assert losses.objectives["b"].dtype == torch.float32 and float(losses.objectives["b"]) == 7.0
-    assert monitor.nonfinite(losses.total, {"losses": losses.objectives}, 1, log)
+    assert monitor.nonfinite(losses.total, {"losses": losses.objectives}, 1, log) is None and monitor.nonfinite_run == 1
     assert "non-finite loss in a;" in log.messages[-1]
     losses.clear()
     losses.add(torch.tensor(1.0), {"a": torch.tensor(1.0)})
-    assert not monitor.nonfinite(losses.total, {"losses": losses.objectives}, 2, log)
+    assert monitor.nonfinite(losses.total, {"losses": losses.objectives}, 2, log) is None and monitor.nonfinite_run == 0
 
 
 def test_a_model_that_learns_nothing_is_flagged_in_a_real_run(tmp_path):
