@@ -349,66 +349,85 @@ class MedBlipPretrain(nn.Module):
         metrics: dict[str, Any] = {"temp": temp.detach()[0]}
         image_embeds = self.image_embeddings(image)
 
-        if "itc" in obj or "itm" in obj:  # ITM draws its hard negatives from the ITC similarities
+        inbatch = None  # the in-batch similarities ITM draws its hard negatives from
+        if "itc" in obj or "itm" in obj:
             image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]).float(), dim=-1)
             text_feat = self.text_features(ids, att)
-        if "itc" in obj:
-            alpha = self.alpha
-            with torch.no_grad():
-                image_feat_m, text_feat_m = self._momentum_features(image, ids, att)
-                image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().float()], dim=1)
-                text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().float()], dim=1)
-                sim_i2t_m = image_feat_m @ text_feat_all / temp
-                sim_t2i_m = text_feat_m @ image_feat_all / temp
-                targets_i2t, targets_t2i = itc_targets(sim_i2t_m, sim_t2i_m, alpha)
-            sim_i2t = image_feat @ text_feat_all / temp
-            sim_t2i = text_feat @ image_feat_all / temp
-            losses["itc"] = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
-            metrics["alpha"] = alpha
-            if self.training:
-                self._dequeue_and_enqueue(image_feat_m, text_feat_m)
-            inbatch_i2t, inbatch_t2i = sim_i2t[:, :bs], sim_t2i[:, :bs]
-            logits["itc"] = {"i2t": sim_i2t, "t2i": sim_t2i}
-        elif "itm" in obj:
-            inbatch_i2t = image_feat @ text_feat.t() / temp
-            inbatch_t2i = inbatch_i2t.t()
+            if "itc" in obj:
+                inbatch = self._itc(image, ids, att, image_feat, text_feat, temp, losses, metrics, logits)
+            else:
+                inbatch_i2t = image_feat @ text_feat.t() / temp
+                inbatch = (inbatch_i2t, inbatch_i2t.t())
 
         # ITM and LM cross-attend to the image: kv.view(...) shares their image key/value projections
         with share_image_kv(image_embeds, enabled=self.share_image_kv) as kv:
             if "itm" in obj:
-                if reuse is not None and "itm_neg_image" in reuse:
-                    neg_image, neg_text = (reuse["itm_neg_image"].to(ids.device),
-                                           reuse["itm_neg_text"].to(ids.device))
-                else:
-                    neg_image, neg_text = sample_itm_negatives(inbatch_i2t.detach(), inbatch_t2i.detach(),
-                                                               self._negatives_generator(inbatch_i2t.device))
-                enc_ids = ids.clone()
-                enc_ids[:, 0] = self.enc_token_id
-                out_pos = self.text_encoder(enc_ids, attention_mask=att, encoder_hidden_states=kv.view())
-                # rows B..2B: each text with a hard-negative image; rows 2B..3B: each image with a hard-negative text
-                neg_rows = torch.cat([neg_image.to(ids.device), torch.arange(bs, device=ids.device)])
-                out_neg = self.text_encoder(torch.cat([enc_ids, enc_ids[neg_text]]),
-                                            attention_mask=torch.cat([att, att[neg_text]]),
-                                            encoder_hidden_states=kv.view(neg_rows))
-                vl = torch.cat([out_pos.last_hidden_state[:, 0], out_neg.last_hidden_state[:, 0]])
-                itm_out = self.itm_head(vl).float()
-                losses["itm"] = itm_loss(itm_out)
-                with torch.no_grad():
-                    metrics["itm_acc"] = (itm_out.argmax(-1) == itm_labels(bs, itm_out.device)).float().mean()
-                out["reuse"] = {"itm_neg_image": neg_image, "itm_neg_text": neg_text}
-                logits["itm"] = itm_out
-
+                out["reuse"] = self._itm(ids, att, kv, inbatch, reuse, losses, metrics, logits)
             if "lm" in obj:
-                dec_ids = ids.clone()
-                dec_ids[:, 0] = self.bos_token_id
-                labels = lm_targets(dec_ids, self.pad_token_id)
-                dec = self.text_decoder(dec_ids, attention_mask=att, encoder_hidden_states=kv.view(),
-                                        use_cache=False)
-                losses["lm"] = lm_loss(dec.logits, labels, self.cfg.label_smoothing)
-                if return_logits:
-                    logits["lm"] = {"logits": dec.logits[:, :-1].float(), "labels": labels[:, 1:]}
+                self._lm(ids, att, kv, losses, logits if return_logits else None)
 
         out["metrics"] = metrics
         if return_logits:
             out["logits"] = logits
         return out
+
+    def _itc(self, image: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, image_feat: torch.Tensor,
+             text_feat: torch.Tensor, temp: torch.Tensor, losses: dict, metrics: dict,
+             logits: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """BLIP's ITC against the momentum features and the queues (adds its loss, alpha and logits); returns the
+        in-batch similarities [B, B] (i2t, t2i) for ITM's hard negatives."""
+        bs, alpha = ids.shape[0], self.alpha
+        with torch.no_grad():
+            image_feat_m, text_feat_m = self._momentum_features(image, ids, att)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().float()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().float()], dim=1)
+            sim_i2t_m = image_feat_m @ text_feat_all / temp
+            sim_t2i_m = text_feat_m @ image_feat_all / temp
+            targets_i2t, targets_t2i = itc_targets(sim_i2t_m, sim_t2i_m, alpha)
+        sim_i2t = image_feat @ text_feat_all / temp
+        sim_t2i = text_feat @ image_feat_all / temp
+        losses["itc"] = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+        metrics["alpha"] = alpha
+        if self.training:
+            self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+        logits["itc"] = {"i2t": sim_i2t, "t2i": sim_t2i}
+        return sim_i2t[:, :bs], sim_t2i[:, :bs]
+
+    def _itm(self, ids: torch.Tensor, att: torch.Tensor, kv: Any, inbatch: tuple[torch.Tensor, torch.Tensor],
+             reuse: Optional[dict[str, torch.Tensor]], losses: dict, metrics: dict,
+             logits: dict) -> dict[str, torch.Tensor]:
+        """BLIP's ITM on the positives and on hard negatives drawn from `inbatch` (or `reuse`'s); adds its loss,
+        accuracy and logits; returns the negatives drawn ({"itm_neg_image", "itm_neg_text"}: [B] each)."""
+        bs = ids.shape[0]
+        if reuse is not None and "itm_neg_image" in reuse:
+            neg_image, neg_text = reuse["itm_neg_image"].to(ids.device), reuse["itm_neg_text"].to(ids.device)
+        else:
+            inbatch_i2t, inbatch_t2i = inbatch
+            neg_image, neg_text = sample_itm_negatives(inbatch_i2t.detach(), inbatch_t2i.detach(),
+                                                       self._negatives_generator(inbatch_i2t.device))
+        enc_ids = ids.clone()
+        enc_ids[:, 0] = self.enc_token_id
+        out_pos = self.text_encoder(enc_ids, attention_mask=att, encoder_hidden_states=kv.view())
+        # rows B..2B: each text with a hard-negative image; rows 2B..3B: each image with a hard-negative text
+        neg_rows = torch.cat([neg_image.to(ids.device), torch.arange(bs, device=ids.device)])
+        out_neg = self.text_encoder(torch.cat([enc_ids, enc_ids[neg_text]]),
+                                    attention_mask=torch.cat([att, att[neg_text]]),
+                                    encoder_hidden_states=kv.view(neg_rows))
+        vl = torch.cat([out_pos.last_hidden_state[:, 0], out_neg.last_hidden_state[:, 0]])
+        itm_out = self.itm_head(vl).float()
+        losses["itm"] = itm_loss(itm_out)
+        with torch.no_grad():
+            metrics["itm_acc"] = (itm_out.argmax(-1) == itm_labels(bs, itm_out.device)).float().mean()
+        logits["itm"] = itm_out
+        return {"itm_neg_image": neg_image, "itm_neg_text": neg_text}
+
+    def _lm(self, ids: torch.Tensor, att: torch.Tensor, kv: Any, losses: dict, logits: Optional[dict]) -> None:
+        """BLIP's image-grounded captioning loss (label smoothing); with `logits`, adds the aligned LM logits."""
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = self.bos_token_id
+        labels = lm_targets(dec_ids, self.pad_token_id)
+        dec = self.text_decoder(dec_ids, attention_mask=att, encoder_hidden_states=kv.view(), use_cache=False)
+        losses["lm"] = lm_loss(dec.logits, labels, self.cfg.label_smoothing)
+        if logits is not None:
+            logits["lm"] = {"logits": dec.logits[:, :-1].float(), "labels": labels[:, 1:]}
+
