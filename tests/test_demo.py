@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.config import load_config
+from framework.config import distill_settings, load_config
 from tests.conftest import ROOT, run_entry
 
 sys.path.insert(0, str(ROOT / "launch"))
@@ -23,7 +23,7 @@ def test_demo_recipes_validate_with_cpu_sizes(name: str) -> None:
     assert cfg.model.preset == "tiny" and cfg.image.size == 64 and not cfg.image.hflip  # never mirror left/right
     assert cfg.train.precision == "fp32" and cfg.data.num_workers == 0
     assert cfg.model.tokenizer == "data/demo/vocab.txt" and cfg.run.dir.startswith("runs/demo/")
-    assert cfg.distill.enabled == (name == "psd.yaml")  # PSD switches distillation on despite its dapt base
+    assert (distill_settings(cfg) is not None) == (name == "psd.yaml")  # PSD switches it on despite its dapt base
     if name != "vqa.yaml":
         assert cfg.model.queue_size % cfg.data.batch_size == 0 and cfg.data.train == "data/demo/shards/train"
     else:
