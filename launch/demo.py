@@ -163,7 +163,7 @@ def stage_env(threads: int) -> dict[str, str]:
 
 
 def run_all(args: argparse.Namespace, data: Path, runs: Path,
-            env: dict[str, str]) -> tuple[dict[str, float], dict[str, object] | None]:
+            env: dict[str, str]) -> tuple[dict[str, float], dict | None]:
     """Generate the data, run every stage and the report: (seconds per stage, the CapFilt summary or None)."""
     times: dict[str, float] = {}
     print(f"== data: phantoms into {data}", flush=True)
@@ -188,7 +188,7 @@ def run_all(args: argparse.Namespace, data: Path, runs: Path,
     return times, capfilt
 
 
-def print_capfilt(capfilt: dict[str, object]) -> None:
+def print_capfilt(capfilt: dict) -> None:
     """What CapFilt removed of the swapped captions, and what DAPT learnt from the noisy vs the filtered pairs."""
     print(f"CapFilt on {capfilt['noise']:.0%} swapped captions (threshold {capfilt['threshold']:g}): removed "
           f"{capfilt['removed']} of {capfilt['images']} originals, {capfilt['swapped_removed']} of the "
