@@ -89,7 +89,8 @@ def print_answer(answer: Any, image: str) -> None:
     print(f"evaluate.py's answer ({answer.mode}): {answer.prediction}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of launch/ask.py."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a VQA run directory, a step_N directory or a weights file")
     parser.add_argument("--recipe", default=None, help="VQA recipe YAML (default: the run's own config.yaml)")
@@ -105,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="--serve: address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="--serve: port (0: any free port)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. vqa.root=data/vqa_rad")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit through parser.error (status 2) on a combination of options that asks nothing answerable."""
     if args.serve:
         if args.image or args.question or args.questions:
             parser.error("--serve takes no --image/--question/--questions: ask on the page")
@@ -119,47 +124,57 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0-65535, got {args.port}")
 
-    def ask() -> int:
-        from recipes.common.ask import Asker, AskError
 
-        if args.questions:  # checked before the model loads: a bad file fails in a second, not after a minute
-            pairs = read_pairs(Path(args.questions))
-        elif not args.serve:
-            pairs = [(Path(args.image), args.question)]
-            if not pairs[0][0].is_file():  # before the model loads
-                raise AskError(f"image not found: {args.image}" if not pairs[0][0].exists() else
-                               f"not a file: {args.image}")
-        asker = Asker(args.checkpoint, recipe=args.recipe, overrides=args.overrides, device=args.device,
-                      top=args.top)
-        if args.serve:
-            return serve(asker)
-        batch = asker.cfg.vqa.eval_batch_size
-        for start in range(0, len(pairs), batch):
-            chunk = pairs[start:start + batch]
-            for (image, _), answer in zip(chunk, asker.ask_many(chunk)):
-                if args.json:
-                    print(json.dumps({"image": str(image), **answer.to_dict()}), flush=True)
-                else:
-                    print_answer(answer, str(image))
-        return 0
+def ask(args: argparse.Namespace) -> int:
+    """Answer the asked pairs (or serve the page) and return the exit status; AskError for a bad pair."""
+    from recipes.common.ask import Asker, AskError
 
-    def serve(asker: Any) -> int:
-        from recipes.common.ask_web import make_server
+    if args.questions:  # checked before the model loads: a bad file fails in a second, not after a minute
+        pairs = read_pairs(Path(args.questions))
+    elif not args.serve:
+        pairs = [(Path(args.image), args.question)]
+        if not pairs[0][0].is_file():  # before the model loads
+            raise AskError(f"image not found: {args.image}" if not pairs[0][0].exists() else
+                           f"not a file: {args.image}")
+    asker = Asker(args.checkpoint, recipe=args.recipe, overrides=args.overrides, device=args.device,
+                  top=args.top)
+    if args.serve:
+        return serve(asker, args.host, args.port)
+    batch = asker.cfg.vqa.eval_batch_size
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        for (image, _), answer in zip(chunk, asker.ask_many(chunk)):
+            if args.json:
+                print(json.dumps({"image": str(image), **answer.to_dict()}), flush=True)
+            else:
+                print_answer(answer, str(image))
+    return 0
 
-        try:
-            server = make_server(asker, args.host, args.port)
-        except OSError as e:
-            raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}): choose another --port") \
-                from None
-        host, port = server.server_address[:2]
-        print(f"serving {asker.kind} VQA run {asker.checkpoint} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
-        try:
-            server.serve_forever()
-        finally:
-            server.server_close()
-        return 0
 
-    return run_cli(ask)
+def serve(asker: Any, host: str, port: int) -> int:
+    """Serve the web page for asker on host:port until interrupted; ValueError when the port cannot be had."""
+    from recipes.common.ask_web import make_server
+
+    try:
+        server = make_server(asker, host, port)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port") \
+            from None
+    bound_host, bound_port = server.server_address[:2]
+    print(f"serving {asker.kind} VQA run {asker.checkpoint} on http://{bound_host}:{bound_port}/ (Ctrl-C stops)",
+          flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    check_args(parser, args)
+    return run_cli(lambda: ask(args))
 
 
 if __name__ == "__main__":

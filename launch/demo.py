@@ -139,7 +139,8 @@ def final_eval(log: Path) -> dict[str, float]:
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of launch/demo.py."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="data/demo", help="where the phantom data is generated (default data/demo)")
     parser.add_argument("--runs", default="runs/demo", help="run directories of the stages; replaced on each run")
@@ -150,36 +151,65 @@ def main(argv: list[str] | None = None) -> int:
                         help="also fine-tune from DAPT only and from random weights (what pretraining adds), and "
                              "DAPT on noisy captions vs on their CapFilt bootstrap (what CapFilt adds)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every training stage")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def stage_env(threads: int) -> dict[str, str]:
+    """The environment of every stage: a plain single-process run with `threads` torch threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # a plain single-process run, whatever launched us
+    return env
+
+
+def run_all(args: argparse.Namespace, data: Path, runs: Path,
+            env: dict[str, str]) -> tuple[dict[str, float], dict | None]:
+    """Generate the data, run every stage and the report: (seconds per stage, the CapFilt summary or None)."""
+    times: dict[str, float] = {}
+    print(f"== data: phantoms into {data}", flush=True)
+    t0 = time.time()
+    summary = write_demo_data(data, PhantomSpec(seed=args.seed))
+    vqa = summary["vqa"]
+    print(f"   {summary['train']} train + {summary['val']} val captions, {vqa['questions']} questions "
+          f"(test: {vqa['test_questions']} on unseen images){' (reused)' if summary['reused'] else ''}",
+          flush=True)
+    times["data"] = time.time() - t0
+    runs.mkdir(parents=True, exist_ok=True)
+    for stage in STAGES:
+        shutil.rmtree(runs / stage, ignore_errors=True)  # a fresh demo every time (compare_runs cleans its own)
+    common = [f"model.tokenizer={data / 'vocab.txt'}", "run.resume=none", *args.overrides]
+    plan = plan_stages(data, runs, common, args.compare, args.seed)
+    for stage in plan.stages:
+        times[stage.log.removesuffix(".log")] = _run(stage.title, stage.args, runs / stage.log, env)
+    times["report"] = _run("report (Table 1 layout)", [str(ROOT / "launch" / "make_table.py"), *plan.table,
+                                                       "--data", "phantoms", "--out", str(runs)],
+                           runs / "report.log", env)
+    capfilt = capfilt_summary(runs, plan.capfilt) if plan.capfilt else None
+    return times, capfilt
+
+
+def print_capfilt(capfilt: dict) -> None:
+    """What CapFilt removed of the swapped captions, and what DAPT learnt from the noisy vs the filtered pairs."""
+    print(f"CapFilt on {capfilt['noise']:.0%} swapped captions (threshold {capfilt['threshold']:g}): removed "
+          f"{capfilt['removed']} of {capfilt['images']} originals, {capfilt['swapped_removed']} of the "
+          f"{capfilt['swapped']} swapped (precision {_fmt(capfilt['precision'])}, recall "
+          f"{_fmt(capfilt['recall'])}); {capfilt['pairs']} pairs to DAPT", flush=True)
+    for name in ("dapt_noisy", "dapt_capfilt"):  # the clean held-out pairs: what the captions taught
+        ev = capfilt[name]
+        print(f"  held-out after DAPT {name[5:]:<7}: ITM accuracy {_fmt(ev.get('itm_acc'))}, recall@1 "
+              f"{_fmt(ev.get('i2t_r1'))} / {_fmt(ev.get('t2i_r1'))} (image->text / text->image)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.seed < 0 or args.threads < 1:  # numpy's "expected non-negative integer" names no option
         print(f"error: {'--seed must be >= 0' if args.seed < 0 else '--threads must be >= 1'}", file=sys.stderr)
         return 2
     data, runs = Path(args.data).resolve(), Path(args.runs).resolve()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)  # a plain single-process run, whatever launched us
+    env = stage_env(args.threads)
     t_start = time.time()
-    times: dict[str, float] = {}
     try:
-        print(f"== data: phantoms into {data}", flush=True)
-        t0 = time.time()
-        summary = write_demo_data(data, PhantomSpec(seed=args.seed))
-        vqa = summary["vqa"]
-        print(f"   {summary['train']} train + {summary['val']} val captions, {vqa['questions']} questions "
-              f"(test: {vqa['test_questions']} on unseen images){' (reused)' if summary['reused'] else ''}",
-              flush=True)
-        times["data"] = time.time() - t0
-        runs.mkdir(parents=True, exist_ok=True)
-        for stage in STAGES:
-            shutil.rmtree(runs / stage, ignore_errors=True)  # a fresh demo every time (compare_runs cleans its own)
-        common = [f"model.tokenizer={data / 'vocab.txt'}", "run.resume=none", *args.overrides]
-        plan = plan_stages(data, runs, common, args.compare, args.seed)
-        for stage in plan.stages:
-            times[stage.log.removesuffix(".log")] = _run(stage.title, stage.args, runs / stage.log, env)
-        times["report"] = _run("report (Table 1 layout)", [str(ROOT / "launch" / "make_table.py"), *plan.table,
-                                                           "--data", "phantoms", "--out", str(runs)],
-                               runs / "report.log", env)
-        capfilt = capfilt_summary(runs, plan.capfilt) if plan.capfilt else None
+        times, capfilt = run_all(args, data, runs, env)
     except (DemoError, ValueError, OSError) as e:  # a failed stage, bad --seed/--data: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -188,14 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + report.read_text() if report.is_file() else "", flush=True)
     verdict = check(runs / "vqa-psd" / "metrics.json", final_eval(runs / "dapt.log"))
     if capfilt:
-        print(f"CapFilt on {capfilt['noise']:.0%} swapped captions (threshold {capfilt['threshold']:g}): removed "
-              f"{capfilt['removed']} of {capfilt['images']} originals, {capfilt['swapped_removed']} of the "
-              f"{capfilt['swapped']} swapped (precision {_fmt(capfilt['precision'])}, recall "
-              f"{_fmt(capfilt['recall'])}); {capfilt['pairs']} pairs to DAPT", flush=True)
-        for name in ("dapt_noisy", "dapt_capfilt"):  # the clean held-out pairs: what the captions taught
-            ev = capfilt[name]
-            print(f"  held-out after DAPT {name[5:]:<7}: ITM accuracy {_fmt(ev.get('itm_acc'))}, recall@1 "
-                  f"{_fmt(ev.get('i2t_r1'))} / {_fmt(ev.get('t2i_r1'))} (image->text / text->image)", flush=True)
+        print_capfilt(capfilt)
     print(f"{verdict['message']}\nstage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
           + f"; total {total:.0f}s\nTensorBoard: tensorboard --logdir {runs}   (then open http://localhost:6006)",
           flush=True)

@@ -21,6 +21,7 @@ its first clean step, or its precision's one step moved the weights outside 0.8-
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -362,7 +363,8 @@ def json_path(given: Optional[str], work: Optional[str], rehearse: bool) -> Path
     return Path("gpu_check.json")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of launch/gpu_check.py."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cap-gib", type=float, default=15.4,
                         help="per-process GPU memory cap in GiB (default 15.4: a P100's 15.9 GiB less the CUDA "
@@ -380,128 +382,160 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rehearse", action="store_true",
                         help="run the orchestration on the CPU with the tiny preset in fp32 (checks this script; "
                              "the figures mean nothing)")
-    args = parser.parse_args(argv)
+    return parser
 
-    def check() -> int:
-        import torch
 
-        if args.steps < WARMUP_STEPS + 2:
-            raise ValueError(f"--steps must be >= {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are warm-up)")
-        if args.cap_gib < 0:
-            raise ValueError("--cap-gib must be >= 0")
-        gpu = None
-        if not args.rehearse:
-            if not torch.cuda.is_available():
-                print("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False); run it on a GPU "
-                      "machine, or --rehearse to check the script on the CPU", file=sys.stderr)
-                return 2
-            from framework.gpu import gpu_facts
-            from framework.preflight import check_gpu_arch
+def require_packages() -> None:
+    """ValueError naming the pip command when a package the stages import is missing."""
+    try:
+        for name in ("deepspeed", "timm", "webdataset"):
+            importlib.import_module(name)
+    except ImportError as e:
+        raise ValueError(f"{e.name} is not installed: pip install --no-index --find-links WHEELS deepspeed "
+                         "webdataset timm (see launch/gpu_wheels.sh to make the wheel directory once)") from None
 
-            gpu = gpu_facts(0)
-            check_gpu_arch(gpu)  # before any kernel (the FLOP count runs some): a P100/V100 on a cu128 build
+
+def select_stages(stages: list[Stage], only: Optional[str]) -> list[Stage]:
+    """The stages named in --only (comma-separated), all without it; ValueError for an unknown name."""
+    if not only:
+        return stages
+    wanted = only.split(",")
+    unknown = sorted(set(wanted) - {s.name for s in stages})
+    if unknown:
+        raise ValueError(f"--only: unknown stage {unknown[0]!r}; here: {', '.join(s.name for s in stages)}")
+    return [s for s in stages if s.name in wanted]
+
+
+def check(args: argparse.Namespace) -> int:
+    """Check the options and the GPU, then run the chosen stages in --work (or a temporary folder removed after)."""
+    import torch
+
+    if args.steps < WARMUP_STEPS + 2:
+        raise ValueError(f"--steps must be >= {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are warm-up)")
+    if args.cap_gib < 0:
+        raise ValueError("--cap-gib must be >= 0")
+    gpu = None
+    if not args.rehearse:
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False); run it on a GPU "
+                  "machine, or --rehearse to check the script on the CPU", file=sys.stderr)
+            return 2
+        from framework.gpu import gpu_facts
+        from framework.preflight import check_gpu_arch
+
+        gpu = gpu_facts(0)
+        check_gpu_arch(gpu)  # before any kernel (the FLOP count runs some): a P100/V100 on a cu128 build
+    require_packages()
+    cap = None if args.rehearse or args.cap_gib == 0 else args.cap_gib
+    stages = select_stages(plan(gpu.has_bf16 if gpu else False, torch.cuda.device_count() if gpu else 0,
+                                args.rehearse, args.extra or bool(args.only)), args.only)
+    args.json = str(json_path(args.json, args.work, args.rehearse))
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+    check_writable_file(args.json, "--json")  # before minutes of stages, not after them
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    try:
+        return run_stages(args, stages, work, gpu, cap)
+    finally:
+        if not args.work:  # our temporary folder goes, whatever happened
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def write_figures(args: argparse.Namespace, gpu: Optional[Any], cap: Optional[float], stages: list[Stage],
+                  results: list[StageResult], ratios: dict[str, Optional[float]], t0: float, *, done: bool) -> dict:
+    """The figures so far, replaced atomically after every stage: a timeout keeps the finished stages."""
+    import torch
+
+    doc = {"ok": done and all(r.ok for r in results) and len(results) == len(stages), "complete": done,
+           "device": asdict(gpu) if gpu else {"name": "cpu (rehearsal)"},
+           "torch": torch.__version__, "cuda": torch.version.cuda, "cap_gib": cap, "steps": args.steps,
+           "warmup_steps_excluded": WARMUP_STEPS, "max_late_skips": args.max_late_skips,
+           "update_ratio_vs_fp32": ratios, "seconds": round(time.time() - t0, 1),
+           "stages": [{k: v for k, v in asdict(r).items() if k != "log"} for r in results]}
+    tmp = Path(f"{args.json}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, args.json)
+    return doc
+
+
+def probe_update_ratios(args: argparse.Namespace, stages: list[Stage], work: Path,
+                        cap: Optional[float]) -> dict[str, Optional[float]]:
+    """One step in each half precision against one fp32 step, from the same random start: {precision: ratio}."""
+    ratios: dict[str, Optional[float]] = {}
+    half = sorted({s.precision for s in stages if s.precision != "fp32"})
+    if not half:
+        return ratios
+    base = stage_overrides(Stage("step", "dapt", "fp32"), work, args.steps, cap, args.rehearse)
+    probes = [("step-fp32-start", "fp32", ["train.lr=0", "train.warmup_lr=0"]), ("step-fp32", "fp32", []),
+              *[(f"step-{p}", p, []) for p in half]]
+    for name, precision, extra in probes:
+        probe = run_stage(Stage(name, "dapt", precision), ratio_overrides(precision, base) + extra
+                          + [f"run.dir={work / name}"], work, args.timeout)
+        if probe.exit_code != 0:
+            print(f"  {name}: {_last_error(probe.log)}", flush=True)
+    for precision in half:
+        ratios[precision] = update_ratio(work / f"step-{precision}", work / "step-fp32")
+        print(f"  one {precision} step vs fp32: {_num(ratios[precision], 3)}x", flush=True)
+    for name, _, _ in probes:
+        shutil.rmtree(work / name, ignore_errors=True)
+    return ratios
+
+
+def measure_stage(args: argparse.Namespace, stage: Stage, work: Path, gpu: Optional[Any], cap: Optional[float],
+                  flops: dict[str, Optional[tuple[float, float]]], ratios: dict[str, Optional[float]]) -> StageResult:
+    """Count the stage's FLOPs (once per model), run it and judge it; its checkpoints are removed after."""
+    from framework.gpu import peak_tflops
+
+    overrides = stage_overrides(stage, work, args.steps, cap, args.rehearse)
+    key = "vqa" if stage.recipe == "vqa" else "pretrain"  # DAPT and PSD train the same model
+    if key not in flops:
         try:
-            import deepspeed  # noqa: F401
-            import timm  # noqa: F401
-            import webdataset  # noqa: F401
-        except ImportError as e:
-            raise ValueError(f"{e.name} is not installed: pip install --no-index --find-links WHEELS deepspeed "
-                             "webdataset timm (see launch/gpu_wheels.sh to make the wheel directory once)") from None
-        cap = None if args.rehearse or args.cap_gib == 0 else args.cap_gib
-        stages = plan(gpu.has_bf16 if gpu else False, torch.cuda.device_count() if gpu else 0, args.rehearse,
-                      args.extra or bool(args.only))
-        if args.only:
-            wanted = args.only.split(",")
-            unknown = sorted(set(wanted) - {s.name for s in stages})
-            if unknown:
-                raise ValueError(f"--only: unknown stage {unknown[0]!r}; here: {', '.join(s.name for s in stages)}")
-            stages = [s for s in stages if s.name in wanted]
-        args.json = str(json_path(args.json, args.work, args.rehearse))
-        if args.work:
-            Path(args.work).mkdir(parents=True, exist_ok=True)
-        check_writable_file(args.json, "--json")  # before minutes of stages, not after them
-        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check-"))
-        try:
-            return run_stages(stages, work, gpu, cap)
-        finally:
-            if not args.work:  # our temporary folder goes, whatever happened
-                shutil.rmtree(work, ignore_errors=True)
+            flops[key] = count_flops(stage, overrides, "cpu" if gpu is None else "cuda")
+        except Exception as e:  # noqa: BLE001 - MFU is a figure, not a verdict
+            print(f"  {stage.name}: FLOPs not counted ({type(e).__name__}: {e})", flush=True)
+            flops[key] = None
+    print(f"  {stage.name}: running ...", flush=True)
+    result = run_stage(stage, overrides, work, args.timeout)
+    summarise(result, _scalars(work / stage.name) if (work / stage.name / "tb").is_dir() else {},
+              cap_gib=cap, max_late_skips=args.max_late_skips,
+              flops_per_sample=stage_flops(stage, flops[key]) if flops[key] else None,
+              peak=peak_tflops(gpu, stage.precision) if gpu else None,
+              update_ratio=ratios.get(stage.precision))
+    if stage.precision in ratios and ratios[stage.precision] is None:
+        result.reasons.append(f"the one-step {stage.precision} vs fp32 comparison did not run")
+        result.ok = False
+    print(f"  {stage.name}: {'ok' if result.ok else 'FAILED: ' + '; '.join(result.reasons)} "
+          f"({result.wall_s:.0f} s)", flush=True)
+    shutil.rmtree(work / stage.name / "checkpoints", ignore_errors=True)  # GBs per stage at full size
+    return result
 
-    def run_stages(stages: list[Stage], work: Path, gpu: Optional[Any], cap: Optional[float]) -> int:
-        """Data, then each stage in turn, the table and the JSON; 0 when every stage passed."""
-        import torch
 
-        device = "cpu" if gpu is None else "cuda"
-        print(f"gpu_check: {gpu.describe() if gpu else 'CPU rehearsal'}; torch {torch.__version__}; "
-              f"{len(stages)} stages x {args.steps} steps; cap {cap} GiB; work {work}", flush=True)
-        t0 = time.time()
-        write_data(work, args.steps, args.rehearse)
-        print(f"  synthetic data written ({time.time() - t0:.0f} s)", flush=True)
-        from framework.gpu import peak_tflops
+def run_stages(args: argparse.Namespace, stages: list[Stage], work: Path, gpu: Optional[Any],
+               cap: Optional[float]) -> int:
+    """Data, then each stage in turn, the table and the JSON; 0 when every stage passed."""
+    import torch
 
-        flops: dict[str, Optional[tuple[float, float]]] = {}
-        results: list[StageResult] = []
-        ratios: dict[str, Optional[float]] = {}
+    print(f"gpu_check: {gpu.describe() if gpu else 'CPU rehearsal'}; torch {torch.__version__}; "
+          f"{len(stages)} stages x {args.steps} steps; cap {cap} GiB; work {work}", flush=True)
+    t0 = time.time()
+    write_data(work, args.steps, args.rehearse)
+    print(f"  synthetic data written ({time.time() - t0:.0f} s)", flush=True)
+    flops: dict[str, Optional[tuple[float, float]]] = {}
+    results: list[StageResult] = []
+    ratios = probe_update_ratios(args, stages, work, cap)
+    for stage in stages:
+        results.append(measure_stage(args, stage, work, gpu, cap, flops, ratios))
+        write_figures(args, gpu, cap, stages, results, ratios, t0, done=False)
+    print(table(results, cap))
+    doc = write_figures(args, gpu, cap, stages, results, ratios, t0, done=True)
+    ok = doc["ok"]
+    print(f"wrote {args.json}; {'every stage passed' if ok else 'FAILED'} in {doc['seconds']:.0f} s", flush=True)
+    return 0 if ok else 1
 
-        def write_json(done: bool) -> dict:
-            """The figures so far, replaced atomically after every stage: a timeout keeps the finished stages."""
-            doc = {"ok": done and all(r.ok for r in results) and len(results) == len(stages), "complete": done,
-                   "device": asdict(gpu) if gpu else {"name": "cpu (rehearsal)"},
-                   "torch": torch.__version__, "cuda": torch.version.cuda, "cap_gib": cap, "steps": args.steps,
-                   "warmup_steps_excluded": WARMUP_STEPS, "max_late_skips": args.max_late_skips,
-                   "update_ratio_vs_fp32": ratios, "seconds": round(time.time() - t0, 1),
-                   "stages": [{k: v for k, v in asdict(r).items() if k != "log"} for r in results]}
-            tmp = Path(f"{args.json}.tmp")
-            tmp.write_text(json.dumps(doc, indent=2) + "\n")
-            os.replace(tmp, args.json)
-            return doc
 
-        half = sorted({s.precision for s in stages if s.precision != "fp32"})
-        if half:  # one step in each half precision against one fp32 step, from the same random start
-            base = stage_overrides(Stage("step", "dapt", "fp32"), work, args.steps, cap, args.rehearse)
-            probes = [("step-fp32-start", "fp32", ["train.lr=0", "train.warmup_lr=0"]), ("step-fp32", "fp32", []),
-                      *[(f"step-{p}", p, []) for p in half]]
-            for name, precision, extra in probes:
-                probe = run_stage(Stage(name, "dapt", precision), ratio_overrides(precision, base) + extra
-                                  + [f"run.dir={work / name}"], work, args.timeout)
-                if probe.exit_code != 0:
-                    print(f"  {name}: {_last_error(probe.log)}", flush=True)
-            for precision in half:
-                ratios[precision] = update_ratio(work / f"step-{precision}", work / "step-fp32")
-                print(f"  one {precision} step vs fp32: {_num(ratios[precision], 3)}x", flush=True)
-            for name, _, _ in probes:
-                shutil.rmtree(work / name, ignore_errors=True)
-        for stage in stages:
-            overrides = stage_overrides(stage, work, args.steps, cap, args.rehearse)
-            key = "vqa" if stage.recipe == "vqa" else "pretrain"  # DAPT and PSD train the same model
-            if key not in flops:
-                try:
-                    flops[key] = count_flops(stage, overrides, device)
-                except Exception as e:  # noqa: BLE001 - MFU is a figure, not a verdict
-                    print(f"  {stage.name}: FLOPs not counted ({type(e).__name__}: {e})", flush=True)
-                    flops[key] = None
-            print(f"  {stage.name}: running ...", flush=True)
-            result = run_stage(stage, overrides, work, args.timeout)
-            summarise(result, _scalars(work / stage.name) if (work / stage.name / "tb").is_dir() else {},
-                      cap_gib=cap, max_late_skips=args.max_late_skips,
-                      flops_per_sample=stage_flops(stage, flops[key]) if flops[key] else None,
-                      peak=peak_tflops(gpu, stage.precision) if gpu else None,
-                      update_ratio=ratios.get(stage.precision))
-            if stage.precision in ratios and ratios[stage.precision] is None:
-                result.reasons.append(f"the one-step {stage.precision} vs fp32 comparison did not run")
-                result.ok = False
-            print(f"  {stage.name}: {'ok' if result.ok else 'FAILED: ' + '; '.join(result.reasons)} "
-                  f"({result.wall_s:.0f} s)", flush=True)
-            results.append(result)
-            shutil.rmtree(work / stage.name / "checkpoints", ignore_errors=True)  # GBs per stage at full size
-            write_json(done=False)
-        print(table(results, cap))
-        doc = write_json(done=True)
-        ok = doc["ok"]
-        print(f"wrote {args.json}; {'every stage passed' if ok else 'FAILED'} in {doc['seconds']:.0f} s", flush=True)
-        return 0 if ok else 1
-
-    return run_cli(check)
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: check(args))
 
 
 if __name__ == "__main__":

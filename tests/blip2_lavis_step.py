@@ -71,9 +71,9 @@ def all_gather_with_grad(tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat(GatherLayer.apply(tensors), dim=0)
 
 
-def lavis_itc_itm(model: Any, vit_output: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> dict[str, Any]:
-    """Blip2Qformer.forward's ITC and ITM (captions already tokenised with padding="max_length")."""
+def lavis_features(model: Any, vit_output: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blip2Qformer.forward's ln_vision, query and text passes: (image_embeds, image_feats, text_feat)."""
     post = model.vision_model.post_layernorm
     ln_vision = nn.LayerNorm(vit_output.shape[-1])  # LAVIS init_vision_encoder: LayerNorm(num_features)
     ln_vision.weight, ln_vision.bias = post.weight, post.bias  # the trained tensors are the recipe's
@@ -85,8 +85,12 @@ def lavis_itc_itm(model: Any, vit_output: torch.Tensor, input_ids: torch.Tensor,
     text_output = model.qformer(query_embeds=model.embeddings(input_ids=input_ids), query_length=0,
                                 attention_mask=attention_mask)
     text_feat = F.normalize(model.text_projection(text_output.last_hidden_state[:, 0, :]), dim=-1)
+    return image_embeds, image_feats, text_feat
 
-    # ITC
+
+def lavis_itc(model: Any, image_feats: torch.Tensor,
+              text_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blip2Qformer.forward's ITC over the gathered features: (loss_itc, sim_i2t, sim_t2i)."""
     image_feats_all = concat_all_gather(image_feats)  # [batch_size*num_gpu, num_query_tokens, embed_dim]
     text_feat_all = concat_all_gather(text_feat)  # [batch_size*num_gpu, embed_dim]
     sim_q2t = torch.matmul(image_feats.unsqueeze(1), text_feat_all.unsqueeze(-1)).squeeze(-1)
@@ -96,12 +100,19 @@ def lavis_itc_itm(model: Any, vit_output: torch.Tensor, input_ids: torch.Tensor,
     sim_t2i, _ = sim_t2q.max(-1)
     sim_t2i = sim_t2i / model.temp.reshape(())
     rank = dist.get_rank()
-    bs = image_embeds.size(0)
+    bs = image_feats.size(0)
     targets = torch.linspace(rank * bs, rank * bs + bs - 1, bs, dtype=int)
     loss_itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
                 + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+    return loss_itc, sim_i2t, sim_t2i
 
-    # ITM
+
+def lavis_hard_negatives(image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> tuple[Any, ...]:
+    """Blip2Qformer.forward's ITM negatives drawn row by row from the gathered batch: (image_embeds_neg,
+    text_ids_neg, text_atts_neg, neg_images, neg_texts)."""
+    rank = dist.get_rank()
+    bs = image_embeds.size(0)
     text_input_ids_world = concat_all_gather(input_ids)
     text_attention_mask_world = concat_all_gather(attention_mask)
     image_embeds_world = all_gather_with_grad(image_embeds)
@@ -122,6 +133,15 @@ def lavis_itc_itm(model: Any, vit_output: torch.Tensor, input_ids: torch.Tensor,
         neg_texts.append(neg_idx)
         text_ids_neg.append(text_input_ids_world[neg_idx])
         text_atts_neg.append(text_attention_mask_world[neg_idx])
+    return image_embeds_neg, text_ids_neg, text_atts_neg, neg_images, neg_texts
+
+
+def lavis_itm(model: Any, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Blip2Qformer.forward's ITM on the positives and the hard negatives: (loss_itm, neg_images, neg_texts)."""
+    bs = image_embeds.size(0)
+    image_embeds_neg, text_ids_neg, text_atts_neg, neg_images, neg_texts = lavis_hard_negatives(
+        image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i)
     text_ids_all = torch.cat([input_ids, input_ids, torch.stack(text_ids_neg)], dim=0)  # pos, pos, neg
     text_atts_all = torch.cat([attention_mask, attention_mask, torch.stack(text_atts_neg)], dim=0)
     query_tokens_itm = model.query_tokens.expand(text_ids_all.shape[0], -1, -1)
@@ -135,6 +155,15 @@ def lavis_itc_itm(model: Any, vit_output: torch.Tensor, input_ids: torch.Tensor,
     logits = model.itm_head(vl_embeddings).mean(dim=1)
     itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)], dim=0)
     loss_itm = F.cross_entropy(logits, itm_labels)
+    return loss_itm, neg_images, neg_texts
+
+
+def lavis_itc_itm(model: Any, vit_output: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> dict[str, Any]:
+    """Blip2Qformer.forward's ITC and ITM (captions already tokenised with padding="max_length")."""
+    image_embeds, image_feats, text_feat = lavis_features(model, vit_output, input_ids, attention_mask)
+    loss_itc, sim_i2t, sim_t2i = lavis_itc(model, image_feats, text_feat)
+    loss_itm, neg_images, neg_texts = lavis_itm(model, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i)
     return {"itc": loss_itc, "itm": loss_itm,
             "negatives": (torch.tensor(neg_images), torch.tensor(neg_texts))}
 

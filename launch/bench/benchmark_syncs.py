@@ -164,28 +164,32 @@ def _phased(count: SyncCount, phase: str, fn: Callable) -> Callable:
 @contextlib.contextmanager
 def instrumented(count: SyncCount) -> Iterator[list]:
     """Patch framework.build.build_run so that the run it builds marks its phases (forward, combine, backward:
-    inside; data: not counted); yields the list the built runs are appended to."""
+    inside; evaluation, checkpoints and data: not counted), and Trainer.finish_step so that each optimizer
+    step's counts are noted when it is finished; yields the list the built runs are appended to."""
     import framework.build as build
+    import framework.checkpoint as checkpoint
     import framework.engine as engine
 
     runs: list = []
-    real_build, real_loader, real_boundary = build.build_run, engine.make_loader, engine.Trainer._boundary
+    real_build, real_loader, real_finish, real_save = (build.build_run, engine.make_loader,
+                                                       engine.Trainer.finish_step, checkpoint.save)
 
-    def boundary(self: Any, end_of_epoch: bool) -> str:
+    def finish_step(self: Any, *a: Any, **k: Any) -> Any:
+        done = real_finish(self, *a, **k)
         count.flush()  # type: ignore[attr-defined]
-        if not end_of_epoch:  # the step's logging is done; its evaluation and checkpoint (host work) come next
-            count.at_step[self.progress.step] = (count.inside, count.outside, count.in_deepspeed)
-        before, count.phase = count.phase, "data"
-        try:
-            return real_boundary(self, end_of_epoch)
-        finally:
-            count.phase = before
+        # the optimizer step is done (position advanced, plugins run); its logging, evaluation, checkpoint follow
+        count.at_step[self.progress.step] = (count.inside, count.outside, count.in_deepspeed)
+        return done
 
     def build_run(*a: Any, **k: Any) -> Any:
         run = real_build(*a, **k)
         run.forward = _phased(count, "inside", run.forward)
         run.combine = _phased(count, "inside", run.combine)
         run.ds.backward = _phased(count, "inside", run.ds.backward)
+        if run.task.evaluate is not None:  # evaluation is not part of a training step
+            run.task.evaluate = _phased(count, "data", run.task.evaluate)
+        for plugin in run.plugins:  # their state is read for a checkpoint (host work), not for the step
+            plugin.state_dict = _phased(count, "data", plugin.state_dict)
         runs.append(run)
         return run
 
@@ -211,11 +215,13 @@ def instrumented(count: SyncCount) -> Iterator[list]:
 
         return Counted()
 
-    build.build_run, engine.make_loader, engine.Trainer._boundary = build_run, make_loader, boundary
+    build.build_run, engine.make_loader, engine.Trainer.finish_step = build_run, make_loader, finish_step
+    checkpoint.save = _phased(count, "data", real_save)  # writing a checkpoint is host work
     try:
         yield runs
     finally:
-        build.build_run, engine.make_loader, engine.Trainer._boundary = real_build, real_loader, real_boundary
+        build.build_run, engine.make_loader, engine.Trainer.finish_step = real_build, real_loader, real_finish
+        checkpoint.save = real_save
 
 
 @contextlib.contextmanager

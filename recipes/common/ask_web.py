@@ -126,106 +126,115 @@ def render_page(asker: Asker, answer: Optional[Answer] = None, image: Optional[b
     return PAGE.format(run=html.escape(run), question=html.escape(question, quote=True), body=body)
 
 
+def _error_line(e: BaseException) -> str:
+    """The first line of an exception's message ("" for none): what the user is shown."""
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+class AskHandler(BaseHTTPRequestHandler):
+    """The page's requests, answered by the class's `asker` under its `lock` (make_handler binds both)."""
+
+    server_version = "medvlm-ask"
+    asker: Asker
+    lock: Any  # one forward pass at a time: the model is not shared across threads
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        pass  # one line per request on stderr would bury the answers' own output
+
+    def _send(self, status: int, body: str, ctype: str) -> None:
+        data = body.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", f"{ctype}; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.split("?")[0] in ("/", "/index.html"):
+            self._send(200, render_page(self.asker), "text/html")
+        else:
+            self._send(404, json.dumps({"error": f"no page {self.path}: open / or POST /api/ask"}),
+                       "application/json")
+
+    def _body(self, limit: int) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length")
+        try:
+            n = int(length)
+        except ValueError:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}") from None
+        if n > limit:  # refused without keeping it: a huge upload never reaches memory
+            self._discard(n)
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"the upload is {n / 2**20:.1f} MB; an image may be at most "
+                               f"{MAX_IMAGE_BYTES // 2**20} MB")
+        return self.rfile.read(n)
+
+    def _discard(self, n: int) -> None:
+        """Read and drop an over-large body, so the client (still sending) gets the 413 and not a reset."""
+        self.close_connection = True
+        if n > DRAIN_LIMIT_BYTES:
+            return
+        while n > 0:
+            chunk = self.rfile.read(min(n, 1 << 20))
+            if not chunk:
+                return
+            n -= len(chunk)
+
+    def _fields(self) -> dict[str, Any]:
+        ctype = self.headers.get("Content-Type", "")
+        if ctype.startswith("multipart/form-data"):
+            return parse_multipart(ctype, self._body(MAX_BODY_BYTES))
+        if ctype.startswith("application/json"):
+            try:
+                doc = json.loads(self._body(MAX_JSON_BODY_BYTES))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {e}") from None
+            if not isinstance(doc, dict):
+                raise RequestError(HTTPStatus.BAD_REQUEST, "send a JSON object {image_base64, question}")
+            return doc
+        raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                           "send multipart/form-data (image, question) or JSON {image_base64, question}")
+
+    def _send_error_line(self, status: int, message: str, page: bool, question: str = "") -> None:
+        """One line for the user: on the page (with the question kept) or as JSON {"error": ...}."""
+        if page:
+            self._send(status, render_page(self.asker, error=message, question=question), "text/html")
+        else:
+            self._send(status, json.dumps({"error": message}), "application/json")
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        path = self.path.split("?")[0]
+        page = path in ("/", "/index.html")
+        if not page and path != "/api/ask":
+            self._send(404, json.dumps({"error": f"no endpoint {self.path}: POST /api/ask"}), "application/json")
+            return
+        question = ""
+        try:
+            fields = self._fields()
+            question = fields.get("question") if isinstance(fields.get("question"), str) else ""
+            image, question, top = _form_inputs(fields)
+            with self.lock:
+                answer = self.asker.ask(image, question, top=top)
+        except (RequestError, AskError) as e:
+            status = e.status if isinstance(e, RequestError) else HTTPStatus.BAD_REQUEST
+            self._send_error_line(status, str(e).splitlines()[0], page, question)
+            return
+        except Exception as e:  # a bug: one line for the user, not a traceback on their screen
+            self._send_error_line(500, f"the model failed on this input ({type(e).__name__}: {_error_line(e)})",
+                                  page)
+            return
+        if page:
+            self._send(200, render_page(self.asker, answer, image, question=question), "text/html")
+        else:
+            self._send(200, json.dumps({"answers": [answer.to_dict()]}), "application/json")
+
+
 def make_handler(asker: Asker) -> type[BaseHTTPRequestHandler]:
     """A request handler class bound to `asker` (one model, one question at a time)."""
-    lock = threading.Lock()  # one forward pass at a time: the model is not shared across threads
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "medvlm-ask"
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
-            pass  # one line per request on stderr would bury the answers' own output
-
-        def _send(self, status: int, body: str, ctype: str) -> None:
-            data = body.encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", f"{ctype}; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            if self.path.split("?")[0] in ("/", "/index.html"):
-                self._send(200, render_page(asker), "text/html")
-            else:
-                self._send(404, json.dumps({"error": f"no page {self.path}: open / or POST /api/ask"}),
-                           "application/json")
-
-        def _body(self, limit: int) -> bytes:
-            length = self.headers.get("Content-Length")
-            if length is None:
-                raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length")
-            try:
-                n = int(length)
-            except ValueError:
-                raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}") from None
-            if n > limit:  # refused without keeping it: a huge upload never reaches memory
-                self._discard(n)
-                raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                   f"the upload is {n / 2**20:.1f} MB; an image may be at most "
-                                   f"{MAX_IMAGE_BYTES // 2**20} MB")
-            return self.rfile.read(n)
-
-        def _discard(self, n: int) -> None:
-            """Read and drop an over-large body, so the client (still sending) gets the 413 and not a reset."""
-            self.close_connection = True
-            if n > DRAIN_LIMIT_BYTES:
-                return
-            while n > 0:
-                chunk = self.rfile.read(min(n, 1 << 20))
-                if not chunk:
-                    return
-                n -= len(chunk)
-
-        def _fields(self) -> dict[str, Any]:
-            ctype = self.headers.get("Content-Type", "")
-            if ctype.startswith("multipart/form-data"):
-                return parse_multipart(ctype, self._body(MAX_BODY_BYTES))
-            if ctype.startswith("application/json"):
-                try:
-                    doc = json.loads(self._body(MAX_JSON_BODY_BYTES))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {e}") from None
-                if not isinstance(doc, dict):
-                    raise RequestError(HTTPStatus.BAD_REQUEST, "send a JSON object {image_base64, question}")
-                return doc
-            raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                               "send multipart/form-data (image, question) or JSON {image_base64, question}")
-
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            path = self.path.split("?")[0]
-            page = path in ("/", "/index.html")
-            if not page and path != "/api/ask":
-                self._send(404, json.dumps({"error": f"no endpoint {self.path}: POST /api/ask"}), "application/json")
-                return
-            question = ""
-            try:
-                fields = self._fields()
-                question = fields.get("question") if isinstance(fields.get("question"), str) else ""
-                image, question, top = _form_inputs(fields)
-                with lock:
-                    answer = asker.ask(image, question, top=top)
-            except (RequestError, AskError) as e:
-                status = e.status if isinstance(e, RequestError) else HTTPStatus.BAD_REQUEST
-                message = str(e).splitlines()[0]
-                if page:
-                    self._send(status, render_page(asker, error=message, question=question), "text/html")
-                else:
-                    self._send(status, json.dumps({"error": message}), "application/json")
-                return
-            except Exception as e:  # a bug: one line for the user, not a traceback on their screen
-                why = str(e).splitlines()[0] if str(e) else ""
-                message = f"the model failed on this input ({type(e).__name__}: {why})"
-                self._send(500, render_page(asker, error=message) if page else json.dumps({"error": message}),
-                           "text/html" if page else "application/json")
-                return
-            if page:
-                self._send(200, render_page(asker, answer, image, question=question), "text/html")
-            else:
-                self._send(200, json.dumps({"answers": [answer.to_dict()]}), "application/json")
-
-    return Handler
+    return type("Handler", (AskHandler,), {"asker": asker, "lock": threading.Lock()})
 
 
 def make_server(asker: Asker, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:

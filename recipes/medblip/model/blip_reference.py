@@ -37,11 +37,10 @@ def blip_dequeue_and_enqueue(model: Any, image_feat: torch.Tensor, text_feat: to
     model.queue_ptr[0] = ptr
 
 
-def blip_forward(model: Any, batch: dict, alpha: float, momentum: float,
-                 generator: Optional[torch.Generator] = None) -> tuple[dict, tuple]:
-    """BLIP_Pretrain.forward on tokenised captions (the row loops draw from `generator`, else the global RNG):
-    {"itc", "itm", "lm"} losses and the drawn negatives (image rows, text rows)."""
-    image, ids, att = batch["image"], batch["input_ids"], batch["attention_mask"]
+def blip_itc(model: Any, image: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, alpha: float,
+             momentum: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BLIP_Pretrain.forward's encoders and image-text contrastive loss with momentum-distilled targets and the
+    queue: (loss_ita, image_embeds, image_atts, sim_i2t, sim_t2i)."""
     with torch.no_grad():
         model.temp.clamp_(0.001, 0.5)
     image_embeds = model.visual_encoder.forward_features(image)
@@ -70,12 +69,15 @@ def blip_forward(model: Any, batch: dict, alpha: float, momentum: float,
     loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
     loss_ita = (loss_i2t + loss_t2i) / 2
     blip_dequeue_and_enqueue(model, image_feat_m, text_feat_m)
+    return loss_ita, image_embeds, image_atts, sim_i2t, sim_t2i
 
-    encoder_input_ids = ids.clone()
-    encoder_input_ids[:, 0] = model.enc_token_id
-    bs = image.size(0)
-    output_pos = model.text_encoder(encoder_input_ids, attention_mask=att, encoder_hidden_states=image_embeds,
-                                    encoder_attention_mask=image_atts)
+
+def blip_hard_negatives(image_embeds: torch.Tensor, encoder_input_ids: torch.Tensor, att: torch.Tensor,
+                        sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
+                        generator: Optional[torch.Generator]) -> tuple[torch.Tensor, ...]:
+    """BLIP_Pretrain.forward's hard negatives, drawn row by row by similarity: (image_embeds_neg, text_ids_neg,
+    text_atts_neg, neg_images, neg_texts)."""
+    bs = image_embeds.size(0)
     with torch.no_grad():
         weights_t2i = F.softmax(sim_t2i[:, :bs], dim=1) + 1e-4
         weights_t2i.fill_diagonal_(0)
@@ -95,6 +97,21 @@ def blip_forward(model: Any, batch: dict, alpha: float, momentum: float,
         text_atts_neg.append(att[neg_idx])
     text_ids_neg = torch.stack(text_ids_neg, dim=0)
     text_atts_neg = torch.stack(text_atts_neg, dim=0)
+    return image_embeds_neg, text_ids_neg, text_atts_neg, torch.tensor(neg_images), torch.tensor(neg_texts)
+
+
+def blip_itm(model: Any, image_embeds: torch.Tensor, image_atts: torch.Tensor, ids: torch.Tensor, att: torch.Tensor,
+             sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
+             generator: Optional[torch.Generator]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """BLIP_Pretrain.forward's image-text matching loss over the positives and the hard negatives:
+    (loss_itm, (negative image rows, negative text rows))."""
+    encoder_input_ids = ids.clone()
+    encoder_input_ids[:, 0] = model.enc_token_id
+    bs = image_embeds.size(0)
+    output_pos = model.text_encoder(encoder_input_ids, attention_mask=att, encoder_hidden_states=image_embeds,
+                                    encoder_attention_mask=image_atts)
+    image_embeds_neg, text_ids_neg, text_atts_neg, neg_images, neg_texts = blip_hard_negatives(
+        image_embeds, encoder_input_ids, att, sim_i2t, sim_t2i, generator)
     text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)
     text_atts_all = torch.cat([att, text_atts_neg], dim=0)
     image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
@@ -105,11 +122,27 @@ def blip_forward(model: Any, batch: dict, alpha: float, momentum: float,
     vl_output = model.itm_head(vl_embeddings)
     itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)], dim=0)
     loss_itm = F.cross_entropy(vl_output, itm_labels)
+    return loss_itm, (neg_images, neg_texts)
 
+
+def blip_lm(model: Any, image_embeds: torch.Tensor, image_atts: torch.Tensor, ids: torch.Tensor,
+            att: torch.Tensor) -> torch.Tensor:
+    """BLIP_Pretrain.forward's language-modelling loss of the captions given the image."""
     decoder_input_ids = ids.clone()
     decoder_input_ids[:, 0] = model.bos_token_id
     decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == model.pad_token_id, -100)
     decoder_output = model.text_decoder(decoder_input_ids, attention_mask=att, encoder_hidden_states=image_embeds,
                                         encoder_attention_mask=image_atts, labels=decoder_targets, use_cache=False)
     loss_lm = decoder_output.loss  # label smoothing 0.1, as med.py
-    return {"itc": loss_ita, "itm": loss_itm, "lm": loss_lm}, (torch.tensor(neg_images), torch.tensor(neg_texts))
+    return loss_lm
+
+
+def blip_forward(model: Any, batch: dict, alpha: float, momentum: float,
+                 generator: Optional[torch.Generator] = None) -> tuple[dict, tuple]:
+    """BLIP_Pretrain.forward on tokenised captions (the row loops draw from `generator`, else the global RNG):
+    {"itc", "itm", "lm"} losses and the drawn negatives (image rows, text rows)."""
+    image, ids, att = batch["image"], batch["input_ids"], batch["attention_mask"]
+    loss_ita, image_embeds, image_atts, sim_i2t, sim_t2i = blip_itc(model, image, ids, att, alpha, momentum)
+    loss_itm, negatives = blip_itm(model, image_embeds, image_atts, ids, att, sim_i2t, sim_t2i, generator)
+    loss_lm = blip_lm(model, image_embeds, image_atts, ids, att)
+    return {"itc": loss_ita, "itm": loss_itm, "lm": loss_lm}, negatives

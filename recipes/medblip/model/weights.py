@@ -281,17 +281,13 @@ def _shared_groups(model: nn.Module) -> list[list[str]]:
     return list(groups.values())
 
 
-@torch.no_grad()
-def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], *, source: str = "<state dict>",
-                         layout: str = "ours", strict: bool = False) -> LoadReport:
-    """Load BLIP-named tensors into `model` (BLIP's load_checkpoint semantics, strictly reported)."""
-    report = LoadReport(source, layout)
+def _model_named(sd: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor], report: LoadReport,
+                 source: str) -> dict[str, torch.Tensor]:
+    """The file's tensors under the model's names: mapped from transformers, unwrapped, ignorable keys dropped."""
     sd = dict(sd)
-    if layout == "transformers":
+    if report.layout == "transformers":
         sd, notes = map_transformers(sd)
         report.notes += notes
-    model_sd = model.state_dict()
-    prefix = None
     sd, prefix = _strip_prefix(sd, set(model_sd))
     if prefix:
         report.notes.append(f"using the weights under {prefix!r}")
@@ -303,7 +299,12 @@ def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], *, sourc
     if not any(k in model_sd for k in sd):
         raise CheckpointError(f"{source}: no key matches the MedBLIP model (first keys: {', '.join(list(sd)[:3])}); "
                               "expected BLIP's layout (visual_encoder.*, text_encoder.*, ...) or transformers' Blip*")
+    return sd
 
+
+def _fit_sizes(model: nn.Module, sd: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor],
+               report: LoadReport) -> None:
+    """Adapt in place what BLIP's loader adapts: position embeddings, the feature queue, temp's shape."""
     # position embeddings for another image size (BLIP's interpolate_pos_embed)
     for name in ("visual_encoder", "visual_encoder_m"):
         key = f"{name}.pos_embed"
@@ -322,6 +323,11 @@ def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], *, sourc
     for k in list(sd):  # temp: BLIP saves a 0-dim tensor, the model holds [1] (a DeepSpeed constraint)
         if k in model_sd and sd[k].shape != model_sd[k].shape and sd[k].numel() == model_sd[k].numel() == 1:
             sd[k] = sd[k].reshape(model_sd[k].shape)
+
+
+def _check_architecture(sd: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor], report: LoadReport,
+                        source: str) -> None:
+    """CheckpointError when the file's shapes or layers do not fit the model (another preset or depth)."""
     mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
                   for k in sd if k in model_sd and sd[k].shape != model_sd[k].shape]
     if mismatched:
@@ -332,9 +338,9 @@ def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], *, sourc
         raise CheckpointError(f"{source} does not fit this architecture: it has {len(extra_layers)} tensors the model "
                               f"lacks (e.g. {', '.join(extra_layers[:3])}); check model depth/layers")
 
-    note = _follow_lm_head_tie(model, sd)
-    if note:
-        report.notes.append(note)
+
+def _resolve_ties(model: nn.Module, sd: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
+    """One value per tied group, under every name of the group; a group the file lacks is reported missing."""
     final: dict[str, torch.Tensor] = {}
     for group in _shared_groups(model):
         given = [k for k in group if k in sd]
@@ -349,8 +355,12 @@ def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], *, sourc
         for k in group:
             final[k] = value
         report.loaded += 1
+    return final
 
-    # momentum copies absent from the checkpoint (e.g. transformers' layout) start as copies of the online ones
+
+def _fill_momentum_copies(model: nn.Module, final: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor],
+                          report: LoadReport) -> None:
+    """Momentum copies absent from the checkpoint (e.g. transformers' layout) start as copies of the online ones."""
     pairs = getattr(model, "momentum_pairs", lambda: [])()
     names = {id(m): n for n, m in model.named_children()}
     for online, momentum in pairs:
@@ -365,6 +375,21 @@ def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], *, sourc
             report.missing = [m for m in report.missing if not m.startswith(mname + ".")]
             report.notes.append(f"{mname}: not in the checkpoint, copied from {oname}")
 
+
+@torch.no_grad()
+def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], *, source: str = "<state dict>",
+                         layout: str = "ours", strict: bool = False) -> LoadReport:
+    """Load BLIP-named tensors into `model` (BLIP's load_checkpoint semantics, strictly reported)."""
+    report = LoadReport(source, layout)
+    model_sd = model.state_dict()
+    sd = _model_named(sd, model_sd, report, source)
+    _fit_sizes(model, sd, model_sd, report)
+    _check_architecture(sd, model_sd, report, source)
+    note = _follow_lm_head_tie(model, sd)
+    if note:
+        report.notes.append(note)
+    final = _resolve_ties(model, sd, report)
+    _fill_momentum_copies(model, final, model_sd, report)
     if strict and (report.missing or report.unexpected):
         raise CheckpointError(f"{source}: strict loading failed\n{report.summary()}")
     result = model.load_state_dict(final, strict=False)
