@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import TAU_SCHEDULES
 from .master_weights import MasterWeights
+from .progress import Progress
 from .schedules import ramp
 
 
@@ -87,12 +88,16 @@ class EMATeacher:
         """Before setup: the update reads the student's fp32 master weights where the optimizer holds them."""
         self.masters = masters
 
-    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device, progress: Any) -> None:
-        """After deepspeed.initialize: refuse ZeRO-3 partitioned parameters, put the fp32 teacher on `device`."""
+    def setup(self, module: nn.Module, dtype: torch.dtype, device: torch.device, progress: Progress) -> None:
+        """After deepspeed.initialize: refuse ZeRO-3 partitioned parameters, put the fp32 teacher on `device`; a
+        submodule that reads the run's Progress (e.g. an alpha ramp) reads the very same one in the teacher."""
         if any(hasattr(p, "ds_id") for p in module.parameters()):
             raise ZeroStage3Error(ZERO3_MESSAGE)
         self.teacher.to(device=device)
         self.compute_dtype = dtype
+        for m in self.teacher.modules():  # the copy was made before the recipe's plugins handed the model its Progress
+            if isinstance(getattr(m, "progress", None), Progress):
+                m.progress = progress
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> dict[str, float]:

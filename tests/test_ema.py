@@ -287,3 +287,16 @@ def test_self_distillation_with_a_frozen_tower_trains_as_before():
     (sum(out["losses"].values()) + sum(out["distill"].values())).backward()
     assert student.head.weight.grad is not None and student.tower[0].weight.grad is None
     assert all(p.grad is None for p in model.ema.teacher.head.parameters())
+
+
+def test_a_teacher_copy_that_reads_progress_reads_the_runs_progress():
+    """A model that reads the run's Progress (MedBLIP's alpha ramp) was copied before its plugin handed it the run's
+    Progress; after setup the teacher's copy reads that very object, not a copy frozen at step 0."""
+    student = Tiny()
+    student.progress = Progress()
+    ema = EMATeacher(student, tau_start=0.9, tau_end=0.9)
+    run_progress = Progress()
+    student.progress = run_progress  # as the recipe's plugin does at its setup, before the teacher's
+    ema.setup(student, torch.float32, torch.device("cpu"), run_progress)
+    run_progress.step = 7
+    assert ema.teacher.progress is run_progress and ema.teacher.progress.step == 7
