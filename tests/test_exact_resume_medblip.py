@@ -89,11 +89,12 @@ def assert_identical(a: Any, b: Any, path: str = "") -> None:
 
 
 # (recipe, ranks, max_steps, stop_at). 1 rank: 4 steps per epoch, stopped mid-epoch (batch 6 of 8), the resumed
-# run crosses into epoch 1. 2 ranks: 2 steps per epoch, stopped exactly at the epoch boundary.
+# run crosses into epoch 1. 2 ranks: 2 steps per epoch, stopped exactly at the epoch boundary. psd.yaml is dapt.yaml
+# with the EMA teacher and adaptive weights on: its 2-rank case covers every state DAPT has and those two, on two
+# ranks; DAPT's own path (no distillation wrapper) runs on one rank. (All four pairs took 141 s of the suite's
+# 1,157; these two, 71 s.)
 CASES = [
     pytest.param("dapt.yaml", 0, 6, 3, marks=pytest.mark.slow, id="dapt-1rank"),
-    pytest.param("psd.yaml", 0, 6, 3, marks=pytest.mark.slow, id="psd-1rank"),
-    pytest.param("dapt.yaml", 2, 4, 2, marks=pytest.mark.slow, id="dapt-2ranks"),
     pytest.param("psd.yaml", 2, 4, 2, marks=pytest.mark.slow, id="psd-2ranks"),
 ]
 
