@@ -70,6 +70,7 @@ def test_one_fp16_step_moves_the_weights_as_fp32_does(tmp_path, fp32_step, zero)
     assert scalars["fp16/loss_scale"] == [(1, 256.0)] and scalars["fp16/skipped_steps"] == [(1, 0.0)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 2])
 def test_clipping_engages_at_the_true_gradient_norm(tmp_path, fp32_step, zero):
     """clip_grad at a hundredth of the true norm brings the gradients near AdamW's epsilon, so the clipped step is

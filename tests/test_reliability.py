@@ -36,6 +36,7 @@ def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path):
     assert tag is not None and int(tag[5:]) >= 3
 
 
+@pytest.mark.slow
 def test_time_budget_stops_in_time_with_a_checkpoint(tmp_path):
     proc = run_entry("train.py", "--recipe", TOY, f"run.dir={tmp_path / 'run'}", shards_in(tmp_path),
                      "train.epochs=null", "train.max_steps=100000", "model.step_sleep=0.05", "run.time_budget=3s",

@@ -126,6 +126,7 @@ def test_launcher_variables_map_or_refuse_in_one_line(monkeypatch):
 
 # ----------------------------------------------------------------------------- 3: a run.dir every rank sees
 
+@pytest.mark.slow
 def test_ranks_that_do_not_share_run_dir_all_stop_in_one_line(tmp_path):
     envs, cwds = two_nodes(tmp_path)
     results = start_ranks(envs, cwds, toy_args(tmp_path, "run.dir=run"))  # relative: each node its own

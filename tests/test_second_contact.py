@@ -69,6 +69,7 @@ def test_failed_demo_data_generation_leaves_no_temporary_folder(tmp_path: Path, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_demo_and_gpu_check_refuse_a_data_folder_holding_user_files(tmp_path: Path) -> None:
     data = tmp_path / "data"
     kept = _user_data(data)
@@ -81,6 +82,7 @@ def test_demo_and_gpu_check_refuse_a_data_folder_holding_user_files(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
+@pytest.mark.slow
 def test_demo_names_a_negative_seed_and_refuses_zero_threads(tmp_path: Path) -> None:
     for args, word in ((["--seed", "-1"], "--seed"), (["--threads", "0"], "--threads")):
         proc = run_entry("demo.py", "--data", str(tmp_path / "d"), "--runs", str(tmp_path / "r"), *args, timeout=120)
@@ -126,6 +128,7 @@ def test_export_keeps_another_models_files_and_writes_shareable_files(tmp_path: 
 
 # --- item 2: results lost ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gpu_check_checks_its_json_before_any_stage(tmp_path: Path) -> None:
     work = tmp_path / "work"
     for target, word in ((tmp_path, "is a folder"), (tmp_path / "no" / "g.json", "does not exist")):
