@@ -279,21 +279,24 @@ def script_options(script: str) -> set[str]:
     return _OPTIONS[script]
 
 
-def recipe_config_keys() -> set[str]:
-    """The dotted keys of every shipped recipe's config (MedBLIP, BLIP-2, CLIP, toy, ...)."""
+def shipped_recipe_configs() -> list[type]:
+    """The Config class of every recipe module a shipped YAML names (MedBLIP, BLIP-2, CLIP, toy, ...)."""
     modules = {m for p in (ROOT / "recipes").rglob("*.yaml")
                for m in re.findall(r"^recipe:\s*(recipes\.[\w.]+)\s*$", p.read_text(encoding="utf-8"), re.M)}
+    return [importlib.import_module(name).RECIPE.config for name in sorted(modules)]
+
+
+def recipe_config_keys() -> set[str]:
+    """The dotted keys of every shipped recipe's config."""
     keys = dotted_keys(Config)
-    for name in sorted(modules):
-        keys |= dotted_keys(importlib.import_module(name).RECIPE.config)
+    for config in shipped_recipe_configs():
+        keys |= dotted_keys(config)
     return keys
 
 
 def retired_config_keys() -> set[str]:
     """Keys earlier versions wrote that a shipped recipe drops on reading (Config.RETIRED): docs may name them."""
-    modules = {m for p in (ROOT / "recipes").rglob("*.yaml")
-               for m in re.findall(r"^recipe:\s*(recipes\.[\w.]+)\s*$", p.read_text(encoding="utf-8"), re.M)}
-    return {k for name in modules for k in importlib.import_module(name).RECIPE.config.RETIRED}
+    return {k for config in shipped_recipe_configs() for k in config.RETIRED}
 
 
 def named_keys(text: str, sections: set[str]) -> set[str]:
