@@ -57,15 +57,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what a launcher sets
 
 
+def entry_env(env: dict | None = None) -> dict[str, str]:
+    """The environment run_entry gives an entry point: this one, plus `env`, as one process (no launcher's)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    for k in DIST_ENV:
+        full_env.pop(k, None)
+    return full_env
+
+
 def run_entry(script: str, *args: str, ranks: int = 0, timeout: int = 600, env: dict | None = None,
               cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run launch/<script> with python (ranks=0) or the deepspeed launcher (ranks>=1); capture output.
 
     With ranks=0 and no extra `env`, the process is forked from tests/entry_zygote.py's server (the libraries
     already imported); MEDVLM_TEST_FRESH=1 starts a fresh interpreter every time."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    for k in DIST_ENV:
-        full_env.pop(k, None)
+    full_env = entry_env(env)
     if ranks:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", str(free_port()), str(ROOT / "launch" / script), *args]

@@ -13,6 +13,7 @@ turns the server off: every entry point then starts as a user starts it.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -29,22 +30,18 @@ IGNORED_ENV = ("PYTEST_CURRENT_TEST",)  # changes from test to test; nothing rea
 
 # ----------------------------------------------------------------------------- the server (run as a script)
 
-def _preload() -> None:
-    """What every entry point imports before its first line of work (as framework/__init__.py does, DeepSpeed is
-    told it runs on the CPU where no NVIDIA driver is loaded, before its import)."""
-    import framework  # noqa: F401  (sets DS_ACCELERATOR where there is no GPU driver)
-    import deepspeed  # noqa: F401
-    import numpy  # noqa: F401
-    import PIL.Image  # noqa: F401
-    import timm  # noqa: F401
-    import torch  # noqa: F401
-    import torch.utils.tensorboard  # noqa: F401
-    import transformers.models.bert.modeling_bert  # noqa: F401
-    import webdataset  # noqa: F401
-    import yaml  # noqa: F401
+# What every entry point imports before its first line of work. `framework` first: as in a fresh interpreter, its
+# __init__ tells DeepSpeed it runs on the CPU (where no NVIDIA driver is loaded) before DeepSpeed is imported.
+PRELOAD = ("framework", "deepspeed", "numpy", "PIL.Image", "timm", "torch", "torch.utils.tensorboard",
+           "transformers.models.bert.modeling_bert", "webdataset", "yaml")
 
+
+def _preload() -> None:
+    """Import PRELOAD, then forget our own package, which each child imports afresh."""
+    for name in PRELOAD:
+        importlib.import_module(name)
     for name in [m for m in sys.modules if m == "framework" or m.startswith("framework.")]:
-        del sys.modules[name]  # the child imports our code afresh, as a new interpreter does
+        del sys.modules[name]
 
 
 def _exit_status(status: int) -> int:
@@ -80,12 +77,12 @@ def _child(req: dict, base_path: list[str]) -> None:
         else:
             print(e.code, file=sys.stderr)
             code = 1
-    except KeyboardInterrupt:
-        sys.excepthook(*sys.exc_info())
-        code = -signal.SIGINT
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
-        code = 1
+    except BaseException as e:  # printed as the interpreter prints it: from the script's own frame on
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, runpy.__file__, "<frozen runpy>"):
+            tb = tb.tb_next
+        sys.excepthook(type(e), e.with_traceback(tb), tb)
+        code = -signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1
     threading._shutdown()  # as the interpreter does at exit: join non-daemon threads, then run atexit
     import atexit
 
