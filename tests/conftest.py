@@ -15,9 +15,11 @@ from typing import Iterator
 
 import pytest
 
-from tests.entry_zygote import close as close_zygote, zygote_for
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # plain `pytest` puts only this folder on the path; the tests import tests.*
+    sys.path.insert(0, str(ROOT))
+
+from tests.entry_zygote import close as close_zygote, zygote_for  # noqa: E402
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
