@@ -113,9 +113,12 @@ def serve() -> None:
 
     def write_status(pid: int, code: int) -> None:
         path = status_files.pop(pid)
-        with open(path + ".tmp", "w") as f:
-            f.write(str(code))
-        os.replace(path + ".tmp", path)
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(str(code))
+            os.replace(path + ".tmp", path)
+        except OSError:  # the client gave up and removed its folder: nobody waits for this status
+            pass
 
     def reap(*_: object) -> None:
         while True:
@@ -176,9 +179,13 @@ class Zygote:
             status = Path(req["status"])
             deadline = time.monotonic() + timeout
             while not status.exists():
+                if self.proc.poll() is not None and not status.exists():
+                    raise RuntimeError(f"the entry-point server died (exit {self.proc.returncode}) running {cmd}")
                 if time.monotonic() > deadline:
                     os.kill(pid, signal.SIGKILL)
-                    while not status.exists():
+                    for _ in range(600):  # the server reaps it at once; 30 s at most
+                        if status.exists():
+                            break
                         time.sleep(0.05)
                     raise subprocess.TimeoutExpired(cmd, timeout, Path(req["out"]).read_text(),
                                                     Path(req["err"]).read_text())
