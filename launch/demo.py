@@ -50,6 +50,25 @@ class DemoError(RuntimeError):
     """A stage failed; the message names it and its log."""
 
 
+RUNS_MARKER = ".medvlm-demo"  # written into --runs before the first stage: the demo replaces what is in that folder
+
+
+def check_runs(runs: Path) -> None:
+    """Raise ValueError unless `runs` is absent, empty, or a folder the demo wrote (its marker, or the demo.json of
+    an earlier version): the demo replaces its stage folders, logs and tables there, so nothing else may be in it."""
+    if runs.exists() and not runs.is_dir():
+        raise ValueError(f"--runs {runs} exists and is not a folder")
+    if runs.is_dir() and any(runs.iterdir()) and not any((runs / f).is_file() for f in (RUNS_MARKER, "demo.json")):
+        raise ValueError(f"--runs {runs} is not empty and was not written by the demo: it is left as it is; choose a "
+                         f"new or empty folder, or one the demo wrote before")
+
+
+def claim_runs(runs: Path) -> None:
+    """Create `runs` (checked by check_runs) and mark it as the demo's."""
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / RUNS_MARKER).write_text("launch/demo.py replaces the stage folders, logs and tables in this folder\n")
+
+
 def console_line(line: str, width: int = 160) -> str:
     """A log line for the console: whole, or cut at a word boundary with " ..." (never mid-word; the log has all)."""
     line = line.rstrip()
@@ -166,6 +185,7 @@ def run_all(args: argparse.Namespace, data: Path, runs: Path,
             env: dict[str, str]) -> tuple[dict[str, float], dict | None]:
     """Generate the data, run every stage and the report: (seconds per stage, the CapFilt summary or None)."""
     times: dict[str, float] = {}
+    check_runs(runs)  # before anything is written
     print(f"== data: phantoms into {data}", flush=True)
     t0 = time.time()
     summary = write_demo_data(data, PhantomSpec(seed=args.seed))
@@ -174,7 +194,7 @@ def run_all(args: argparse.Namespace, data: Path, runs: Path,
           f"(test: {vqa['test_questions']} on unseen images){' (reused)' if summary['reused'] else ''}",
           flush=True)
     times["data"] = time.time() - t0
-    runs.mkdir(parents=True, exist_ok=True)
+    claim_runs(runs)
     for stage in STAGES:
         shutil.rmtree(runs / stage, ignore_errors=True)  # a fresh demo every time (compare_runs cleans its own)
     common = [f"model.tokenizer={data / 'vocab.txt'}", "run.resume=none", *args.overrides]

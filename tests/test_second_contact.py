@@ -82,6 +82,31 @@ def test_demo_and_gpu_check_refuse_a_data_folder_holding_user_files(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
+def test_demo_refuses_a_runs_folder_holding_user_files_and_reuses_its_own(tmp_path: Path) -> None:
+    """The demo replaces its stage folders (dapt, psd, ...), logs and tables in --runs: a folder it did not write is
+    refused before anything is written; one it marked, or one with an earlier version's demo.json, is its own."""
+    demo = load_launch("demo")
+    runs = tmp_path / "runs"
+    kept = {runs / "dapt" / "checkpoints" / "weights.pt": b"a user's DAPT run", runs / "dapt.log": b"their log"}
+    for path, data in kept.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    proc = run_entry("demo.py", "--data", str(tmp_path / "data"), "--runs", str(runs), timeout=120)
+    _one_line_error(proc, f"--runs {runs}", "not written by the demo")
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no data generated either
+    (runs / "demo.json").write_text("{}")  # what an earlier version of the demo wrote at its end
+    demo.check_runs(runs)
+    mine = tmp_path / "mine"
+    demo.check_runs(mine)  # absent
+    demo.claim_runs(mine)
+    (mine / "dapt.log").write_text("the demo's log")
+    demo.check_runs(mine)  # marked
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a folder"):
+        demo.check_runs(tmp_path / "file")
+
+
 @pytest.mark.slow
 def test_demo_names_a_negative_seed_and_refuses_zero_threads(tmp_path: Path) -> None:
     for args, word in ((["--seed", "-1"], "--seed"), (["--threads", "0"], "--threads")):
