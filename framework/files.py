@@ -74,3 +74,19 @@ def check_writable_file(path: PathLike, option: str) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"{option} {path}: the file is not writable")
     return path
+
+
+def check_own_folder(folder: Path, marker: str, option: str, owner: str, legacy: tuple[str, ...] = ()) -> None:
+    """Raise ValueError (one line) unless `folder` is absent, empty, or holds `marker` (or a `legacy` file) that
+    `owner` writes: a program that replaces what is in a folder may only do it in its own."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not any((folder / f).is_file() for f in (marker, *legacy)):
+        raise ValueError(f"{option} {folder} is not empty and was not written by {owner}: it is left as it is; "
+                         f"choose a new or empty folder, or one {owner} wrote before")
+
+
+def claim_folder(folder: Path, marker: str, note: str) -> None:
+    """Create `folder` (checked by check_own_folder) and write `marker` into it, saying `note`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / marker).write_text(note + "\n")

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from corpora.phantoms import PhantomSpec, write_demo_data  # noqa: E402
+from framework.files import check_own_folder, claim_folder  # noqa: E402
 from recipes.medblip.capfilt.compare import CompareRuns, Stage, compare_runs  # noqa: E402
 from recipes.medblip.capfilt.noise import removal_quality  # noqa: E402
 
@@ -56,17 +57,12 @@ RUNS_MARKER = ".medvlm-demo"  # written into --runs before the first stage: the 
 def check_runs(runs: Path) -> None:
     """Raise ValueError unless `runs` is absent, empty, or a folder the demo wrote (its marker, or the demo.json of
     an earlier version): the demo replaces its stage folders, logs and tables there, so nothing else may be in it."""
-    if runs.exists() and not runs.is_dir():
-        raise ValueError(f"--runs {runs} exists and is not a folder")
-    if runs.is_dir() and any(runs.iterdir()) and not any((runs / f).is_file() for f in (RUNS_MARKER, "demo.json")):
-        raise ValueError(f"--runs {runs} is not empty and was not written by the demo: it is left as it is; choose a "
-                         f"new or empty folder, or one the demo wrote before")
+    check_own_folder(runs, RUNS_MARKER, "--runs", "the demo", legacy=("demo.json",))
 
 
 def claim_runs(runs: Path) -> None:
     """Create `runs` (checked by check_runs) and mark it as the demo's."""
-    runs.mkdir(parents=True, exist_ok=True)
-    (runs / RUNS_MARKER).write_text("launch/demo.py replaces the stage folders, logs and tables in this folder\n")
+    claim_folder(runs, RUNS_MARKER, "launch/demo.py replaces the stage folders, logs and tables in this folder")
 
 
 def console_line(line: str, width: int = 160) -> str:

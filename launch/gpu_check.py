@@ -39,9 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from framework.cli import run_cli  # noqa: E402
-from framework.files import check_writable_file  # noqa: E402
+from framework.files import check_own_folder, check_writable_file, claim_folder  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "medblip"
+WORK_MARKER = ".medvlm-gpu-check"  # written into --work: gpu_check replaces its stage folders there
 WARMUP_STEPS = 2  # steps left out of the speed figures (allocator, cuDNN/cuBLAS heuristics, loss-scale search)
 
 
@@ -305,7 +306,9 @@ def stage_flops(stage: Stage, counted: tuple[float, float]) -> float:
 
 
 def run_stage(stage: Stage, overrides: list[str], work: Path, timeout: int) -> StageResult:
-    """One training process (or two under the deepspeed launcher); its output is kept in work/<name>.log."""
+    """One training process (or two under the deepspeed launcher) in a fresh work/<name> (an earlier check's events
+    there would mix into the figures); its output is kept in work/<name>.log."""
+    shutil.rmtree(work / stage.name, ignore_errors=True)  # work is this script's: a temporary or a marked folder
     script = str(ROOT / "launch" / "train.py")
     recipe = str(RECIPES / f"{stage.recipe}.yaml")
     if stage.ranks:
@@ -377,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None,
                         help="where to write the figures (default gpu_check.json; with --rehearse, "
                              "gpu_check.json in --work or in the system's temporary folder, not the checkout)")
-    parser.add_argument("--work", default=None, help="working directory (default: a temporary one, removed after)")
+    parser.add_argument("--work", default=None,
+                        help="working directory: new, empty or one gpu_check wrote before, as it replaces its stage "
+                             "folders there (default: a temporary one, removed after)")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per stage (default 240)")
     parser.add_argument("--rehearse", action="store_true",
                         help="run the orchestration on the CPU with the tiny preset in fp32 (checks this script; "
@@ -430,8 +435,9 @@ def check(args: argparse.Namespace) -> int:
     stages = select_stages(plan(gpu.has_bf16 if gpu else False, torch.cuda.device_count() if gpu else 0,
                                 args.rehearse, args.extra or bool(args.only)), args.only)
     args.json = str(json_path(args.json, args.work, args.rehearse))
-    if args.work:
-        Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.work:  # only a folder of our own: the stages replace their folders in it
+        check_own_folder(Path(args.work), WORK_MARKER, "--work", "gpu_check")
+        claim_folder(Path(args.work), WORK_MARKER, "launch/gpu_check.py replaces its stage folders and data here")
     check_writable_file(args.json, "--json")  # before minutes of stages, not after them
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check-"))
     try:

@@ -150,10 +150,15 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_2(tmp_path):
 @pytest.mark.slow
 def test_a_rehearsal_runs_a_real_stage_and_writes_the_json(tmp_path):
     """The orchestration end to end on the CPU: data, FLOP count, a launch/train.py process, events, JSON."""
-    out = tmp_path / "g.json"
+    out, work = tmp_path / "g.json", tmp_path / "w"
+    gc.claim_folder(work, gc.WORK_MARKER, "an earlier check's")  # a --work gpu_check wrote before ...
+    stale = work / "dapt-fp32" / "tb" / "events.out.tfevents.0.earlier"  # ... whose events must not mix in
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier check")
     proc = run_entry("gpu_check.py", "--rehearse", "--only", "dapt-fp32", "--steps", "4", "--json", str(out),
-                     "--work", str(tmp_path / "w"), timeout=400)
+                     "--work", str(work), timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not stale.exists() and (work / gc.WORK_MARKER).is_file()
     doc = json.loads(out.read_text())
     assert doc["ok"] and doc["steps"] == 4 and [s["name"] for s in doc["stages"]] == ["dapt-fp32"]
     stage = doc["stages"][0]
@@ -161,6 +166,30 @@ def test_a_rehearsal_runs_a_real_stage_and_writes_the_json(tmp_path):
     assert all(math.isfinite(v) for v in stage["losses"]) and stage["gflop_per_sample"] > 0
     assert set(stage["step_split_s"]) == {"data", "forward", "backward", "optimizer"}
     assert stage["estimate_gib"] > 0 and "dapt-fp32" in proc.stdout
+
+
+def test_a_work_folder_holding_user_files_is_refused_before_anything_is_written(tmp_path):
+    """--work must be new, empty or gpu_check's own: the stages replace work/<stage> (a user's runs/dapt-fp16 there
+    would lose its checkpoints), so a folder of other files is refused in one line and left as it was."""
+    work = tmp_path / "runs"
+    mine = work / "dapt-fp32" / "checkpoints" / "step_00000010"
+    mine.mkdir(parents=True)
+    (mine / "COMPLETE").write_text("10\n")
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    proc = run_entry("gpu_check.py", "--rehearse", "--only", "dapt-fp32", "--steps", "4", "--json",
+                     str(tmp_path / "g.json"), "--work", str(work), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: --work {work} is not empty and was not written by "
+                                                    "gpu_check: it is left as it is; choose a new or empty folder, "
+                                                    "or one gpu_check wrote before")
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before and not (tmp_path / "g.json").exists()
+    gc.check_own_folder(tmp_path / "new", gc.WORK_MARKER, "--work", "gpu_check")  # absent: fine
+    gc.claim_folder(tmp_path / "new", gc.WORK_MARKER, "ours")
+    (tmp_path / "new" / "dapt-fp32").mkdir()
+    gc.check_own_folder(tmp_path / "new", gc.WORK_MARKER, "--work", "gpu_check")  # marked: fine
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        gc.check_own_folder(tmp_path / "a-file", gc.WORK_MARKER, "--work", "gpu_check")
 
 
 def test_psd_counts_the_teachers_extra_forward():

@@ -75,11 +75,15 @@ def test_demo_and_gpu_check_refuse_a_data_folder_holding_user_files(tmp_path: Pa
     kept = _user_data(data)
     demo = run_entry("demo.py", "--data", str(data), "--runs", str(tmp_path / "runs"), timeout=120)
     _one_line_error(demo, str(data), "holds no demo data")
-    gpu = run_entry("gpu_check.py", "--rehearse", "--only", "dapt-fp32", "--steps", "4", "--work", str(tmp_path),
-                    "--json", str(tmp_path / "g.json"), timeout=300)
-    _one_line_error(gpu, "holds no demo data")
-    assert all(p.read_bytes() == b for p, b in kept.items())
+    args = ["--rehearse", "--only", "dapt-fp32", "--steps", "4", "--work", str(tmp_path), "--json",
+            str(tmp_path / "g.json")]
+    _one_line_error(run_entry("gpu_check.py", *args, timeout=300), "not written by gpu_check")  # not its folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    gpu_check = load_launch("gpu_check")
+    gpu_check.claim_folder(tmp_path, gpu_check.WORK_MARKER, "gpu_check's")  # its folder, a user's files in data/
+    _one_line_error(run_entry("gpu_check.py", *args, timeout=300), "holds no demo data")
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", gpu_check.WORK_MARKER])
 
 
 def test_demo_refuses_a_runs_folder_holding_user_files_and_reuses_its_own(tmp_path: Path) -> None:
